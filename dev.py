@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Set-up and everyday commands; needs only Python 3.11+.
+
+    python3 dev.py run     # the example gateway on embedded defaults
+    python3 dev.py test    # the whole test suite (extra arguments go to pytest)
+    python3 dev.py check   # ruff, mypy --strict and the docs build
+
+Each creates ``.venv`` and installs the project into it on first use (and again whenever
+``pyproject.toml`` changes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PYTHON = BIN / "python"
+STAMP = VENV / ".gemini-scale-installed"
+
+
+def ensure_venv() -> None:
+    """Create the virtualenv and install the project with its dev extra when needed."""
+    if sys.version_info < (3, 11):  # noqa: UP036 (this file runs on any python3)
+        sys.exit(f"gemini-scale needs Python 3.11 or newer; this is {sys.version.split()[0]}")
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == wanted and PYTHON.exists():
+        return
+    if not PYTHON.exists():
+        print("creating .venv ...", flush=True)
+        venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+    print("installing gemini-scale and its dev tools into .venv ...", flush=True)
+    pip = [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    subprocess.run([*pip, "-e", f"{ROOT}[dev]"], check=True)
+    STAMP.write_text(wanted)
+
+
+def _get_json(url: str, data: bytes | None = None) -> dict[str, object]:
+    request = urllib.request.Request(  # noqa: S310 (a loopback URL we build)
+        url, data=data, headers={"content-type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=2) as response:  # noqa: S310
+        result: dict[str, object] = json.loads(response.read())
+        return result
+
+
+def run(args: list[str]) -> int:
+    """Start the example gateway and print how to call it."""
+    port = args[0] if args else os.environ.get("PORT", "8000")
+    host = "127.0.0.1"
+    env = dict(os.environ)
+    if not env.get("GEMINI_SCALE_OAUTH_ISSUER"):
+        env.setdefault("GEMINI_SCALE_DEV_ISSUER", "1")
+    server = subprocess.Popen(
+        [str(PYTHON), "-m", "uvicorn", "example_app.main:app", "--host", host, "--port", port],
+        cwd=ROOT,
+        env=env,
+    )
+    base = f"http://{host}:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            if server.poll() is not None:
+                return server.returncode
+            try:
+                _get_json(f"{base}/healthz")
+                break
+            except (urllib.error.URLError, OSError):
+                if time.monotonic() > deadline:
+                    print("the gateway did not start within 30 s", file=sys.stderr)
+                    server.terminate()
+                    return 1
+                time.sleep(0.2)
+        if env.get("GEMINI_SCALE_DEV_ISSUER") == "1":
+            token = _get_json(f"{base}/dev/token", b"{}")["access_token"]
+            print(USAGE.format(base=base, token=token), flush=True)
+        return server.wait()
+    except KeyboardInterrupt:
+        server.terminate()
+        return server.wait()
+
+
+USAGE = """
+gemini-scale example gateway on {base} (offline Gemini stand-in, in-memory stores, dev issuer)
+
+A dev access token (15 minutes; mint another with: curl -s -X POST {base}/dev/token):
+
+  TOKEN={token}
+
+Call it with curl:
+
+  curl -s {base}/v1beta/models/gemini-2.5-flash:generateContent \\
+    -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' \\
+    -d '{{"contents": [{{"parts": [{{"text": "Hello"}}]}}]}}'
+
+Or with google-genai (pip install google-genai):
+
+  from google import genai
+  from google.genai import types
+
+  client = genai.Client(
+      api_key="unused-the-gateway-holds-the-key",
+      http_options=types.HttpOptions(
+          base_url="{base}", headers={{"Authorization": "Bearer {token}"}}
+      ),
+  )
+  print(client.models.generate_content(model="gemini-2.5-flash", contents="Hello").text)
+
+Press Ctrl+C to stop.
+"""
+
+
+def test(args: list[str]) -> int:
+    """Run the whole test suite."""
+    return subprocess.run([str(PYTHON), "-m", "pytest", *args], cwd=ROOT, check=False).returncode
+
+
+def check(args: list[str]) -> int:
+    """ruff, mypy --strict and the strict docs build."""
+    steps = [
+        [str(PYTHON), "-m", "ruff", "check", "."],
+        [str(PYTHON), "-m", "mypy", "--strict"],
+        [str(PYTHON), "-m", "mkdocs", "build", "--strict", "--quiet", "--site-dir", ".site"],
+    ]
+    failed = 0
+    for step in steps:
+        print("$", " ".join(step[2:]), flush=True)
+        env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
+        failed |= subprocess.run(step, cwd=ROOT, env=env, check=False).returncode
+    return failed
+
+
+COMMANDS = {"run": run, "test": test, "check": check}
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in COMMANDS:
+        sys.exit(__doc__)
+    ensure_venv()
+    sys.exit(COMMANDS[sys.argv[1]](sys.argv[2:]))

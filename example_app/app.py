@@ -1,0 +1,117 @@
+"""The example gateway, built only from gemini-scale's public API."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from starlette.responses import JSONResponse, Response
+
+from example_app.dev_issuer import WARNING, DevIssuer
+from example_app.gemini_routes import router
+from example_app.standin import create_standin
+from gemini_scale import (
+    ConfigurationError,
+    GeminiScaleSettings,
+    GeminiUpstream,
+    JSONBodyMiddleware,
+    StoreError,
+    StreamingASGITransport,
+    error_response,
+    install_error_handlers,
+    store_from_url,
+)
+from gemini_scale.types import ASGIApp
+
+logger = logging.getLogger("example_app")
+
+API_PREFIXES = ("/v1", "/v1beta")
+STANDIN_URL = "http://gemini-standin.invalid"
+
+
+def create_upstream(
+    settings: GeminiScaleSettings, standin: ASGIApp | None = None
+) -> GeminiUpstream:
+    """The upstream client: Google (or ``GEMINI_SCALE_UPSTREAM_URL``), else the stand-in."""
+    base_url = settings.effective_upstream_url
+    if base_url is None:
+        return GeminiUpstream(
+            base_url=STANDIN_URL,
+            transport=StreamingASGITransport(standin or create_standin()),
+            timeout=settings.upstream_timeout,
+        )
+    return GeminiUpstream(
+        base_url=base_url, api_keys=settings.api_keys, timeout=settings.upstream_timeout
+    )
+
+
+def create_app(settings: GeminiScaleSettings, *, standin: ASGIApp | None = None) -> FastAPI:
+    """Build the gateway from validated settings (see ``docs/configuration.md``).
+
+    ``standin`` replaces the offline stand-in upstream (tests use it to control timing).
+    """
+    dev_issuer = (
+        DevIssuer(audience=settings.oauth_audience or "gemini-scale")
+        if settings.dev_issuer
+        else None
+    )
+
+    try:
+        store = store_from_url(settings.redis_url)  # opens no connection
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"GEMINI_SCALE_REDIS_URL: {exc}") from None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if dev_issuer is not None:
+            logger.warning(WARNING)
+        async with create_upstream(settings, standin) as upstream:
+            app.state.store = store
+            app.state.upstream = upstream
+            try:
+                yield
+            finally:
+                await store.aclose()
+
+    app = FastAPI(
+        title="gemini-scale example gateway",
+        lifespan=lifespan,
+        openapi_url="/openapi.json",
+    )
+    app.state.settings = settings
+    app.state.dev_issuer = dev_issuer
+    for prefix in API_PREFIXES:
+        app.include_router(router, prefix=prefix, tags=[prefix.strip("/")])
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> Response:
+        return JSONResponse({"status": "ok"}, headers={"cache-control": "no-store"})
+
+    @app.get("/readyz", include_in_schema=False)
+    async def readyz(request: Request) -> Response:
+        try:
+            await request.app.state.store.ping()
+        except StoreError:
+            return error_response(
+                503, "The shared store is unreachable.", headers={"retry-after": "1"}
+            )
+        return JSONResponse({"status": "ready"}, headers={"cache-control": "no-store"})
+
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics() -> Response:
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    if dev_issuer is not None:
+        dev_issuer.install(app)
+
+    install_error_handlers(app)
+    # Innermost first (DESIGN.md §3); later issues add rate limiting, auth, caching, versions.
+    app.add_middleware(
+        JSONBodyMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        path_prefixes=tuple(f"{p}/" for p in API_PREFIXES),
+    )
+    return app

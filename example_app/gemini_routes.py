@@ -1,0 +1,86 @@
+"""The Gemini surface of the example gateway: one head implementation for every version prefix."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from gemini_scale.errors import InvalidArgumentError, NotFoundError
+from gemini_scale.upstream import GeminiUpstream
+
+#: Model ids as Google spells them (``gemini-2.5-flash``, ``tunedModels`` are out of scope).
+_MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+router = APIRouter()
+
+
+def _upstream(request: Request) -> GeminiUpstream:
+    upstream: GeminiUpstream = request.app.state.upstream
+    return upstream
+
+
+def _version(request: Request) -> str:
+    return request.url.path.split("/", 2)[1]
+
+
+def _model_path(request: Request, model: str, method: str | None = None) -> str:
+    if not _MODEL_ID.fullmatch(model):
+        raise InvalidArgumentError(f"Invalid model name {model[:64]!r}.")
+    path = f"/{_version(request)}/models/{model}"
+    return f"{path}:{method}" if method else path
+
+
+async def _call(request: Request, model: str, method: str) -> Response:
+    return await _upstream(request).forward(request, path=_model_path(request, model, method))
+
+
+@router.get("/models")
+async def list_models(request: Request) -> Response:
+    """``models.list``: the upstream's model list, paged."""
+    return await _upstream(request).forward(request, path=f"/{_version(request)}/models")
+
+
+@router.get("/models/{model}")
+async def get_model(request: Request, model: str) -> Response:
+    """``models.get``."""
+    if ":" in model:
+        raise NotFoundError(f"Method not found: GET {request.url.path[:200]}.")
+    return await _upstream(request).forward(request, path=_model_path(request, model))
+
+
+@router.post("/models/{model}:generateContent")
+async def generate_content(request: Request, model: str) -> Response:
+    """``generateContent``."""
+    return await _call(request, model, "generateContent")
+
+
+@router.post("/models/{model}:streamGenerateContent")
+async def stream_generate_content(request: Request, model: str) -> Response:
+    """``streamGenerateContent``: SSE with ``alt=sse``, a JSON array without; never buffered."""
+    return await _call(request, model, "streamGenerateContent")
+
+
+@router.post("/models/{model}:countTokens")
+async def count_tokens(request: Request, model: str) -> Response:
+    """``countTokens``."""
+    return await _call(request, model, "countTokens")
+
+
+@router.post("/models/{model}:embedContent")
+async def embed_content(request: Request, model: str) -> Response:
+    """``embedContent``."""
+    return await _call(request, model, "embedContent")
+
+
+@router.post("/models/{model}:batchEmbedContents")
+async def batch_embed_contents(request: Request, model: str) -> Response:
+    """``batchEmbedContents`` (what google-genai calls for every embedding)."""
+    return await _call(request, model, "batchEmbedContents")
+
+
+@router.post("/models/{name}", include_in_schema=False)
+async def unknown_method(request: Request, name: str) -> Response:
+    """Any other custom method is 404, as Google answers (not 405 from ``GET models/{m}``)."""
+    raise NotFoundError(f"Method not found: POST {request.url.path[:200]}.")

@@ -1,0 +1,22 @@
+"""``uvicorn example_app.main:app``: the gateway configured from the environment."""
+
+from __future__ import annotations
+
+import sys
+
+from fastapi import FastAPI
+
+from example_app.app import create_app
+from gemini_scale import ConfigurationError, load_settings
+
+
+def _from_environment() -> FastAPI:
+    try:
+        return create_app(load_settings())
+    except ConfigurationError as exc:
+        # A clear one-line reason instead of an import traceback.
+        sys.stderr.write(f"gemini-scale example gateway cannot start: {exc}\n")
+        raise SystemExit(2) from None
+
+
+app = _from_environment()

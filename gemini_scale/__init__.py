@@ -1,0 +1,191 @@
+"""gemini-scale: pure-ASGI middlewares that make a Gemini-fronting service scale.
+
+Only the names in ``__all__`` are public; a test keeps the list honest.
+"""
+
+from __future__ import annotations
+
+import importlib as _importlib
+import typing as _typing
+
+if _typing.TYPE_CHECKING:
+    from gemini_scale.body import JSONBodyMiddleware
+    from gemini_scale.errors import (
+        ConfigurationError,
+        GeminiScaleError,
+        HTTPError,
+        InvalidArgumentError,
+        NotFoundError,
+        PayloadTooLargeError,
+        PolicyNotEnforcedError,
+        StoreError,
+        StoreUnavailableError,
+        UnsupportedMediaTypeError,
+        UpstreamError,
+        UpstreamTimeoutError,
+        UpstreamUnavailableError,
+        error_body,
+        error_response,
+        send_error,
+    )
+    from gemini_scale.handlers import install_error_handlers
+    from gemini_scale.policies import (
+        CachePolicy,
+        Policy,
+        PublicPolicy,
+        RateLimitPolicy,
+        ScopePolicy,
+        VersionPolicy,
+        cache,
+        mark,
+        parse_limits,
+        policies_of,
+        public,
+        rate_limit,
+        requires_scopes,
+        version,
+    )
+    from gemini_scale.principal import Principal
+    from gemini_scale.routing import (
+        GeminiMiddleware,
+        RequestContext,
+        RouteMatch,
+        RouteTable,
+        Rules,
+        policy_for,
+        route_table,
+    )
+    from gemini_scale.settings import GeminiScaleSettings, load_settings
+    from gemini_scale.stores import MemoryStore, RedisStore, Script, Store, store_from_url
+    from gemini_scale.types import Clock, SystemClock
+    from gemini_scale.upstream import GeminiUpstream, StreamingASGITransport, UpstreamResponse
+
+__version__ = "0.1.0"
+
+# Names resolve on first use (PEP 562), so importing gemini_scale costs only what a service
+# actually uses: a stack without Redis never imports redis-py, one without the upstream
+# client never imports httpx.
+_LAZY: dict[str, str] = {
+    "CachePolicy": "gemini_scale.policies",
+    "Clock": "gemini_scale.types",
+    "ConfigurationError": "gemini_scale.errors",
+    "GeminiMiddleware": "gemini_scale.routing",
+    "GeminiScaleError": "gemini_scale.errors",
+    "GeminiScaleSettings": "gemini_scale.settings",
+    "GeminiUpstream": "gemini_scale.upstream",
+    "HTTPError": "gemini_scale.errors",
+    "InvalidArgumentError": "gemini_scale.errors",
+    "JSONBodyMiddleware": "gemini_scale.body",
+    "MemoryStore": "gemini_scale.stores",
+    "NotFoundError": "gemini_scale.errors",
+    "PayloadTooLargeError": "gemini_scale.errors",
+    "Policy": "gemini_scale.policies",
+    "PolicyNotEnforcedError": "gemini_scale.errors",
+    "Principal": "gemini_scale.principal",
+    "PublicPolicy": "gemini_scale.policies",
+    "RateLimitPolicy": "gemini_scale.policies",
+    "RedisStore": "gemini_scale.stores.redis",
+    "RequestContext": "gemini_scale.routing",
+    "RouteMatch": "gemini_scale.routing",
+    "RouteTable": "gemini_scale.routing",
+    "Rules": "gemini_scale.routing",
+    "ScopePolicy": "gemini_scale.policies",
+    "Script": "gemini_scale.stores",
+    "Store": "gemini_scale.stores",
+    "StoreError": "gemini_scale.errors",
+    "StoreUnavailableError": "gemini_scale.errors",
+    "StreamingASGITransport": "gemini_scale.upstream",
+    "SystemClock": "gemini_scale.types",
+    "UnsupportedMediaTypeError": "gemini_scale.errors",
+    "UpstreamError": "gemini_scale.errors",
+    "UpstreamResponse": "gemini_scale.upstream",
+    "UpstreamTimeoutError": "gemini_scale.errors",
+    "UpstreamUnavailableError": "gemini_scale.errors",
+    "VersionPolicy": "gemini_scale.policies",
+    "cache": "gemini_scale.policies",
+    "error_body": "gemini_scale.errors",
+    "error_response": "gemini_scale.errors",
+    "install_error_handlers": "gemini_scale.handlers",
+    "load_settings": "gemini_scale.settings",
+    "mark": "gemini_scale.policies",
+    "parse_limits": "gemini_scale.policies",
+    "policies_of": "gemini_scale.policies",
+    "policy_for": "gemini_scale.routing",
+    "public": "gemini_scale.policies",
+    "rate_limit": "gemini_scale.policies",
+    "requires_scopes": "gemini_scale.policies",
+    "route_table": "gemini_scale.routing",
+    "send_error": "gemini_scale.errors",
+    "store_from_url": "gemini_scale.stores.factory",
+    "version": "gemini_scale.policies",
+}
+
+
+def __getattr__(name: str) -> _typing.Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'gemini_scale' has no attribute {name!r}")
+    value = getattr(_importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*__all__, *(name for name in globals() if name.startswith("_"))})
+
+
+__all__ = [
+    "CachePolicy",
+    "Clock",
+    "ConfigurationError",
+    "GeminiMiddleware",
+    "GeminiScaleError",
+    "GeminiScaleSettings",
+    "GeminiUpstream",
+    "HTTPError",
+    "InvalidArgumentError",
+    "JSONBodyMiddleware",
+    "MemoryStore",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "Policy",
+    "PolicyNotEnforcedError",
+    "Principal",
+    "PublicPolicy",
+    "RateLimitPolicy",
+    "RedisStore",
+    "RequestContext",
+    "RouteMatch",
+    "RouteTable",
+    "Rules",
+    "ScopePolicy",
+    "Script",
+    "Store",
+    "StoreError",
+    "StoreUnavailableError",
+    "StreamingASGITransport",
+    "SystemClock",
+    "UnsupportedMediaTypeError",
+    "UpstreamError",
+    "UpstreamResponse",
+    "UpstreamTimeoutError",
+    "UpstreamUnavailableError",
+    "VersionPolicy",
+    "__version__",
+    "cache",
+    "error_body",
+    "error_response",
+    "install_error_handlers",
+    "load_settings",
+    "mark",
+    "parse_limits",
+    "policies_of",
+    "policy_for",
+    "public",
+    "rate_limit",
+    "requires_scopes",
+    "route_table",
+    "send_error",
+    "store_from_url",
+    "version",
+]

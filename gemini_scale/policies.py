@@ -1,0 +1,214 @@
+"""Frozen policy values and the mark-only route decorators.
+
+A decorator attaches one policy to the endpoint function and returns the *same* function:
+it never wraps it, never changes its signature. Middlewares find the policies of the matched
+route through :mod:`gemini_scale.routing`, which also refuses to run when a route declares a
+policy that no middleware in its stack enforces.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+
+from gemini_scale.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from limits import RateLimitItem
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Attribute under which a decorated endpoint carries its policies.
+MARK_ATTRIBUTE = "__gemini_scale_policies__"
+
+CacheScope = Literal["principal", "tenant", "shared"]
+LimitKey = Literal["principal", "tenant", "api_key", "model", "route", "client_ip"]
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Policy:
+    """Base of every policy: a frozen value saying *what* should happen on a route."""
+
+    kind: ClassVar[str] = "policy"
+    """A short name used in messages (``cache``, ``rate_limit``, ...)."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CachePolicy(Policy):
+    """Cache the route's successful answers (enforced by ``CacheMiddleware``)."""
+
+    kind: ClassVar[str] = "cache"
+    ttl: float
+    """Seconds an entry lives."""
+    scope: CacheScope = "principal"
+    """Whose entry it is: the caller (default), the caller's tenant, or everyone."""
+    tags: tuple[str, ...] = ()
+    """Extra invalidation tags; the model and the principal are always tags."""
+    methods: frozenset[str] = frozenset({"GET", "HEAD"})
+    """Methods that may be served from cache."""
+    vary: tuple[str, ...] = ()
+    """Request headers (lower-case) whose values become part of the key."""
+
+    def __post_init__(self) -> None:
+        if self.ttl <= 0:
+            raise ConfigurationError(f"cache ttl must be positive, got {self.ttl!r}")
+        if self.scope not in ("principal", "tenant", "shared"):
+            raise ConfigurationError(
+                f"cache scope must be principal, tenant or shared: {self.scope!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RateLimitPolicy(Policy):
+    """Limit requests and Gemini tokens (enforced by ``RateLimitMiddleware``)."""
+
+    kind: ClassVar[str] = "rate_limit"
+    requests: tuple[RateLimitItem, ...] = ()
+    """Request limits, parsed from the ``limits`` string syntax (``"60/minute;1000/day"``)."""
+    tokens: tuple[RateLimitItem, ...] = ()
+    """Gemini token limits in the same syntax."""
+    key: LimitKey = "principal"
+    """What a bucket belongs to."""
+
+    @classmethod
+    def parse(
+        cls, requests: str | None = None, *, tokens: str | None = None, key: LimitKey = "principal"
+    ) -> RateLimitPolicy:
+        """Build from limit strings, refusing malformed ones with :class:`ConfigurationError`."""
+        return cls(requests=parse_limits(requests), tokens=parse_limits(tokens), key=key)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class VersionPolicy(Policy):
+    """A route's lifecycle across API versions (enforced by ``VersionMiddleware``)."""
+
+    kind: ClassVar[str] = "version"
+    added: str | None = None
+    """First version that has the route."""
+    deprecated: dt.datetime | None = None
+    """When the route was deprecated (sent as RFC 9745 ``Deprecation``)."""
+    sunset: dt.datetime | None = None
+    """When it goes away (RFC 8594 ``Sunset``)."""
+    removed: str | None = None
+    """First version without the route."""
+    replacement: str | None = None
+    """What to call instead, named in refusals and ``Link`` headers."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ScopePolicy(Policy):
+    """OAuth scopes the caller must hold (enforced by ``OAuth2Middleware``)."""
+
+    kind: ClassVar[str] = "scopes"
+    scopes: frozenset[str] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PublicPolicy(Policy):
+    """The route needs no credential (health, metrics, docs)."""
+
+    kind: ClassVar[str] = "public"
+
+
+def parse_limits(text: str | None) -> tuple[RateLimitItem, ...]:
+    """Parse ``"60/minute;1000/day"`` with ``limits``; ``None`` or ``""`` gives no limits."""
+    if not text:
+        return ()
+    from limits import parse_many  # deferred: only services with limits pay for the import
+
+    try:
+        return tuple(parse_many(text))
+    except ValueError as exc:
+        raise ConfigurationError(f"invalid rate limit {text!r}: {exc}") from exc
+
+
+def policies_of(endpoint: object) -> Mapping[type[Policy], Policy]:
+    """The policies an endpoint was marked with (empty when none)."""
+    marks = getattr(endpoint, MARK_ATTRIBUTE, None)
+    return marks if isinstance(marks, dict) else {}
+
+
+def mark(policy: Policy) -> Callable[[F], F]:
+    """A decorator that attaches ``policy`` to an endpoint and returns the endpoint unchanged.
+
+    One policy per kind and endpoint: marking twice with the same kind is a
+    :class:`ConfigurationError`, not a silent override.
+    """
+
+    def decorate(endpoint: F) -> F:
+        marks = dict(policies_of(endpoint))
+        kind = type(policy)
+        if kind in marks:
+            name = getattr(endpoint, "__qualname__", repr(endpoint))
+            raise ConfigurationError(f"{name} already has a {policy.kind} policy")
+        marks[kind] = policy
+        try:
+            setattr(endpoint, MARK_ATTRIBUTE, marks)
+        except AttributeError as exc:
+            raise ConfigurationError(
+                f"cannot mark {endpoint!r}: policies attach to plain functions"
+            ) from exc
+        return endpoint
+
+    return decorate
+
+
+def cache(
+    ttl: float,
+    *,
+    scope: CacheScope = "principal",
+    tags: tuple[str, ...] = (),
+    methods: tuple[str, ...] = ("GET", "HEAD"),
+    vary: tuple[str, ...] = (),
+) -> Callable[[F], F]:
+    """Mark a route as cacheable for ``ttl`` seconds (see :class:`CachePolicy`)."""
+    return mark(
+        CachePolicy(
+            ttl=ttl,
+            scope=scope,
+            tags=tuple(tags),
+            methods=frozenset(m.upper() for m in methods),
+            vary=tuple(h.lower() for h in vary),
+        )
+    )
+
+
+def rate_limit(
+    requests: str | None = None, *, tokens: str | None = None, key: LimitKey = "principal"
+) -> Callable[[F], F]:
+    """Mark a route with request and token limits (see :class:`RateLimitPolicy`)."""
+    return mark(RateLimitPolicy.parse(requests, tokens=tokens, key=key))
+
+
+def version(
+    *,
+    added: str | None = None,
+    deprecated: dt.datetime | None = None,
+    sunset: dt.datetime | None = None,
+    removed: str | None = None,
+    replacement: str | None = None,
+) -> Callable[[F], F]:
+    """Mark a route's lifecycle across versions (see :class:`VersionPolicy`)."""
+    return mark(
+        VersionPolicy(
+            added=added,
+            deprecated=deprecated,
+            sunset=sunset,
+            removed=removed,
+            replacement=replacement,
+        )
+    )
+
+
+def requires_scopes(*scopes: str) -> Callable[[F], F]:
+    """Mark a route as needing every one of ``scopes`` (see :class:`ScopePolicy`)."""
+    if not scopes:
+        raise ConfigurationError("requires_scopes() needs at least one scope")
+    return mark(ScopePolicy(scopes=frozenset(scopes)))
+
+
+def public(endpoint: F) -> F:
+    """Mark a route as needing no credential."""
+    return mark(PublicPolicy())(endpoint)

@@ -1,0 +1,377 @@
+"""The one place that knows how to find a request's route and its policies.
+
+Middleware runs *before* the framework routes a request, and FastAPI >= 0.137 keeps included
+routers as a tree whose matching is private (research/python-libs.md §5.3). So instead of
+asking the router, we flatten the app's route tree once, through public API only (Starlette's
+``Route``/``Mount``/``Host`` attributes and FastAPI's public ``iter_route_contexts`` where it
+exists), compile each full path template with Starlette's ``compile_path``, and match requests
+ourselves. Central rules (path template -> policies) are matched the same way and work for any
+ASGI app.
+
+Fail safe: the first request through a stack audits the app. Any route marked with a policy
+kind that no middleware in its stack enforces raises :class:`PolicyNotEnforcedError`, and the
+stack then answers 500 instead of serving the route unprotected.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import sys
+import weakref
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+from starlette.routing import Host, Mount, Route, compile_path
+
+from gemini_scale.errors import ConfigurationError, PolicyNotEnforcedError, send_error
+from gemini_scale.policies import Policy, policies_of
+from gemini_scale.types import ASGIApp, Scope
+
+P = TypeVar("P", bound=Policy)
+
+#: Scope key of the per-request :class:`RequestContext`.
+CONTEXT_KEY = "gemini_scale"
+_LIFESPAN_KEY = "gemini_scale.lifespan"
+
+_EMPTY: Mapping[type[Policy], Policy] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatch:
+    """The route a request resolved to, before the framework routes it."""
+
+    template: str
+    """The full path template (``/v1beta/models/{model}:generateContent``): a safe label."""
+    params: Mapping[str, str]
+    """Raw path parameters."""
+    policies: Mapping[type[Policy], Policy]
+    """Policies marked on the endpoint."""
+
+
+@dataclass(slots=True)
+class _Entry:
+    regex: re.Pattern[str]
+    template: str
+    methods: frozenset[str] | None
+    policies: Mapping[type[Policy], Policy]
+    enforced_by_mount: frozenset[type[Policy]]
+    endpoint_name: str
+
+    def match(self, method: str, path: str) -> RouteMatch | None:
+        if self.methods is not None and method not in self.methods:
+            return None
+        found = self.regex.match(path)
+        if found is None:
+            return None
+        return RouteMatch(self.template, found.groupdict(), self.policies)
+
+
+def _first_match(entries: Sequence[_Entry], method: str, path: str) -> RouteMatch | None:
+    for entry in entries:
+        found = entry.match(method, path)
+        if found is not None:
+            return found
+    return None
+
+
+def _compile(template: str) -> re.Pattern[str]:
+    regex, _, _ = compile_path(template)
+    return regex
+
+
+def _methods(route: Any) -> frozenset[str] | None:
+    methods = getattr(route, "methods", None)
+    if not methods:
+        return None
+    upper = {m.upper() for m in methods}
+    if "GET" in upper:
+        upper.add("HEAD")
+    return frozenset(upper)
+
+
+def _enforcers_of_app(app: Any) -> frozenset[type[Policy]]:
+    """Policy kinds enforced by middlewares added with ``add_middleware`` (public attribute)."""
+    kinds: set[type[Policy]] = set()
+    for item in getattr(app, "user_middleware", ()) or ():
+        cls = getattr(item, "cls", None)
+        kinds.update(getattr(cls, "enforces", ()))
+    return frozenset(kinds)
+
+
+def _iter_routes(routes: Iterable[Any]) -> Iterator[Any]:
+    """Routes in matching order, with FastAPI's included-router tree expanded (public API)."""
+    routes = list(routes)
+    if "fastapi" not in sys.modules:  # a FastAPI app has imported it; don't pay for it otherwise
+        yield from routes
+        return
+    try:
+        from fastapi.routing import iter_route_contexts  # FastAPI >= 0.137
+    except ImportError:  # an older FastAPI, whose routes are flat
+        yield from routes
+        return
+    yield from iter_route_contexts(routes)
+
+
+def _flatten(
+    routes: Iterable[Any], prefix: str, enforced: frozenset[type[Policy]], out: list[_Entry]
+) -> None:
+    for route in _iter_routes(routes):
+        inner = getattr(route, "route", route)  # FastAPI RouteContext -> the route it describes
+        if isinstance(inner, Mount) or (
+            not isinstance(inner, Route)
+            and getattr(route, "routes", None) is not None
+            and not isinstance(inner, Host)
+        ):
+            mount_path = getattr(route, "path", "") or ""
+            sub_enforced = enforced | _enforcers_of_app(getattr(route, "app", None))
+            _flatten(getattr(route, "routes", ()) or (), prefix + mount_path, sub_enforced, out)
+            continue
+        if isinstance(inner, Host):
+            continue  # host-based routing is matched by the framework only; use rules there
+        path = getattr(route, "path", None)
+        if not isinstance(path, str):
+            continue
+        endpoint = getattr(route, "endpoint", None)
+        template = prefix + path
+        out.append(
+            _Entry(
+                regex=_compile(template),
+                template=template,
+                methods=_methods(route),
+                policies=policies_of(endpoint),
+                enforced_by_mount=enforced,
+                endpoint_name=getattr(endpoint, "__qualname__", repr(endpoint)),
+            )
+        )
+
+
+class RouteTable:
+    """The flattened, compiled routes of one app, built once per app."""
+
+    __slots__ = ("__weakref__", "_entries")
+
+    def __init__(self, entries: Sequence[_Entry]) -> None:
+        self._entries = tuple(entries)
+
+    @classmethod
+    def of(cls, app: Any) -> RouteTable:
+        """Flatten ``app``'s routes (a Starlette/FastAPI app or router; others give no routes)."""
+        entries: list[_Entry] = []
+        routes = getattr(app, "routes", None)
+        if routes is not None:
+            _flatten(routes, "", frozenset(), entries)
+        return cls(entries)
+
+    def match(self, method: str, path: str) -> RouteMatch | None:
+        """The first route that matches both ``method`` and ``path``."""
+        return _first_match(self._entries, method, path)
+
+    def audit(self, enforced: frozenset[type[Policy]]) -> None:
+        """Raise :class:`PolicyNotEnforcedError` if a marked route has an unenforced policy."""
+        problems = []
+        for entry in self._entries:
+            missing = set(entry.policies) - enforced - entry.enforced_by_mount
+            if missing:
+                kinds = ", ".join(sorted(k.kind for k in missing))
+                problems.append(f"{entry.template} ({entry.endpoint_name}): {kinds}")
+        if problems:
+            raise PolicyNotEnforcedError(
+                "routes declare policies that no middleware in their stack enforces "
+                "(add the middleware with app.add_middleware, or remove the decorator): "
+                + "; ".join(problems)
+            )
+
+
+class Rules:
+    """Central rules: path templates (optionally ``"METHOD /path"``) mapped to policies.
+
+    ``Rules({"POST /v1beta/models/{model}:generateContent": CachePolicy(ttl=60)})``
+    """
+
+    __slots__ = ("_entries",)
+
+    def __init__(self, rules: Mapping[str, Policy | Sequence[Policy]] | None = None) -> None:
+        entries: list[_Entry] = []
+        for key, value in (rules or {}).items():
+            method, _, path = key.partition(" ") if " " in key else ("", "", key)
+            if not path.startswith("/"):
+                raise ConfigurationError(f"rule {key!r}: the path template must start with '/'")
+            policies = [value] if isinstance(value, Policy) else list(value)
+            marks: dict[type[Policy], Policy] = {}
+            for policy in policies:
+                if not isinstance(policy, Policy):
+                    raise ConfigurationError(f"rule {key!r}: {policy!r} is not a policy")
+                marks[type(policy)] = policy
+            methods = _methods(type("M", (), {"methods": {method}})) if method else None
+            entries.append(_Entry(_compile(path), path, methods, marks, frozenset(), key))
+        self._entries = tuple(entries)
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+    def match(self, method: str, path: str) -> RouteMatch | None:
+        """The first rule that matches."""
+        return _first_match(self._entries, method, path)
+
+
+logger = logging.getLogger("gemini_scale.routing")
+
+_tables: weakref.WeakKeyDictionary[Any, RouteTable] = weakref.WeakKeyDictionary()
+
+
+def route_table(app: Any) -> RouteTable:
+    """The (cached) :class:`RouteTable` of ``app``."""
+    try:
+        table = _tables.get(app)
+    except TypeError:  # not weak-referenceable: build each time (rare: custom ASGI callables)
+        return RouteTable.of(app)
+    if table is None:
+        table = RouteTable.of(app)
+        _tables[app] = table
+    return table
+
+
+_NO_ROUTES = RouteTable(())
+
+
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: ``path`` without the server's ``root_path``."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root):
+        return path[len(root) :] or "/"
+    return path
+
+
+@dataclass(slots=True)
+class RequestContext:
+    """State our middlewares share about one request, kept in ``scope["gemini_scale"]``."""
+
+    route: RouteMatch | None = None
+    """The route resolved from the app's route table (``None``: no route matched)."""
+    principal: Any = None
+    """The verified :class:`~gemini_scale.principal.Principal`, once authentication ran."""
+    extras: dict[str, Any] = field(default_factory=dict)
+    """Other per-request facts middlewares pass to each other."""
+
+
+class GeminiMiddleware:
+    """Base of every gemini-scale middleware: pass-through of non-HTTP scopes, the shared
+    per-request context, route resolution and the enforcement audit.
+
+    Subclasses set ``enforces`` to the policy kinds they act on and implement
+    :meth:`handle` for HTTP requests.
+    """
+
+    enforces: ClassVar[frozenset[type[Policy]]] = frozenset()
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        # app -> None (audit passed) or the error it raised; audited once per app.
+        self._audits: weakref.WeakKeyDictionary[Any, PolicyNotEnforcedError | None] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            if scope["type"] == "lifespan" and _LIFESPAN_KEY not in scope:
+                scope[_LIFESPAN_KEY] = True  # the outermost of ours audits; inner ones pass
+                await self.app(scope, receive, self._audit_at_startup(scope, send))
+                return
+            await self.app(scope, receive, send)
+            return
+        context = scope.get(CONTEXT_KEY)
+        if context is None:
+            # Outermost gemini-scale middleware: resolve the route once for all layers.
+            app = scope.get("app") or self._wrapped_router()
+            table = route_table(app) if app is not None else _NO_ROUTES
+            if app is not None and self._audit(app, table) is not None:
+                await send_error(send, 500, "The service is misconfigured; see its logs.")
+                return
+            context = RequestContext(table.match(scope["method"], route_path(scope)))
+            scope[CONTEXT_KEY] = context
+        await self.handle(scope, receive, send, context)
+
+    def _audit_at_startup(self, scope: Scope, send: Any) -> Any:
+        """Wrap the lifespan ``send`` so a misconfigured app fails start-up, not requests."""
+
+        async def checked(message: Any) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                app = scope.get("app") or self._wrapped_router()
+                if app is not None and (problem := self._audit(app, route_table(app))):
+                    message = {"type": "lifespan.startup.failed", "message": str(problem)}
+            await send(message)
+
+        return checked
+
+    def _audit(self, app: Any, table: RouteTable) -> PolicyNotEnforcedError | None:
+        try:
+            if app in self._audits:
+                return self._audits[app]
+        except TypeError:  # not weak-referenceable: audit every time
+            pass
+        problem: PolicyNotEnforcedError | None = None
+        try:
+            table.audit(_enforcers_of_app(app) | self.chain_enforcers())
+        except PolicyNotEnforcedError as exc:
+            logger.error("gemini-scale refuses to serve: %s", exc)
+            problem = exc
+        with contextlib.suppress(TypeError):
+            self._audits[app] = problem
+        return problem
+
+    def _wrapped_router(self) -> Any:
+        """When we wrap an app from outside (no ``scope["app"]`` yet), the first object down
+        the ``.app`` chain that has routes."""
+        node: Any = self.app
+        for _ in range(64):
+            if node is None or getattr(node, "routes", None) is not None:
+                return node
+            node = getattr(node, "app", None)
+        return None
+
+    def chain_enforcers(self) -> frozenset[type[Policy]]:
+        """Kinds enforced by this middleware and the gemini-scale middlewares inside it."""
+        kinds: set[type[Policy]] = set()
+        node: Any = self
+        seen = 0
+        while node is not None and seen < 64:
+            if isinstance(node, GeminiMiddleware):
+                kinds.update(node.enforces)
+            node = getattr(node, "app", None)
+            seen += 1
+        return frozenset(kinds)
+
+    async def handle(self, scope: Scope, receive: Any, send: Any, context: RequestContext) -> None:
+        """Handle one HTTP request; the default passes it through."""
+        await self.app(scope, receive, send)
+
+
+def policy_for(context: RequestContext, rules: Rules, kind: type[P], scope: Scope) -> P | None:
+    """The ``kind`` policy of a request: the route's mark first, then the first matching rule."""
+    route = context.route
+    if route is not None:
+        found = route.policies.get(kind)
+        if found is not None:
+            return found  # type: ignore[return-value]
+    if rules:
+        rule = rules.match(scope["method"], route_path(scope))
+        if rule is not None:
+            return rule.policies.get(kind)  # type: ignore[return-value]
+    return None
+
+
+__all__ = [
+    "CONTEXT_KEY",
+    "GeminiMiddleware",
+    "RequestContext",
+    "RouteMatch",
+    "RouteTable",
+    "Rules",
+    "policy_for",
+    "route_path",
+    "route_table",
+]

@@ -1,0 +1,202 @@
+"""An in-process store: one dict, lazy expiry, bounded size."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from gemini_scale.errors import ConfigurationError, StoreError
+from gemini_scale.stores.base import (
+    DEFAULT_PREFIX,
+    Script,
+    ScriptArg,
+    check_prefix,
+    normalize_result,
+    ttl_ms,
+    value_bytes,
+)
+from gemini_scale.stores.scripted import ScriptedOperations
+from gemini_scale.types import SYSTEM_CLOCK, Clock
+
+_Entry = tuple[Any, float | None]
+
+_WRONGTYPE = "WRONGTYPE Operation against a key holding the wrong kind of value"
+
+
+class _State:
+    """The :class:`~gemini_scale.stores.base.LocalState` view scripts run against."""
+
+    __slots__ = ("data", "now", "writes")
+
+    def __init__(self) -> None:
+        # Insertion order is recency order: every read or write of a key moves it to the end,
+        # so the first key is the least recently used one.
+        self.data: dict[str, _Entry] = {}
+        self.now = 0.0
+        self.writes = 0
+
+    def _live(self, key: str) -> _Entry | None:
+        entry = self.data.get(key)
+        if entry is None:
+            return None
+        expires_at = entry[1]
+        if expires_at is not None and expires_at <= self.now:
+            del self.data[key]
+            return None
+        return entry
+
+    def get(self, key: str) -> Any | None:
+        entry = self._live(key)
+        if entry is None:
+            return None
+        del self.data[key]
+        self.data[key] = entry
+        return entry[0]
+
+    def put(self, key: str, value: Any, expires_at: float | None) -> None:
+        self.data.pop(key, None)
+        self.data[key] = (value, expires_at)
+        self.writes += 1
+
+    def delete(self, key: str) -> bool:
+        existed = self._live(key) is not None
+        if existed:
+            del self.data[key]
+        return existed
+
+    def expires_at(self, key: str) -> float | None:
+        entry = self._live(key)
+        return None if entry is None else entry[1]
+
+    def set_expiry(self, key: str, expires_at: float | None) -> None:
+        entry = self._live(key)
+        if entry is not None:
+            self.data[key] = (entry[0], expires_at)
+            self.writes += 1
+
+
+class MemoryStore(ScriptedOperations):
+    """A :class:`~gemini_scale.stores.Store` in one process's memory.
+
+    Behaves like :class:`~gemini_scale.stores.RedisStore` for one process: same keys, TTLs,
+    errors and script results. No method awaits anything, so each one is atomic with respect
+    to other coroutines.
+
+    Expired keys read as absent and are removed on access, and by a sweep of the whole dict
+    every ``max(1024, max_keys // 8)`` writes. Past ``max_keys`` keys a write first sweeps
+    expired keys (at most once every ``max_keys // 16`` writes, to keep writes cheap), then
+    evicts the least recently used keys (reads and writes both count as use).
+
+    :param prefix: namespace prepended to every key as ``prefix + ":"``.
+    :param clock: wall-clock source for expiry and for scripts' ``now``; tests inject a fake.
+    :param max_keys: bound on the number of keys held.
+    """
+
+    def __init__(
+        self,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        clock: Clock = SYSTEM_CLOCK,
+        max_keys: int = 100_000,
+    ) -> None:
+        if max_keys < 1:
+            raise ConfigurationError(f"max_keys must be at least 1, got {max_keys}")
+        self.prefix = check_prefix(prefix)
+        self.max_keys = max_keys
+        self._clock = clock
+        self._head = prefix + ":"
+        self._state = _State()
+        self._sweep_every = max(1024, max_keys // 8)
+        self._min_sweep_gap = max(1, max_keys // 16)
+        self._writes_at_sweep = 0
+
+    def __len__(self) -> int:
+        """Keys held, including expired ones not yet removed."""
+        return len(self._state.data)
+
+    def __bool__(self) -> bool:
+        # An empty store is still a store: keep `store or default` from replacing it.
+        return True
+
+    def __repr__(self) -> str:
+        return f"MemoryStore(prefix={self.prefix!r}, max_keys={self.max_keys})"
+
+    def _begin(self) -> _State:
+        state = self._state
+        state.now = self._clock.time()
+        return state
+
+    def _end(self, state: _State) -> None:
+        since_sweep = state.writes - self._writes_at_sweep
+        if since_sweep >= self._sweep_every or (
+            len(state.data) > self.max_keys and since_sweep >= self._min_sweep_gap
+        ):
+            self._sweep(state)
+        data = state.data
+        while len(data) > self.max_keys:
+            del data[next(iter(data))]
+
+    def _sweep(self, state: _State) -> None:
+        now = state.now
+        expired = [
+            key for key, (_, expires_at) in state.data.items()
+            if expires_at is not None and expires_at <= now
+        ]
+        for key in expired:
+            del state.data[key]
+        self._writes_at_sweep = state.writes
+
+    async def get(self, key: str) -> bytes | None:
+        """The value of ``key``, or ``None`` when absent or expired."""
+        value = self._begin().get(self._head + key)
+        if value is None or isinstance(value, bytes):
+            return value
+        raise StoreError(_WRONGTYPE)
+
+    async def set(self, key: str, value: bytes, *, ttl: float) -> None:
+        """Store ``value`` under ``key`` for ``ttl`` seconds."""
+        data, ms = value_bytes(value), ttl_ms(ttl)
+        state = self._begin()
+        state.put(self._head + key, data, state.now + ms / 1000)
+        self._end(state)
+
+    async def set_if_absent(self, key: str, value: bytes, *, ttl: float) -> bool:
+        """Store ``value`` only if ``key`` is absent; whether it was stored."""
+        data, ms = value_bytes(value), ttl_ms(ttl)
+        state = self._begin()
+        full = self._head + key
+        if state.get(full) is not None:
+            return False
+        state.put(full, data, state.now + ms / 1000)
+        self._end(state)
+        return True
+
+    async def delete(self, *keys: str) -> int:
+        """Remove ``keys``; how many existed."""
+        state = self._begin()
+        return sum(state.delete(self._head + key) for key in keys)
+
+    async def set_members(self, key: str) -> frozenset[str]:
+        """The members of a set (empty when absent)."""
+        value = self._begin().get(self._head + key)
+        if value is None:
+            return frozenset()
+        if isinstance(value, set):
+            return frozenset(value)
+        raise StoreError(_WRONGTYPE)
+
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
+        """Run ``script.local`` on the prefixed ``keys``, without yielding."""
+        state = self._begin()
+        try:
+            result = script.local(state, [self._head + key for key in keys], list(args), state.now)
+        finally:
+            self._end(state)
+        return normalize_result(result)
+
+    async def ping(self) -> None:
+        """Always reachable."""
+
+    async def aclose(self) -> None:
+        """Nothing to release; the data stays until the store is dropped."""
+

@@ -1,0 +1,415 @@
+"""A store on Redis: standalone, Sentinel or Cluster, through redis-py asyncio.
+
+Clients built here have short socket and connect timeouts and **no automatic retries**: a
+retried ``INCR`` counts twice, and a timeout means the outcome is unknown, not that nothing
+happened (research/security.md §2). Cluster redirections (``MOVED``/``ASK``) are still
+followed; they are refusals, not executions, so following them never applies a write twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from redis import exceptions as redis_errors
+from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.retry import Retry
+from redis.asyncio.sentinel import Sentinel
+from redis.backoff import NoBackoff
+from redis.commands.core import AsyncScript
+
+from gemini_scale.errors import ConfigurationError, StoreError, StoreUnavailableError
+from gemini_scale.stores.base import (
+    DEFAULT_PREFIX,
+    Script,
+    ScriptArg,
+    check_prefix,
+    ttl_ms,
+    value_bytes,
+)
+from gemini_scale.stores.scripted import ScriptedOperations
+
+RedisClient = Redis | RedisCluster
+"""The clients :class:`RedisStore` accepts."""
+
+SCHEMES = ("redis", "rediss", "redis+sentinel", "redis+cluster")
+"""URL schemes :meth:`RedisStore.from_url` understands."""
+
+_UNAVAILABLE: tuple[type[BaseException], ...] = (
+    redis_errors.ConnectionError,  # includes MaxConnectionsError, MasterNotFoundError
+    redis_errors.TimeoutError,
+    redis_errors.ClusterError,  # includes ClusterDownError: TTL of redirections exhausted
+    redis_errors.SlotNotCoveredError,
+    redis_errors.ReadOnlyError,  # a demoted master during a failover
+    OSError,  # includes the builtin TimeoutError
+)
+_REDIS_ERRORS = (redis_errors.RedisError, redis_errors.RedisClusterException, OSError)
+
+
+def _no_retry() -> Retry:
+    return Retry(NoBackoff(), 0)
+
+
+def _needs_initialize(cluster: RedisCluster) -> bool:
+    # redis-py 8.1 loses connections when commands run concurrently with the cluster's lazy
+    # (re)initialization (CLUSTER SLOTS after start-up or a connection error), so we run that
+    # step alone. The flag is private: if it disappears, we fall back to redis-py's own path.
+    return bool(getattr(cluster, "_initialize", False))
+
+
+def _translate(exc: BaseException) -> StoreError:
+    kind = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, _UNAVAILABLE) or (
+        # "Redis Cluster cannot be connected" and "All slots are not covered" carry no type
+        # of their own; the first is raised from the connection error.
+        isinstance(exc, redis_errors.RedisClusterException)
+        and (isinstance(exc.__cause__, _UNAVAILABLE) or "not covered" in str(exc))
+    ):
+        return StoreUnavailableError(f"Redis is unavailable ({kind})")
+    return StoreError(f"Redis failed ({kind})")
+
+
+class RedisStore(ScriptedOperations):
+    """A :class:`~gemini_scale.stores.Store` on Redis (standalone, Sentinel or Cluster).
+
+    ``RedisStore(client)`` uses a client you built and never closes it; configure it with
+    short timeouts and ``retry=Retry(NoBackoff(), 0)`` as :meth:`from_url` does. No connection
+    is opened until the first operation. Scripts are registered once per store and run with
+    ``EVALSHA``; after a ``SCRIPT FLUSH`` or a failover redis-py loads them again (a reload
+    is not a retry: the refused ``EVALSHA`` did not run).
+
+    Errors: connection failures, timeouts and cluster-down conditions raise
+    :class:`~gemini_scale.errors.StoreUnavailableError`; other Redis errors raise
+    :class:`~gemini_scale.errors.StoreError`. After either, a write's outcome is unknown.
+
+    :param client: a ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster``
+        created with ``decode_responses=False``; kept as the ``client`` attribute.
+    :param prefix: namespace prepended to every key as ``prefix + ":"``; no ``{`` or ``}``.
+    :param max_concurrency: bound on operations in flight (``None``: unbounded). redis-py's
+        pools fail at once when all connections are busy; with this bound, operations wait
+        for a turn instead, up to ``acquire_timeout`` seconds.
+    :param acquire_timeout: how long an operation waits for its turn before raising
+        ``StoreUnavailableError``.
+    """
+
+    def __init__(
+        self,
+        client: RedisClient,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        max_concurrency: int | None = None,
+        acquire_timeout: float = 1.0,
+    ) -> None:
+        if client.get_encoder().decode_responses:
+            raise ConfigurationError(
+                "RedisStore needs a client created with decode_responses=False (values are bytes)."
+            )
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ConfigurationError(f"max_concurrency must be at least 1, got {max_concurrency}")
+        if not acquire_timeout > 0:
+            raise ConfigurationError(f"acquire_timeout must be > 0, got {acquire_timeout}")
+        self.prefix = check_prefix(prefix)
+        self.client = client
+        self._head = prefix + ":"
+        self._scripts: dict[str, AsyncScript] = {}
+        self._gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        self._acquire_timeout = acquire_timeout
+        self._owned: list[Callable[[], Awaitable[None]]] = []
+        self._cluster = client if isinstance(client, RedisCluster) else None
+        self._cluster_lock = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"RedisStore({type(self.client).__name__}, prefix={self.prefix!r})"
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        socket_timeout: float = 0.25,
+        connect_timeout: float = 0.25,
+        max_connections: int = 64,
+        pool_timeout: float = 1.0,
+    ) -> RedisStore:
+        """Build a store and the client it owns from a URL; :meth:`aclose` closes the client.
+
+        - ``redis://[[user]:password@]host[:port][/db][?option=value]`` and ``rediss://``
+          (TLS): redis-py's own URL format.
+        - ``redis+sentinel://[[user]:password@|password@]host[:port][,host[:port]...]/service[/db]``:
+          the master of ``service`` as the Sentinels report it (default port 26379); the
+          credentials are used for both the Sentinels and the master, as in ``limits``.
+        - ``redis+cluster://[[user]:password@]host[:port][,host[:port]...]``: a Redis Cluster
+          discovered from these startup nodes.
+
+        No connection is opened here. Every client gets ``socket_timeout``,
+        ``connect_timeout`` and no retries; ``max_connections`` bounds each connection pool
+        (per node on a cluster) and the operations in flight, which wait up to
+        ``pool_timeout`` seconds for a turn.
+
+        :raises ConfigurationError: for a malformed URL or option (the message never
+            contains the password).
+        """
+        for name, value in (
+            ("socket_timeout", socket_timeout),
+            ("connect_timeout", connect_timeout),
+            ("pool_timeout", pool_timeout),
+        ):
+            if not value > 0:
+                raise ConfigurationError(f"{name} must be > 0 seconds, got {value!r}")
+        if max_connections < 1:
+            raise ConfigurationError(f"max_connections must be at least 1, got {max_connections}")
+        check_prefix(prefix)
+        options: dict[str, Any] = {
+            "socket_timeout": socket_timeout,
+            "socket_connect_timeout": connect_timeout,
+            "retry": _no_retry(),
+        }
+        client, owned = _client_from_url(url, options, max_connections)
+        store = cls(
+            client, prefix=prefix, max_concurrency=max_connections, acquire_timeout=pool_timeout
+        )
+        store._owned = owned
+        return store
+
+    @asynccontextmanager
+    async def _op(self) -> AsyncIterator[None]:
+        gate = self._gate
+        if gate is not None:
+            if not gate.locked():
+                await gate.acquire()  # returns at once: no timer on the common path
+            else:
+                try:
+                    async with asyncio.timeout(self._acquire_timeout):
+                        await gate.acquire()
+                except TimeoutError:
+                    raise StoreUnavailableError(
+                        f"Redis is saturated: no connection free within {self._acquire_timeout} s"
+                    ) from None
+        try:
+            if self._cluster is not None and _needs_initialize(self._cluster):
+                async with self._cluster_lock:
+                    if _needs_initialize(self._cluster):
+                        await self._cluster.initialize()
+            yield
+        except _REDIS_ERRORS as exc:
+            raise _translate(exc) from exc
+        finally:
+            if gate is not None:
+                gate.release()
+
+    async def get(self, key: str) -> bytes | None:
+        """The value of ``key``, or ``None`` when absent or expired."""
+        async with self._op():
+            value = await self.client.get(self._head + key)
+        return None if value is None else _bytes(value)
+
+    async def set(self, key: str, value: bytes, *, ttl: float) -> None:
+        """Store ``value`` under ``key`` for ``ttl`` seconds (``SET PX``)."""
+        data, ms = value_bytes(value), ttl_ms(ttl)
+        async with self._op():
+            await self.client.set(self._head + key, data, px=ms)
+
+    async def set_if_absent(self, key: str, value: bytes, *, ttl: float) -> bool:
+        """Store ``value`` only if ``key`` is absent (``SET NX PX``); whether it was stored."""
+        data, ms = value_bytes(value), ttl_ms(ttl)
+        async with self._op():
+            stored = await self.client.set(self._head + key, data, px=ms, nx=True)
+        return bool(stored)
+
+    async def delete(self, *keys: str) -> int:
+        """Remove ``keys``; how many existed. On a cluster, keys may span slots."""
+        if not keys:
+            return 0
+        async with self._op():
+            removed = await self.client.delete(*(self._head + key for key in keys))
+        return int(removed)
+
+    async def set_members(self, key: str) -> frozenset[str]:
+        """The members of a set (empty when absent)."""
+        async with self._op():
+            members = await self.client.smembers(self._head + key)
+        return frozenset(_bytes(member).decode() for member in members)
+
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
+        """Run ``script`` with ``EVALSHA`` on the prefixed ``keys``; see :class:`Script`."""
+        registered = self._scripts.get(script.lua)
+        if registered is None:
+            registered = self._scripts[script.lua] = self.client.register_script(script.lua)
+        async with self._op():
+            result = await registered(keys=[self._head + key for key in keys], args=list(args))
+        return _from_reply(result)
+
+    async def ping(self) -> None:
+        """Round-trip to Redis; raises ``StoreUnavailableError`` on any failure."""
+        try:
+            async with self._op():
+                await self.client.ping()
+        except StoreUnavailableError:
+            raise
+        except StoreError as exc:
+            raise StoreUnavailableError(str(exc)) from exc
+
+    async def aclose(self) -> None:
+        """Close the client if :meth:`from_url` created it; an injected client stays open."""
+        owned, self._owned = self._owned, []
+        for close in owned:
+            await close()
+
+
+def _client_from_url(
+    url: str, options: dict[str, Any], max_connections: int
+) -> tuple[RedisClient, list[Callable[[], Awaitable[None]]]]:
+    if not isinstance(url, str):
+        raise ConfigurationError(f"A store URL must be a string, not {type(url).__name__}.")
+    scheme = url.partition("://")[0].lower() if "://" in url else ""
+    if scheme not in SCHEMES:
+        raise ConfigurationError(
+            f"Unsupported store URL {_redact(url)!r}: the scheme must be one of "
+            f"{', '.join(s + '://' for s in SCHEMES)}."
+        )
+    userinfo, hosts, path, query = _split(url, scheme)
+    username, password = _credentials(userinfo, bare_is_password=scheme == "redis+sentinel")
+    shown = _redact(url)
+    if scheme in ("redis", "rediss"):
+        _locations(hosts, default_port=6379, shown=shown, allow_empty=True)
+        _db(path.lstrip("/"), shown=shown, allow_empty=True)
+        try:
+            client = Redis.from_url(url, max_connections=max_connections, **options)
+        except ValueError as exc:
+            # redis-py's message names the bad option; scrubbed in case it echoes a value.
+            detail = _scrub(str(exc), password)
+            raise ConfigurationError(f"Invalid Redis URL {shown!r}: {detail}") from None
+        return client, [client.aclose]
+
+    if query:
+        raise ConfigurationError(
+            f"Invalid store URL {shown!r}: {scheme}:// URLs take no query parameters."
+        )
+    if scheme == "redis+cluster":
+        nodes = _locations(hosts, default_port=6379, shown=shown)
+        if path.strip("/"):
+            raise ConfigurationError(
+                f"Invalid store URL {shown!r}: Redis Cluster has only database 0, so a "
+                "redis+cluster:// URL has no path."
+            )
+        cluster = RedisCluster(
+            startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+            username=username,
+            password=password,
+            max_connections=max_connections,
+            **options,
+        )
+        return cluster, [cluster.aclose]
+
+    sentinels = _locations(hosts, default_port=26379, shown=shown)
+    service, _, db_text = path.strip("/").partition("/")
+    if not service:
+        raise ConfigurationError(
+            f"Invalid store URL {shown!r}: a redis+sentinel:// URL names the service, as in "
+            "redis+sentinel://host:26379/mymaster[/db]."
+        )
+    db = _db(db_text, shown=shown, allow_empty=True)
+    auth = {"username": username, "password": password}
+    sentinel = Sentinel(  # type: ignore[no-untyped-call]
+        sentinels, sentinel_kwargs={**options, **auth}, **options, **auth
+    )
+    master: Redis = sentinel.master_for(service, db=db, max_connections=max_connections)
+    return master, [master.aclose, *(s.aclose for s in sentinel.sentinels)]
+
+
+def _split(url: str, scheme: str) -> tuple[str, str, str, str]:
+    """``userinfo, hosts, path, query`` of a URL whose netloc may list several hosts.
+
+    The credentials end at the *last* ``@``, so a password with an unescaped ``/`` or ``?``
+    never leaks into the hosts or the path (which error messages might show).
+    """
+    userinfo, _, rest = url[len(scheme) + 3 :].rpartition("@")
+    rest = rest.partition("#")[0]
+    rest, _, query = rest.partition("?")
+    hosts, slash, path = rest.partition("/")
+    return userinfo, hosts, slash + path, query
+
+
+def _credentials(userinfo: str, *, bare_is_password: bool) -> tuple[str | None, str | None]:
+    if not userinfo:
+        return None, None
+    if ":" in userinfo:
+        user, _, password = userinfo.partition(":")
+        return urllib.parse.unquote(user) or None, urllib.parse.unquote(password)
+    if bare_is_password:
+        return None, urllib.parse.unquote(userinfo)
+    return urllib.parse.unquote(userinfo), None
+
+
+def _locations(
+    hosts: str, *, default_port: int, shown: str, allow_empty: bool = False
+) -> list[tuple[str, int]]:
+    if not hosts and allow_empty:
+        return []
+    found: list[tuple[str, int]] = []
+    for raw in hosts.split(","):
+        location = raw.strip()
+        try:
+            parts = urllib.parse.urlsplit("//" + location)
+            host, port = parts.hostname, parts.port
+        except ValueError:
+            raise ConfigurationError(
+                f"Invalid store URL {shown!r}: bad host or port {location!r}."
+            ) from None
+        if not host:
+            raise ConfigurationError(f"Invalid store URL {shown!r}: a host is missing.")
+        found.append((host, port or default_port))
+    return found
+
+
+def _db(text: str, *, shown: str, allow_empty: bool) -> int:
+    if not text and allow_empty:
+        return 0
+    if not text.isdigit():
+        raise ConfigurationError(
+            f"Invalid store URL {shown!r}: the database must be a number."
+        )
+    return int(text)
+
+
+def _redact(url: str) -> str:
+    """``url`` with everything before its last ``@`` (the credentials) replaced by ``***``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    _userinfo, at, tail = rest.rpartition("@")
+    return f"{scheme}{sep}***@{tail}" if at else url
+
+
+def _from_reply(value: Any) -> Any:
+    """A script reply in the form :func:`~gemini_scale.stores.base.normalize_result` gives.
+
+    Redis already turned the Lua value into a reply (nil-terminated arrays included); only
+    RESP3 booleans and doubles, and strings from a decoding client, need converting.
+    """
+    if isinstance(value, bool):
+        return 1 if value else None
+    if isinstance(value, list):
+        return [_from_reply(item) for item in value]
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, float):
+        return int(value)
+    return value
+
+
+def _bytes(value: bytes | str) -> bytes:
+    # Only a client with decode_responses=True answers str, and the constructor refuses one.
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def _scrub(text: str, secret: str | None) -> str:
+    if secret:
+        text = text.replace(secret, "***").replace(urllib.parse.quote(secret, safe=""), "***")
+    return text
+

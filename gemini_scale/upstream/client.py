@@ -1,0 +1,480 @@
+"""The upstream Gemini client: one pooled ``httpx.AsyncClient``, server keys, unbuffered relay.
+
+:class:`GeminiUpstream` sends the service's own calls (:meth:`GeminiUpstream.request`) and
+relays incoming requests (:meth:`GeminiUpstream.forward`) to the Gemini API with the
+*server's* key. Nothing that identifies the caller upstream ever leaves: the caller's
+``Authorization``, ``x-goog-api-key``, cookies and ``?key=`` are dropped (DESIGN.md §3.7).
+
+Answers come back as a Starlette response that relays the upstream body chunk by chunk
+(:class:`UpstreamResponse`): no layer buffers ``text/event-stream`` (DESIGN.md §3), and a
+client that goes away cancels the upstream request.
+
+Failure mapping (always Google's envelope, never a 500 traceback):
+
+* no connection (refused, DNS, TLS, connect or pool timeout, client closed), or the
+  upstream broke the protocol before answering: 503 ``UNAVAILABLE`` with ``Retry-After``;
+* the upstream accepted the request but did not answer in time (read or write timeout):
+  504 ``DEADLINE_EXCEEDED``;
+* an upstream error status passes through with its Google envelope (re-serialized only when
+  Google wrapped it in a one-element array), plus ``Retry-After`` taken from its
+  ``RetryInfo.retryDelay`` when the upstream sent none; any other error body is wrapped
+  into an envelope with the same status;
+* a read failure *after* the response started ends the stream: an SSE stream that stopped
+  on an event boundary gets one last Gemini-framed ``data: {"error": {...}}`` event (the
+  official SDK raises it as ``APIError``) and ends cleanly; any other body is left
+  incomplete, so the server aborts the connection and the client sees a truncated body
+  rather than a short one that looks whole.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import Any
+
+import anyio
+import httpx
+from starlette.requests import Request
+from starlette.responses import Response
+
+from gemini_scale.errors import (
+    ERROR_CONTENT_TYPE,
+    ConfigurationError,
+    UpstreamTimeoutError,
+    UpstreamUnavailableError,
+    canonical_status,
+    error_response,
+    reason_phrase,
+)
+from gemini_scale.types import Message, Receive, Scope, Send
+
+__all__ = ["DEFAULT_BASE_URL", "FORWARDED_QUERY_PARAMS", "GeminiUpstream", "UpstreamResponse"]
+
+logger = logging.getLogger("gemini_scale.upstream")
+
+#: Google's Gemini Developer API.
+DEFAULT_BASE_URL = "https://generativelanguage.googleapis.com"
+
+#: Query parameters :meth:`GeminiUpstream.forward` passes on; everything else (``key``,
+#: ``$alt``, tracking junk) stays here.
+FORWARDED_QUERY_PARAMS = frozenset({"alt", "pageSize", "pageToken"})
+
+#: Query parameters :meth:`GeminiUpstream.request` never sends: a key in a URL ends up in
+#: logs, and ``$alt=json;enum-encoding=int`` would turn enums into numbers.
+_BLOCKED_QUERY_PARAMS = frozenset({"key", "$alt"})
+
+#: Request headers the client sets itself; a caller's value for them is dropped.
+_MANAGED_REQUEST_HEADERS = frozenset({
+    "accept-encoding", "authorization", "connection", "content-length", "content-type",
+    "cookie", "host", "keep-alive", "proxy-authorization", "proxy-connection", "te",
+    "trailer", "transfer-encoding", "upgrade", "x-goog-api-key",
+})
+
+#: Upstream response headers relayed to the client (no hop-by-hop, no cookies).
+_RELAYED_RESPONSE_HEADERS = ("content-type", "content-disposition", "vary", "retry-after")
+
+#: Upstream error bodies are read whole to check their envelope; larger ones are wrapped.
+_MAX_ERROR_BODY = 1 << 20
+
+_USER_AGENT = "gemini-scale"
+_REQUEST_ID_MAX = 200
+
+
+def _event_boundary(tail: bytes) -> bool:
+    """Whether relayed SSE bytes ending in ``tail`` stopped between events."""
+    return not tail or tail.endswith((b"\n\n", b"\r\n\r\n", b"\r\r"))
+
+
+def _sse_error_event(code: int, message: str) -> bytes:
+    """One Gemini-framed SSE event carrying Google's error envelope."""
+    payload = {"error": {"code": code, "message": message, "status": canonical_status(code)}}
+    return b"data: " + json.dumps(payload, separators=(",", ": ")).encode() + b"\r\n\r\n"
+
+
+def _google_envelope(body: bytes) -> bytes | None:
+    """``body`` if it is Google's error envelope (unwrapping a one-element array), else None."""
+    try:
+        data: Any = json.loads(body)
+    except ValueError:
+        return None
+    wrapped = isinstance(data, list) and len(data) == 1
+    if wrapped:
+        data = data[0]
+    if not isinstance(data, dict):
+        return None
+    error = data.get("error")
+    if not (
+        isinstance(error, dict)
+        and isinstance(error.get("code"), int)
+        and isinstance(error.get("message"), str)
+    ):
+        return None
+    return json.dumps(data, indent=2, ensure_ascii=False).encode() if wrapped else body
+
+
+def _retry_delay(envelope: bytes) -> str | None:
+    """``Retry-After`` seconds from a ``google.rpc.RetryInfo`` detail (``"27s"`` -> ``"27"``)."""
+    details = json.loads(envelope)["error"].get("details")
+    for detail in details if isinstance(details, list) else ():
+        delay = detail.get("retryDelay") if isinstance(detail, dict) else None
+        if (
+            isinstance(delay, str)
+            and str(detail.get("@type", "")).endswith("google.rpc.RetryInfo")
+            and delay.endswith("s")
+        ):
+            try:
+                seconds = float(delay[:-1])
+            except ValueError:
+                return None
+            return str(max(1, math.ceil(seconds)))
+    return None
+
+
+def _failure_response(exc: Exception) -> Response:
+    """Map a failed upstream exchange to Google's envelope (503 or 504)."""
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(
+        exc, httpx.ConnectTimeout | httpx.PoolTimeout
+    ):
+        return UpstreamTimeoutError().response()
+    return UpstreamUnavailableError().response()
+
+
+class UpstreamResponse(Response):
+    """A Starlette response relaying an open upstream response, chunk by chunk.
+
+    Status and the safe headers are known when it is built; the body is read from the
+    upstream only while the response is sent, so nothing is buffered. A client disconnect
+    (``http.disconnect``, or a failing ``send`` on ASGI spec 2.4 servers) stops the relay and
+    closes the upstream response, which cancels the upstream request. Middlewares may edit
+    :attr:`headers` before it is sent. Code that decides not to send it must call
+    :meth:`aclose`.
+    """
+
+    def __init__(
+        self,
+        upstream: httpx.Response,
+        *,
+        headers: Sequence[tuple[bytes, bytes]],
+        event_stream: bool,
+    ) -> None:
+        self.status_code = upstream.status_code
+        self.background = None
+        self.raw_headers = list(headers)
+        self._upstream = upstream
+        self._event_stream = event_stream
+
+    @property
+    def event_stream(self) -> bool:
+        """Whether the body is ``text/event-stream``."""
+        return self._event_stream
+
+    async def aclose(self) -> None:
+        """Close the upstream response without sending it."""
+        await self._upstream.aclose()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        finished = False
+
+        async def watch_disconnect(cancel: anyio.CancelScope) -> None:
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    if not finished:
+                        logger.debug("client disconnected; cancelling the upstream stream")
+                    cancel.cancel()
+                    return
+
+        try:
+            await send(
+                {"type": "http.response.start", "status": self.status_code,
+                 "headers": self.raw_headers}
+            )
+            async with anyio.create_task_group() as group:
+                group.start_soon(watch_disconnect, group.cancel_scope)
+                await self._relay(send)
+                finished = True
+                group.cancel_scope.cancel()
+        except OSError:
+            # ASGI spec 2.4 servers report a gone client by failing send().
+            logger.debug("client went away before the upstream response started")
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._upstream.aclose()
+
+    async def _relay(self, send: Send) -> None:
+        tail = b""
+        try:
+            async for chunk in self._upstream.aiter_bytes():
+                if chunk:
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    tail = (tail + chunk)[-4:]
+        except (httpx.TransportError, httpx.DecodingError) as exc:
+            await self._end_broken_stream(send, exc, tail)
+            return
+        except OSError:
+            logger.debug("client went away while the upstream stream was relayed")
+            return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _end_broken_stream(self, send: Send, exc: Exception, tail: bytes) -> None:
+        timed_out = isinstance(exc, httpx.TimeoutException)
+        logger.warning(
+            "upstream stream broke after the response started: %s", type(exc).__name__
+        )
+        if not (self._event_stream and _event_boundary(tail)):
+            return  # leave the response incomplete: the server aborts the connection
+        if timed_out:
+            event = _sse_error_event(504, UpstreamTimeoutError().message)
+        else:
+            event = _sse_error_event(503, UpstreamUnavailableError().message)
+        message: Message = {"type": "http.response.body", "body": event, "more_body": False}
+        try:
+            await send(message)
+        except OSError:
+            logger.debug("client went away before the stream error event was sent")
+
+
+class GeminiUpstream:
+    """The Gemini API as seen from the service: a key pool over one pooled HTTP client.
+
+    ``base_url`` may carry a path prefix. ``api_keys`` are the *server's* keys, used
+    round-robin as ``x-goog-api-key`` (none configured: no key is sent, as for the offline
+    stand-in). ``timeout`` bounds every wait for upstream bytes (not the whole stream);
+    ``connect_timeout`` bounds connecting and waiting for a free pooled connection.
+    ``transport`` replaces the network (``StreamingASGITransport`` for an in-process
+    upstream, ``httpx.MockTransport`` in tests). Building one opens no connection; use it as
+    an async context manager or call :meth:`aclose` on shutdown.
+
+    The client ignores proxy and ``.netrc`` settings from the environment (``.netrc`` could
+    add an ``Authorization`` header) and keeps no cookies, so nothing leaks between callers.
+    """
+
+    def __init__(
+        self,
+        *,
+        base_url: str = DEFAULT_BASE_URL,
+        api_keys: Sequence[str] = (),
+        timeout: float = 60.0,
+        connect_timeout: float = 5.0,
+        max_connections: int = 100,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if isinstance(api_keys, str):
+            raise ConfigurationError("api_keys must be a sequence of keys, not one string")
+        url = httpx.URL(base_url)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ConfigurationError(f"base_url must be an http(s) URL, got {base_url!r}")
+        if url.query or url.fragment:
+            raise ConfigurationError("base_url must not carry a query or a fragment")
+        if timeout <= 0 or connect_timeout <= 0:
+            raise ConfigurationError("timeout and connect_timeout must be positive")
+        if max_connections < 1:
+            raise ConfigurationError("max_connections must be at least 1")
+        self._base_url = str(url).rstrip("/")
+        self._keys = tuple(key.strip() for key in api_keys if key.strip())
+        self._next_key = 0
+        no_cookies = CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+        self._client = httpx.AsyncClient(
+            timeout=httpx.Timeout(timeout, connect=connect_timeout, pool=connect_timeout),
+            limits=httpx.Limits(
+                max_connections=max_connections, max_keepalive_connections=max_connections
+            ),
+            headers={"accept-encoding": "identity", "user-agent": _USER_AGENT},
+            cookies=no_cookies,
+            transport=transport,
+            trust_env=False,
+            follow_redirects=False,
+        )
+
+    @property
+    def base_url(self) -> str:
+        """The upstream base URL, without a trailing slash."""
+        return self._base_url
+
+    @property
+    def key_count(self) -> int:
+        """How many server keys are in the pool."""
+        return len(self._keys)
+
+    @property
+    def is_closed(self) -> bool:
+        """Whether :meth:`aclose` has run."""
+        return self._client.is_closed
+
+    async def __aenter__(self) -> GeminiUpstream:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection pool (and the transport)."""
+        await self._client.aclose()
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: Sequence[tuple[str, str]] = (),
+        json_body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> Response:
+        """Call the upstream with the server key; the answer streams back as a response.
+
+        ``path`` starts with ``/`` (``/v1beta/models/gemini-2.5-flash:generateContent``).
+        ``key`` and ``$alt`` are removed from ``query``; credentials, cookies and hop-by-hop
+        names are removed from ``headers``.
+        """
+        safe_query = [(name, value) for name, value in query if name not in _BLOCKED_QUERY_PARAMS]
+        extra = {
+            name.lower(): value
+            for name, value in (headers or {}).items()
+            if name.lower() not in _MANAGED_REQUEST_HEADERS
+        }
+        return await self._exchange(method, path, safe_query, json_body, extra)
+
+    async def forward(
+        self, request: Request, *, path: str | None = None, body: bytes | None = None
+    ) -> Response:
+        """Relay an incoming request upstream with the server key.
+
+        Goes to the request's path (or ``path``) with only ``alt``, ``pageSize`` and
+        ``pageToken`` from its query, ``body`` (or the request's own body) and no caller
+        header except ``x-request-id``.
+        """
+        target = path if path is not None else request.url.path
+        query = [
+            (name, value)
+            for name, value in request.query_params.multi_items()
+            if name in FORWARDED_QUERY_PARAMS
+        ]
+        if body is None:
+            body = await request.body()
+        extra: dict[str, str] = {}
+        request_id = request.headers.get("x-request-id")
+        if request_id and len(request_id) <= _REQUEST_ID_MAX and request_id.isprintable():
+            extra["x-request-id"] = request_id
+        content = body if body or request.method not in ("GET", "HEAD", "DELETE") else None
+        return await self._exchange(request.method, target, query, content, extra)
+
+    def _pick_key(self) -> str | None:
+        if not self._keys:
+            return None
+        key = self._keys[self._next_key % len(self._keys)]
+        self._next_key = (self._next_key + 1) % len(self._keys)
+        return key
+
+    async def _exchange(
+        self,
+        method: str,
+        path: str,
+        query: Sequence[tuple[str, str]],
+        body: bytes | None,
+        extra_headers: Mapping[str, str],
+    ) -> Response:
+        if not path.startswith("/"):
+            raise ValueError(f"path must start with '/', got {path!r}")
+        headers = dict(extra_headers)
+        if body is not None:
+            headers["content-type"] = "application/json"
+        key = self._pick_key()
+        if key is not None:
+            headers["x-goog-api-key"] = key
+        started = time.monotonic()
+        if self._client.is_closed:
+            logger.warning("upstream %s %s: client closed", method, path)
+            return UpstreamUnavailableError().response()
+        outgoing = self._client.build_request(
+            method, self._base_url + path, params=list(query), content=body, headers=headers
+        )
+        try:
+            upstream = await self._client.send(outgoing, stream=True)
+        except httpx.TransportError as exc:
+            logger.warning(
+                "upstream %s %s failed after %.3fs: %s",
+                method, path, time.monotonic() - started, type(exc).__name__,
+            )
+            return _failure_response(exc)
+        logger.debug(
+            "upstream %s %s -> %d in %.3fs",
+            method, path, upstream.status_code, time.monotonic() - started,
+        )
+        if 200 <= upstream.status_code < 300:
+            return self._relay_response(upstream)
+        return await self._error_response(upstream, method, path)
+
+    @staticmethod
+    def _relay_response(upstream: httpx.Response) -> UpstreamResponse:
+        content_type = upstream.headers.get("content-type", "")
+        event_stream = content_type.split(";")[0].strip().lower() == "text/event-stream"
+        raw: list[tuple[bytes, bytes]] = []
+        for name in _RELAYED_RESPONSE_HEADERS:
+            raw.extend(
+                (name.encode(), value.encode("latin-1"))
+                for value in upstream.headers.get_list(name)
+            )
+        encoding = upstream.headers.get("content-encoding", "identity").strip().lower()
+        length = upstream.headers.get("content-length")
+        # aiter_bytes() undoes any content-encoding the upstream applied despite our
+        # "identity", so a length is only still true for an unencoded body.
+        if length is not None and not event_stream and encoding == "identity":
+            raw.append((b"content-length", length.encode("latin-1")))
+        return UpstreamResponse(upstream, headers=raw, event_stream=event_stream)
+
+    @staticmethod
+    async def _error_response(upstream: httpx.Response, method: str, path: str) -> Response:
+        status = upstream.status_code
+        try:
+            body = await _read_limited(upstream, _MAX_ERROR_BODY)
+        except (httpx.TransportError, httpx.DecodingError) as exc:
+            logger.warning(
+                "upstream %s %s -> %d, then the body failed: %s",
+                method, path, status, type(exc).__name__,
+            )
+            return _failure_response(exc)
+        finally:
+            await upstream.aclose()
+        retry_after = upstream.headers.get("retry-after")
+        extra = {"retry-after": retry_after} if retry_after else {}
+        if status < 400:
+            logger.warning("upstream %s %s answered an unexpected %d", method, path, status)
+            return UpstreamUnavailableError(
+                f"The upstream Gemini API answered an unexpected {status} {reason_phrase(status)}."
+            ).response()
+        envelope = _google_envelope(body) if body is not None else None
+        if envelope is None:
+            logger.warning(
+                "upstream %s %s -> %d without Google's error envelope", method, path, status
+            )
+            return error_response(
+                status,
+                f"The upstream Gemini API answered {status} {reason_phrase(status)}.",
+                headers=extra,
+            )
+        logger.info("upstream %s %s -> %d", method, path, status)
+        if "retry-after" not in extra:
+            delay = _retry_delay(envelope)
+            if delay is not None:
+                extra["retry-after"] = delay
+        response = Response(envelope, status_code=status, media_type=ERROR_CONTENT_TYPE)
+        response.headers["cache-control"] = "no-store"
+        for name, value in extra.items():
+            response.headers[name] = value
+        return response
+
+
+async def _read_limited(response: httpx.Response, limit: int) -> bytes | None:
+    """The whole body, or None when it is larger than ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.aiter_bytes():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)

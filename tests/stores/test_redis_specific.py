@@ -1,0 +1,440 @@
+"""What only some backends have: URLs, failures, timeouts, script reloads, memory bounds."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+from redis.asyncio import Redis, SSLConnection
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.sentinel import SentinelConnectionPool
+from redis_harness import RedisClusterProcesses, RedisProcesses, free_port
+
+from gemini_scale.errors import ConfigurationError, StoreError, StoreUnavailableError
+from gemini_scale.stores import MemoryStore, RedisStore, store_from_url
+from gemini_scale.stores.scripts import COMPARE_AND_DELETE, INCR_WITH_TTL, SERVER_TIME
+
+from .conftest import FakeClock, delete_prefixed, gather_all, unique_prefix
+
+SECRET = "hunter2-s3cret"
+
+
+@pytest.fixture
+async def closing() -> AsyncIterator[list[RedisStore]]:
+    """Stores to close after the test, whatever happens."""
+    stores: list[RedisStore] = []
+    yield stores
+    for store in stores:
+        await store.aclose()
+
+
+def from_url(closing: list[RedisStore], url: str, **options: float) -> RedisStore:
+    store = RedisStore.from_url(url, prefix=unique_prefix(), **options)  # type: ignore[arg-type]
+    closing.append(store)
+    return store
+
+
+async def debug_sleep(client: Redis, seconds: float) -> None:
+    """Block the whole server (needs ``--enable-debug-command local``)."""
+    await client.execute_command("DEBUG", "SLEEP", str(seconds))  # type: ignore[no-untyped-call]
+
+
+def dead_url() -> str:
+    return f"redis://127.0.0.1:{free_port()}/0"
+
+
+# -- URLs -------------------------------------------------------------------------------------
+
+
+async def test_redis_url(closing: list[RedisStore]) -> None:
+    store = from_url(closing, f"redis://:{SECRET}@127.0.0.1:6390/2")
+    client = store.client
+    assert isinstance(client, Redis)
+    kwargs = client.connection_pool.connection_kwargs
+    assert (kwargs["host"], kwargs["port"], kwargs["db"]) == ("127.0.0.1", 6390, 2)
+    assert kwargs["password"] == SECRET
+    assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 0.25
+    assert client.connection_pool.max_connections == 64
+    retry = client.get_retry()
+    assert retry is not None
+    assert retry.get_retries() == 0
+
+
+async def test_redis_url_options(closing: list[RedisStore]) -> None:
+    store = from_url(
+        closing, "redis://h", socket_timeout=0.1, connect_timeout=0.2, max_connections=7
+    )
+    assert isinstance(store.client, Redis)
+    kwargs = store.client.connection_pool.connection_kwargs
+    assert (kwargs["host"], kwargs.get("port", 6379), kwargs.get("db", 0)) == ("h", 6379, 0)
+    assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (0.1, 0.2)
+    assert store.client.connection_pool.max_connections == 7
+
+
+async def test_rediss_url_uses_tls(closing: list[RedisStore]) -> None:
+    store = from_url(closing, "rediss://user:pw@cache.example:6380")
+    assert isinstance(store.client, Redis)
+    assert store.client.connection_pool.connection_class is SSLConnection
+    assert store.client.connection_pool.connection_kwargs["username"] == "user"
+
+
+@pytest.mark.parametrize(
+    ("url", "username", "password", "db"),
+    [
+        ("redis+sentinel://s1:26380,s2/mymaster", None, None, 0),
+        (f"redis+sentinel://{SECRET}@s1:26380,s2/mymaster/3", None, SECRET, 3),
+        (f"redis+sentinel://:{SECRET}@s1:26380,s2/mymaster", None, SECRET, 0),
+        (f"redis+sentinel://user:{SECRET}@s1:26380,s2/mymaster/1", "user", SECRET, 1),
+    ],
+)
+async def test_sentinel_url(
+    closing: list[RedisStore], url: str, username: str | None, password: str | None, db: int
+) -> None:
+    store = from_url(closing, url, socket_timeout=0.1)
+    client = store.client
+    assert isinstance(client, Redis)
+    pool = client.connection_pool
+    assert isinstance(pool, SentinelConnectionPool)
+    assert pool.service_name == "mymaster"
+    kwargs = pool.connection_kwargs
+    assert (kwargs["db"], kwargs["username"], kwargs["password"]) == (db, username, password)
+    assert kwargs["socket_timeout"] == 0.1
+    assert kwargs["retry"].get_retries() == 0
+    sentinels = pool.sentinel_manager.sentinels
+    ports = [s.connection_pool.connection_kwargs["port"] for s in sentinels]
+    assert ports == [26380, 26379]
+    for sentinel in sentinels:
+        assert sentinel.get_retry().get_retries() == 0
+        assert sentinel.connection_pool.connection_kwargs["password"] == password
+
+
+async def test_cluster_url(closing: list[RedisStore]) -> None:
+    store = from_url(closing, f"redis+cluster://:{SECRET}@127.0.0.1:7000,127.0.0.1:7001/")
+    client = store.client
+    assert isinstance(client, RedisCluster)
+    assert [node.name for node in client.startup_nodes] == ["127.0.0.1:7000", "127.0.0.1:7001"]
+    assert client.retry.get_retries() == 0
+    assert client.connection_kwargs["socket_timeout"] == 0.25
+    assert client.connection_kwargs["password"] == SECRET
+    assert client.connection_kwargs["max_connections"] == 64
+
+
+async def test_store_from_url() -> None:
+    clock = FakeClock()
+    for url in (None, ""):
+        memory = store_from_url(url, prefix="p", clock=clock, max_keys=5)
+        assert isinstance(memory, MemoryStore)
+        assert (memory.prefix, memory.max_keys) == ("p", 5)
+    redis_store = store_from_url("redis://127.0.0.1:6390", prefix="p", socket_timeout=0.1)
+    try:
+        assert isinstance(redis_store, RedisStore)
+        assert redis_store.prefix == "p"
+    finally:
+        await redis_store.aclose()
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        (f"http://:{SECRET}@host:6379", "scheme"),
+        (f"user:{SECRET}@host:6379", "scheme"),
+        (f"unix://:{SECRET}@/tmp/redis.sock", "scheme"),
+        (f"redis://:{SECRET}@host:port/0", "port"),
+        (f"redis://:{SECRET}@host:6379/zero", "database"),
+        (f"redis://:{SECRET}@host:6379/0?socket_timeout=soon", "socket_timeout"),
+        (f"redis+sentinel://:{SECRET}@s1:26379", "service"),
+        (f"redis+sentinel://{SECRET}@s1:26379/", "service"),
+        (f"redis+sentinel://:{SECRET}@s1:26379/mymaster/x", "database"),
+        (f"redis+sentinel://:{SECRET}@/mymaster", "host"),
+        (f"redis+sentinel://:{SECRET}@s1:99999/mymaster", "port"),
+        (f"redis+sentinel://:{SECRET}@s1:26379/mymaster?ssl=true", "query"),
+        (f"redis+cluster://:{SECRET}@h:7000/1", "database 0"),
+        (f"redis+cluster://:{SECRET}@", "host"),
+        (f"redis+cluster://:{SECRET}@h1:7000,,h2:7001", "host"),
+        (f"redis+cluster://:{SECRET}@h:7000?password=x", "query"),
+        ("redis+cluster://:hunter2/s3cret@h:x", "port"),
+    ],
+)
+def test_bad_urls_never_echo_the_password(url: str, problem: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        RedisStore.from_url(url)
+    assert problem in str(caught.value)
+    chain: list[BaseException] = []
+    exc: BaseException | None = caught.value
+    while exc is not None and len(chain) < 10:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    for link in chain:
+        for secret in (SECRET, "hunter2", "s3cret"):
+            assert secret not in str(link)
+            assert secret not in repr(link)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"socket_timeout": 0},
+        {"connect_timeout": -1},
+        {"pool_timeout": 0},
+        {"max_connections": 0},
+    ],
+)
+def test_bad_client_options(options: dict[str, float]) -> None:
+    with pytest.raises(ConfigurationError):
+        RedisStore.from_url("redis://127.0.0.1", **options)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("prefix", ["", "a{b", "x}", "{tag}"])
+async def test_prefix_without_hash_tags(prefix: str) -> None:
+    with pytest.raises(ConfigurationError):
+        MemoryStore(prefix=prefix)
+    with pytest.raises(ConfigurationError):
+        RedisStore.from_url("redis://127.0.0.1", prefix=prefix)
+    client = Redis()
+    try:
+        with pytest.raises(ConfigurationError):
+            RedisStore(client, prefix=prefix)
+    finally:
+        await client.aclose()
+
+
+async def test_decoding_client_is_refused() -> None:
+    client = Redis(decode_responses=True)
+    try:
+        with pytest.raises(ConfigurationError, match="decode_responses"):
+            RedisStore(client)
+    finally:
+        await client.aclose()
+
+
+# -- failures are fast and explicit ---------------------------------------------------------
+
+
+async def assert_unavailable_fast(store: RedisStore) -> None:
+    operations: list[Callable[[], Awaitable[object]]] = [
+        lambda: store.get("k"),
+        lambda: store.set("k", b"v", ttl=1),
+        lambda: store.incr("k", ttl=1),
+        lambda: store.run(COMPARE_AND_DELETE, ["k"], ["v"]),
+        lambda: store.add_to_set("s", "m", ttl=1),
+        store.ping,
+    ]
+    for operation in operations:
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError):
+            await operation()
+        assert time.monotonic() - started < 0.5  # no retries, no backoff
+
+
+async def test_nothing_listening(closing: list[RedisStore]) -> None:
+    store = from_url(closing, dead_url())  # the constructor opens no connection
+    await assert_unavailable_fast(store)
+
+
+async def test_nothing_listening_cluster(closing: list[RedisStore]) -> None:
+    store = from_url(closing, f"redis+cluster://127.0.0.1:{free_port()}")
+    await assert_unavailable_fast(store)
+
+
+async def test_nothing_listening_sentinel(closing: list[RedisStore]) -> None:
+    store = from_url(closing, f"redis+sentinel://127.0.0.1:{free_port()}/mymaster")
+    await assert_unavailable_fast(store)
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_killed_server(redis_servers: RedisProcesses, closing: list[RedisStore]) -> None:
+    server = redis_servers.server()
+    store = from_url(closing, server.url)
+    await store.set("k", b"v", ttl=30)
+    server.kill()
+    await assert_unavailable_fast(store)
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_timed_out_incr_is_not_retried(
+    redis_servers: RedisProcesses, closing: list[RedisStore]
+) -> None:
+    server = redis_servers.server("--enable-debug-command", "local")
+    store = from_url(closing, server.url, socket_timeout=0.05)
+    await store.run(INCR_WITH_TTL, ["warm-up"], [1, 30_000])  # connected, script loaded
+    blocker = Redis.from_url(server.url, socket_timeout=5)
+    try:
+        await blocker.ping()  # connected, so DEBUG SLEEP goes out at once
+        sleeping = asyncio.create_task(debug_sleep(blocker, 0.6))
+        await asyncio.sleep(0.1)
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError):
+            await store.incr("n", ttl=30)
+        assert time.monotonic() - started < 0.4  # one 0.05 s timeout, not a retry loop
+        await sleeping
+        # The INCR was sent once: the server applied it after the sleep (a timeout means
+        # "outcome unknown"), and nothing sent it again.
+        counted = int(await blocker.get(f"{store.prefix}:n") or 0)
+        assert counted <= 1
+        assert await store.incr("n", ttl=30) == counted + 1  # and the store works again
+    finally:
+        await blocker.aclose()
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_saturated_store_waits_then_gives_up(
+    redis_servers: RedisProcesses, closing: list[RedisStore]
+) -> None:
+    server = redis_servers.server("--enable-debug-command", "local")
+    store = from_url(closing, server.url, max_connections=1, pool_timeout=0.1, socket_timeout=2)
+    results = await gather_all(*(store.incr("n", ttl=30) for _ in range(30)))
+    assert sorted(results) == list(range(1, 31))  # queued for the one connection, all served
+    blocker = Redis.from_url(server.url, socket_timeout=5)
+    try:
+        await blocker.ping()  # connected, so DEBUG SLEEP goes out at once
+        sleeping = asyncio.create_task(debug_sleep(blocker, 0.6))
+        await asyncio.sleep(0.1)
+        slow = asyncio.create_task(store.run(SERVER_TIME, [], []))  # holds the one turn
+        await asyncio.sleep(0.05)
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError, match="saturated"):
+            await store.get("n")
+        assert time.monotonic() - started < 0.4  # waited pool_timeout=0.1 s, then gave up
+        assert isinstance(await slow, int)
+        await sleeping
+    finally:
+        await blocker.aclose()
+
+
+# -- scripts --------------------------------------------------------------------------------
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_scripts_reload_after_script_flush(
+    redis_servers: RedisProcesses, closing: list[RedisStore]
+) -> None:
+    server = redis_servers.server()
+    store = from_url(closing, server.url)
+    assert await store.incr("n", ttl=30) == 1
+    with server.client() as raw:
+        assert raw.script_flush()
+    assert await store.incr("n", ttl=30) == 2  # NOSCRIPT, SCRIPT LOAD, EVALSHA: counted once
+    with server.client() as raw:
+        sha = store.client.register_script(INCR_WITH_TTL.lua).sha
+        assert raw.script_exists(sha) == [True]
+
+
+@pytest.mark.redis
+@pytest.mark.cluster
+@pytest.mark.slow
+async def test_cluster_scripts_reload_after_script_flush(
+    redis_cluster: RedisClusterProcesses, closing: list[RedisStore]
+) -> None:
+    store = from_url(closing, redis_cluster.url)
+    try:
+        for tag in ("a", "b", "c", "d"):
+            assert await store.incr(f"{{{tag}}}n", ttl=30) == 1
+        for node in redis_cluster.nodes:
+            with node.client() as raw:
+                raw.script_flush()
+        for tag in ("a", "b", "c", "d"):  # the tags land on different masters
+            assert await store.incr(f"{{{tag}}}n", ttl=30) == 2
+    finally:
+        await delete_prefixed(store)
+
+
+@pytest.mark.redis
+@pytest.mark.cluster
+@pytest.mark.slow
+async def test_cluster_cross_slot_script_is_a_store_error(
+    redis_cluster: RedisClusterProcesses, closing: list[RedisStore]
+) -> None:
+    store = from_url(closing, redis_cluster.url)
+    with pytest.raises(StoreError) as caught:
+        await store.run(COMPARE_AND_DELETE, ["rl:alice:a", "rl:bob:b"], ["x"])
+    assert not isinstance(caught.value, StoreUnavailableError)
+
+
+# -- clients --------------------------------------------------------------------------------
+
+
+@pytest.mark.redis
+async def test_injected_client_is_not_closed(machine_redis_url: str) -> None:
+    client = Redis.from_url(machine_redis_url, socket_timeout=1)
+    try:
+        store = RedisStore(client, prefix=unique_prefix())
+        await store.set("k", b"v", ttl=5)
+        await store.aclose()
+        assert await client.get(f"{store.prefix}:k") == b"v"
+        await delete_prefixed(store)
+    finally:
+        await client.aclose()
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_sentinel_end_to_end(
+    redis_servers: RedisProcesses, closing: list[RedisStore]
+) -> None:
+    master = redis_servers.server()
+    sentinel = redis_servers.sentinel(master, service="gsmaster")
+    store = from_url(closing, f"redis+sentinel://127.0.0.1:{sentinel.port}/gsmaster")
+    await store.ping()
+    await store.set("k", b"v", ttl=30)
+    assert await store.incr("n", ttl=30) == 1
+    with master.client() as raw:
+        assert raw.get(f"{store.prefix}:k") == b"v"
+
+
+# -- memory bounds --------------------------------------------------------------------------
+
+
+async def test_memory_store_stays_bounded_under_a_flood() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock=clock, max_keys=500)
+    await store.set("keep", b"v", ttl=3600)
+    peak = 0
+    for i in range(10_000):
+        await store.set(f"flood:{i}", b"x", ttl=3600)
+        if i % 100 == 0:
+            assert await store.get("keep") == b"v"  # used recently: never the one evicted
+        peak = max(peak, len(store))
+    assert peak <= 500
+    assert await store.get("flood:0") is None  # least recently used: evicted
+    assert await store.get("flood:9999") == b"x"
+
+
+async def test_memory_store_evicts_expired_keys_first() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock=clock, max_keys=500)
+    for i in range(100):
+        await store.set(f"long:{i}", b"v", ttl=3600)  # the oldest keys, but still live
+    for i in range(400):
+        await store.set(f"short:{i}", b"v", ttl=1)
+    clock.advance(2)
+    for i in range(400):
+        await store.set(f"new:{i}", b"v", ttl=3600)
+    assert len(store) <= 500
+    for i in range(100):
+        assert await store.get(f"long:{i}") == b"v"
+
+
+async def test_memory_store_sweeps_expired_keys() -> None:
+    clock = FakeClock()
+    store = MemoryStore(clock=clock, max_keys=10_000)  # a sweep every 1250 writes
+    for i in range(2000):
+        await store.set(f"short:{i}", b"v", ttl=1)
+    clock.advance(2)
+    for i in range(1100):
+        await store.set(f"new:{i}", b"v", ttl=3600)
+    assert len(store) < 2000  # swept without being read
+
+
+def test_empty_memory_store_is_truthy() -> None:
+    assert MemoryStore()  # `store or fallback` must not discard an empty store
+
+
+def test_memory_store_needs_room() -> None:
+    with pytest.raises(ConfigurationError):
+        MemoryStore(max_keys=0)

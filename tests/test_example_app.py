@@ -1,0 +1,178 @@
+"""The example gateway end to end: the Gemini surface on /v1 and /v1beta, errors, health."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+from joserfc import jwt
+from joserfc.jwk import KeySet
+
+from tests.gateway import build, dev_token, free_port, running
+
+GENERATE = {"contents": [{"role": "user", "parts": [{"text": "Hello gateway"}]}]}
+
+
+@pytest.mark.parametrize("version", ["v1", "v1beta"])
+async def test_generate_content_is_gemini_shaped_and_deterministic(version: str) -> None:
+    async with running(build()) as client:
+        path = f"/{version}/models/gemini-2.5-flash:generateContent"
+        first = await client.post(path, json=GENERATE)
+        second = await client.post(path, json=GENERATE)
+    assert first.status_code == 200
+    body = first.json()
+    assert body["candidates"][0]["content"]["parts"][0]["text"]
+    assert body["usageMetadata"]["totalTokenCount"] > 0
+    assert body["candidates"] == second.json()["candidates"]
+
+
+async def test_stream_is_gemini_sse_framing() -> None:
+    async with running(build()) as client:
+        response = await client.post(
+            "/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse", json=GENERATE
+        )
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = response.content.split(b"\r\n\r\n")
+    assert events[-1] == b""
+    for event in events[:-1]:
+        assert event.startswith(b"data: ")
+        json.loads(event[len(b"data: ") :])
+    assert b"[DONE]" not in response.content
+    assert b"\nevent:" not in response.content
+
+
+async def test_stream_without_alt_sse_is_a_json_array() -> None:
+    async with running(build()) as client:
+        response = await client.post(
+            "/v1beta/models/gemini-2.5-flash:streamGenerateContent", json=GENERATE
+        )
+    assert response.status_code == 200
+    chunks = response.json()
+    assert isinstance(chunks, list)
+    assert len(chunks) >= 2
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "key"),
+    [
+        ("/v1/models/gemini-2.5-flash:countTokens", GENERATE, "totalTokens"),
+        (
+            "/v1beta/models/gemini-embedding-001:embedContent",
+            {"content": {"parts": [{"text": "x"}]}},
+            "embedding",
+        ),
+        (
+            "/v1beta/models/gemini-embedding-001:batchEmbedContents",
+            {
+                "requests": [
+                    {"model": "models/gemini-embedding-001", "content": {"parts": [{"text": "x"}]}}
+                ]
+            },
+            "embeddings",
+        ),
+    ],
+)
+async def test_other_model_methods(path: str, body: dict[str, object], key: str) -> None:
+    async with running(build()) as client:
+        response = await client.post(path, json=body)
+    assert response.status_code == 200
+    assert key in response.json()
+
+
+async def test_models_list_and_get() -> None:
+    async with running(build()) as client:
+        listing = await client.get("/v1beta/models")
+        one = await client.get("/v1/models/gemini-2.5-flash")
+    assert listing.status_code == 200
+    assert any(m["name"] == "models/gemini-2.5-flash" for m in listing.json()["models"])
+    assert one.json()["name"] == "models/gemini-2.5-flash"
+
+
+def assert_envelope(response: httpx.Response, code: int, status: str) -> None:
+    assert response.status_code == code, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert response.headers["cache-control"] == "no-store"
+    error = response.json()["error"]
+    assert (error["code"], error["status"]) == (code, status)
+    assert "Traceback" not in response.text
+
+
+async def test_bad_requests_get_google_envelopes() -> None:
+    path = "/v1beta/models/gemini-2.5-flash:generateContent"
+    app = build({"GEMINI_SCALE_MAX_BODY_BYTES": "2048"})
+    async with running(app) as client:
+        malformed = await client.post(
+            path, content=b"{oops", headers={"content-type": "application/json"}
+        )
+        wrong_type = await client.post(path, content=b"{}", headers={"content-type": "text/plain"})
+        oversized = await client.post(path, json={"contents": [{"parts": [{"text": "x" * 5000}]}]})
+        unknown_model = await client.post(
+            "/v1beta/models/gemini-0.1-nope:generateContent", json=GENERATE
+        )
+        unknown_method = await client.post("/v1beta/models/gemini-2.5-flash:explode", json=GENERATE)
+        bad_model = await client.post("/v1beta/models/%20bad%3D:generateContent", json=GENERATE)
+        wrong_method = await client.delete("/v1beta/models")
+    assert_envelope(malformed, 400, "INVALID_ARGUMENT")
+    assert_envelope(wrong_type, 415, "INVALID_ARGUMENT")
+    assert_envelope(oversized, 413, "INVALID_ARGUMENT")
+    assert_envelope(unknown_model, 404, "NOT_FOUND")
+    assert_envelope(unknown_method, 404, "NOT_FOUND")
+    assert_envelope(bad_model, 400, "INVALID_ARGUMENT")
+    assert_envelope(wrong_method, 405, "INVALID_ARGUMENT")
+
+
+async def test_upstream_down_is_503_unavailable() -> None:
+    app = build({"GEMINI_SCALE_UPSTREAM_URL": f"http://127.0.0.1:{free_port()}"})
+    async with running(app) as client:
+        response = await client.post("/v1/models/gemini-2.5-flash:generateContent", json=GENERATE)
+    assert_envelope(response, 503, "UNAVAILABLE")
+    assert int(response.headers["retry-after"]) >= 1
+
+
+async def test_health_readiness_and_metrics() -> None:
+    async with running(build()) as client:
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        assert (await client.get("/readyz")).json() == {"status": "ready"}
+        metrics = await client.get("/metrics")
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain")
+
+
+async def test_readyz_is_503_when_the_store_is_down() -> None:
+    app = build({"GEMINI_SCALE_REDIS_URL": f"redis://127.0.0.1:{free_port()}/0"})
+    async with running(app) as client:
+        response = await client.get("/readyz")
+    assert_envelope(response, 503, "UNAVAILABLE")
+
+
+async def test_dev_tokens_are_at_jwt_signed_by_the_published_keys() -> None:
+    async with running(build({"GEMINI_SCALE_OAUTH_AUDIENCE": "my-api"})) as client:
+        token = await dev_token(client, "gemini.generate")
+        keys = (await client.get("/dev/jwks.json")).json()
+        discovery = (await client.get("/dev/.well-known/openid-configuration")).json()
+        refused = await client.post("/dev/token", json={"expires_in": 10**9})
+    decoded = jwt.decode(token, KeySet.import_key_set(keys), algorithms=["ES256"])
+    assert decoded.header["typ"] == "at+jwt"
+    assert decoded.claims["aud"] == "my-api"
+    assert decoded.claims["scope"] == "gemini.generate"
+    assert decoded.claims["iss"] == discovery["issuer"]
+    assert 0 < decoded.claims["exp"] - decoded.claims["iat"] <= 3600
+    assert discovery["jwks_uri"].endswith("/dev/jwks.json")
+    assert_envelope(refused, 400, "INVALID_ARGUMENT")
+
+
+async def test_the_dev_issuer_is_off_unless_asked() -> None:
+    app = build(
+        {"GEMINI_SCALE_DEV_ISSUER": "0", "GEMINI_SCALE_OAUTH_ISSUER": "https://idp.example"}
+    )
+    async with running(app) as client:
+        response = await client.post("/dev/token", json={})
+    assert response.status_code in (404, 405)
+
+
+async def test_the_dev_issuer_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
+    async with running(build()):
+        pass
+    assert any(r.levelname == "WARNING" and "demos only" in r.getMessage() for r in caplog.records)
