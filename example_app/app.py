@@ -17,7 +17,9 @@ from gemini_scale import (
     ConfigurationError,
     GeminiScaleSettings,
     GeminiUpstream,
+    Issuer,
     JSONBodyMiddleware,
+    OAuth2Middleware,
     StoreError,
     StreamingASGITransport,
     error_response,
@@ -29,6 +31,16 @@ from gemini_scale.types import ASGIApp
 logger = logging.getLogger("example_app")
 
 API_PREFIXES = ("/v1", "/v1beta")
+#: Reachable without a credential: probes, metrics and the API docs (and the dev issuer).
+PUBLIC_PATHS = (
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/docs",
+    "/docs/oauth2-redirect",
+    "/redoc",
+    "/openapi.json",
+)
 STANDIN_URL = "http://gemini-standin.invalid"
 
 
@@ -108,10 +120,35 @@ def create_app(settings: GeminiScaleSettings, *, standin: ASGIApp | None = None)
         dev_issuer.install(app)
 
     install_error_handlers(app)
-    # Innermost first (DESIGN.md §3); later issues add rate limiting, auth, caching, versions.
+    # Innermost first (DESIGN.md §3): the body is read only after authentication passed.
     app.add_middleware(
         JSONBodyMiddleware,
         max_body_bytes=settings.max_body_bytes,
         path_prefixes=tuple(f"{p}/" for p in API_PREFIXES),
     )
+    app.add_middleware(
+        OAuth2Middleware,
+        issuers=trusted_issuers(settings, dev_issuer),
+        public_paths=(*PUBLIC_PATHS, "/dev/") if dev_issuer is not None else PUBLIC_PATHS,
+    )
     return app
+
+
+def trusted_issuers(settings: GeminiScaleSettings, dev_issuer: DevIssuer | None) -> list[Issuer]:
+    """``GEMINI_SCALE_OAUTH_ISSUER`` (keys by discovery or ``GEMINI_SCALE_OAUTH_JWKS_URL``) and,
+    when on, the dev issuer (its key set is handed over directly: nothing to fetch)."""
+    issuers = []
+    if settings.oauth_issuer is not None:
+        assert settings.oauth_audience is not None  # load_settings requires it
+        issuers.append(
+            Issuer(
+                issuer=settings.oauth_issuer,
+                audience=settings.oauth_audience,
+                jwks_url=settings.oauth_jwks_url,
+            )
+        )
+    if dev_issuer is not None:
+        issuers.append(
+            Issuer(issuer=dev_issuer.issuer, audience=dev_issuer.audience, jwks=dev_issuer.jwks())
+        )
+    return issuers

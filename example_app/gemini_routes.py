@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import re
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Security
 from starlette.responses import Response
 
-from gemini_scale.errors import InvalidArgumentError, NotFoundError
+from gemini_scale import InvalidArgumentError, NotFoundError, requires_scopes
+from gemini_scale.auth.dependencies import bearer_scheme
 from gemini_scale.upstream import GeminiUpstream
+
+READ = "gemini.read"
+GENERATE = "gemini.generate"
 
 #: Model ids as Google spells them (``gemini-2.5-flash``, ``tunedModels`` are out of scope).
 _MODEL_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
-router = APIRouter()
+# The bearer scheme makes /docs show "Authorize"; OAuth2Middleware has validated already.
+router = APIRouter(dependencies=[Security(bearer_scheme)])
 
 
 def _upstream(request: Request) -> GeminiUpstream:
@@ -37,12 +42,14 @@ async def _call(request: Request, model: str, method: str) -> Response:
 
 
 @router.get("/models")
+@requires_scopes(READ)
 async def list_models(request: Request) -> Response:
     """``models.list``: the upstream's model list, paged."""
     return await _upstream(request).forward(request, path=f"/{_version(request)}/models")
 
 
 @router.get("/models/{model}")
+@requires_scopes(READ)
 async def get_model(request: Request, model: str) -> Response:
     """``models.get``."""
     if ":" in model:
@@ -51,30 +58,35 @@ async def get_model(request: Request, model: str) -> Response:
 
 
 @router.post("/models/{model}:generateContent")
+@requires_scopes(GENERATE)
 async def generate_content(request: Request, model: str) -> Response:
     """``generateContent``."""
     return await _call(request, model, "generateContent")
 
 
 @router.post("/models/{model}:streamGenerateContent")
+@requires_scopes(GENERATE)
 async def stream_generate_content(request: Request, model: str) -> Response:
     """``streamGenerateContent``: SSE with ``alt=sse``, a JSON array without; never buffered."""
     return await _call(request, model, "streamGenerateContent")
 
 
 @router.post("/models/{model}:countTokens")
+@requires_scopes(GENERATE)
 async def count_tokens(request: Request, model: str) -> Response:
     """``countTokens``."""
     return await _call(request, model, "countTokens")
 
 
 @router.post("/models/{model}:embedContent")
+@requires_scopes(GENERATE)
 async def embed_content(request: Request, model: str) -> Response:
     """``embedContent``."""
     return await _call(request, model, "embedContent")
 
 
 @router.post("/models/{model}:batchEmbedContents")
+@requires_scopes(GENERATE)
 async def batch_embed_contents(request: Request, model: str) -> Response:
     """``batchEmbedContents`` (what google-genai calls for every embedding)."""
     return await _call(request, model, "batchEmbedContents")

@@ -72,7 +72,10 @@ __all__ = [
 API_VERSIONS = ("v1", "v1beta", "v1alpha")
 
 _GENERATE_METHODS = [
-    "generateContent", "countTokens", "createCachedContent", "batchGenerateContent",
+    "generateContent",
+    "countTokens",
+    "createCachedContent",
+    "batchGenerateContent",
 ]
 
 #: The models listed by default: current Gemini models with their published ``Model`` fields.
@@ -141,19 +144,79 @@ DEFAULT_MODELS: tuple[Mapping[str, Any], ...] = (
         "inputTokenLimit": 2048,
         "outputTokenLimit": 1,
         "supportedGenerationMethods": [
-            "embedContent", "countTextTokens", "countTokens", "asyncBatchEmbedContent",
+            "embedContent",
+            "countTextTokens",
+            "countTokens",
+            "asyncBatchEmbedContent",
         ],
     },
 )
 
 _WORDS = (
-    "amber", "anchor", "aurora", "beacon", "birch", "bright", "canyon", "cedar", "circuit",
-    "clear", "cobalt", "comet", "coral", "crystal", "delta", "drift", "echo", "ember", "fable",
-    "falcon", "fern", "field", "flint", "forest", "gentle", "glacier", "golden", "harbor",
-    "horizon", "island", "jade", "kindle", "lantern", "linen", "lunar", "maple", "meadow",
-    "mellow", "meteor", "mist", "nimbus", "north", "ocean", "orbit", "pebble", "prairie",
-    "quartz", "quiet", "raven", "ridge", "river", "saffron", "signal", "silver", "solar",
-    "spruce", "summit", "tidal", "timber", "valley", "velvet", "willow", "winter", "zephyr",
+    "amber",
+    "anchor",
+    "aurora",
+    "beacon",
+    "birch",
+    "bright",
+    "canyon",
+    "cedar",
+    "circuit",
+    "clear",
+    "cobalt",
+    "comet",
+    "coral",
+    "crystal",
+    "delta",
+    "drift",
+    "echo",
+    "ember",
+    "fable",
+    "falcon",
+    "fern",
+    "field",
+    "flint",
+    "forest",
+    "gentle",
+    "glacier",
+    "golden",
+    "harbor",
+    "horizon",
+    "island",
+    "jade",
+    "kindle",
+    "lantern",
+    "linen",
+    "lunar",
+    "maple",
+    "meadow",
+    "mellow",
+    "meteor",
+    "mist",
+    "nimbus",
+    "north",
+    "ocean",
+    "orbit",
+    "pebble",
+    "prairie",
+    "quartz",
+    "quiet",
+    "raven",
+    "ridge",
+    "river",
+    "saffron",
+    "signal",
+    "silver",
+    "solar",
+    "spruce",
+    "summit",
+    "tidal",
+    "timber",
+    "valley",
+    "velvet",
+    "willow",
+    "winter",
+    "zephyr",
 )
 
 _WORDS_PER_CHUNK = 3
@@ -335,8 +398,8 @@ def _mapping(value: Any, path: str) -> Mapping[str, Any]:
         return {}
     if not isinstance(value, Mapping):
         raise _bad_request(
-            f"Invalid JSON payload received. Unknown name \"{path}\": Proto field is not "
-            "a message.", path
+            f'Invalid JSON payload received. Unknown name "{path}": Proto field is not a message.',
+            path,
         )
     return value
 
@@ -348,8 +411,9 @@ def _contents(value: Any, path: str) -> list[Mapping[str, Any]]:
     items = [value] if isinstance(value, Mapping) else value
     if not isinstance(items, list) or not all(isinstance(item, Mapping) for item in items):
         raise _bad_request(
-            f"Invalid JSON payload received. Unknown name \"{path}\": Proto field is not "
-            "repeating, cannot start list.", path
+            f'Invalid JSON payload received. Unknown name "{path}": Proto field is not '
+            "repeating, cannot start list.",
+            path,
         )
     return items
 
@@ -464,8 +528,10 @@ def _json_bytes(payload: Any) -> bytes:
 
 def _sse_event(payload: Any) -> bytes:
     """One Gemini SSE event: ``data: <json>`` with Google's separators, then CRLF CRLF."""
-    return b"data: " + json.dumps(payload, separators=(",", ": "), ensure_ascii=False).encode() + (
-        b"\r\n\r\n"
+    return (
+        b"data: "
+        + json.dumps(payload, separators=(",", ": "), ensure_ascii=False).encode()
+        + (b"\r\n\r\n")
     )
 
 
@@ -491,20 +557,24 @@ def _canned_error(code: int, model: str | None) -> _GoogleError:
             details=[
                 {
                     "@type": "type.googleapis.com/google.rpc.QuotaFailure",
-                    "violations": [{
-                        "quotaMetric": "generativelanguage.googleapis.com/"
-                        "generate_content_free_tier_requests",
-                        "quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
-                        "quotaDimensions": {"location": "global", "model": model or "unknown"},
-                        "quotaValue": "10",
-                    }],
+                    "violations": [
+                        {
+                            "quotaMetric": "generativelanguage.googleapis.com/"
+                            "generate_content_free_tier_requests",
+                            "quotaId": "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+                            "quotaDimensions": {"location": "global", "model": model or "unknown"},
+                            "quotaValue": "10",
+                        }
+                    ],
                 },
                 {
                     "@type": "type.googleapis.com/google.rpc.Help",
-                    "links": [{
-                        "description": "Learn more about Gemini API quotas",
-                        "url": "https://ai.google.dev/gemini-api/docs/rate-limits",
-                    }],
+                    "links": [
+                        {
+                            "description": "Learn more about Gemini API quotas",
+                            "url": "https://ai.google.dev/gemini-api/docs/rate-limits",
+                        }
+                    ],
                 },
                 {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "27s"},
             ],
@@ -614,19 +684,23 @@ class _Standin:
             raise _canned_error(403, None)
         if key not in self.api_keys:
             message = "API key not valid. Please pass a valid API key."
-            raise _GoogleError(400, message, details=[
-                {
-                    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
-                    "reason": "API_KEY_INVALID",
-                    "domain": "googleapis.com",
-                    "metadata": {"service": "generativelanguage.googleapis.com"},
-                },
-                {
-                    "@type": "type.googleapis.com/google.rpc.LocalizedMessage",
-                    "locale": "en-US",
-                    "message": message,
-                },
-            ])
+            raise _GoogleError(
+                400,
+                message,
+                details=[
+                    {
+                        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                        "reason": "API_KEY_INVALID",
+                        "domain": "googleapis.com",
+                        "metadata": {"service": "generativelanguage.googleapis.com"},
+                    },
+                    {
+                        "@type": "type.googleapis.com/google.rpc.LocalizedMessage",
+                        "locale": "en-US",
+                        "message": message,
+                    },
+                ],
+            )
 
     def model_for(self, model: str, version: str, method: str, needs: str) -> Mapping[str, Any]:
         found = self.by_id.get(model)
@@ -731,14 +805,18 @@ class _Standin:
         body = await self.json_body(request)
         wrapped = _field(body, "generateContentRequest")
         if _field(body, "contents") is None and wrapped is not None:
-            prompt = _prompt(_mapping(wrapped, "generate_content_request"),
-                             "CountTokensRequest.generate_content_request")
+            prompt = _prompt(
+                _mapping(wrapped, "generate_content_request"),
+                "CountTokensRequest.generate_content_request",
+            )
         else:
             prompt = _prompt(body, "CountTokensRequest")
-        return _json_response({
-            "totalTokens": prompt.tokens,
-            "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt.tokens}],
-        })
+        return _json_response(
+            {
+                "totalTokens": prompt.tokens,
+                "promptTokensDetails": [{"modality": "TEXT", "tokenCount": prompt.tokens}],
+            }
+        )
 
     async def embed(self, request: Request, model: str, version: str, method: str) -> Response:
         self.model_for(model, version, method, "embedContent")
@@ -757,20 +835,21 @@ class _Standin:
             )
         if not isinstance(requests, list) or not all(isinstance(r, Mapping) for r in requests):
             raise _bad_request(
-                "Invalid JSON payload received. Unknown name \"requests\": Proto field is not "
-                "repeating, cannot start list.", "requests"
+                'Invalid JSON payload received. Unknown name "requests": Proto field is not '
+                "repeating, cannot start list.",
+                "requests",
             )
         if len(requests) > _MAX_BATCH:
             raise _GoogleError(
-                400, f"* BatchEmbedContentsRequest.requests: at most {_MAX_BATCH} requests can "
-                "be in one batch\n"
+                400,
+                f"* BatchEmbedContentsRequest.requests: at most {_MAX_BATCH} requests can "
+                "be in one batch\n",
             )
         embeddings = [
             _embed_one(item, model, f"BatchEmbedContentsRequest.requests[{index}]")
             for index, item in enumerate(requests)
         ]
         return _json_response({"embeddings": embeddings})
-
 
 
 def _query_number(value: str) -> Any:
@@ -811,7 +890,8 @@ def _embed_one(body: Mapping[str, Any], model: str, prefix: str) -> dict[str, An
         if not 1 <= dimensions <= _EMBEDDING_DIMENSIONS:
             raise _bad_request(
                 f"* {prefix}.output_dimensionality: must be between 1 and "
-                f"{_EMBEDDING_DIMENSIONS}\n", "output_dimensionality"
+                f"{_EMBEDDING_DIMENSIONS}\n",
+                "output_dimensionality",
             )
     task_type = str(_field(body, "taskType") or "")
     return {"values": _embedding(_seed("embed", model, task_type, text), dimensions)}
@@ -906,7 +986,8 @@ def _plan(body: Mapping[str, Any], model: str, prefix: str) -> _Plan:
         if not 1 <= count <= _MAX_CANDIDATES:
             raise _bad_request(
                 f"* GenerateContentRequest.generation_config.candidate_count: must be in the "
-                f"range [1, {_MAX_CANDIDATES}]\n", "generation_config.candidate_count"
+                f"range [1, {_MAX_CANDIDATES}]\n",
+                "generation_config.candidate_count",
             )
     seed = _seed("generate", model, prompt.text)
     replies = []
@@ -914,7 +995,9 @@ def _plan(body: Mapping[str, Any], model: str, prefix: str) -> _Plan:
         words, truncated = _reply_words(seed, index, max_tokens)
         replies.append((tuple(words), "MAX_TOKENS" if truncated else "STOP"))
     return _Plan(
-        model=model, prompt_tokens=prompt.tokens, replies=tuple(replies),
+        model=model,
+        prompt_tokens=prompt.tokens,
+        replies=tuple(replies),
         response_id=_response_id(seed),
     )
 
@@ -945,8 +1028,12 @@ def create_standin(
     accepts any key or none, as a keyless demo upstream should.
     """
     standin = _Standin(
-        models=models, chunk_delay=chunk_delay, latency=latency, gate=gate,
-        api_keys=api_keys, received=received,
+        models=models,
+        chunk_delay=chunk_delay,
+        latency=latency,
+        gate=gate,
+        api_keys=api_keys,
+        received=received,
     )
 
     async def not_found(request: Request, exc: Exception) -> Response:

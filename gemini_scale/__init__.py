@@ -9,6 +9,21 @@ import importlib as _importlib
 import typing as _typing
 
 if _typing.TYPE_CHECKING:
+    from gemini_scale.auth.api_keys import APIKeyEntry, APIKeys
+    from gemini_scale.auth.base import TokenVerifier
+    from gemini_scale.auth.dependencies import current_principal
+    from gemini_scale.auth.errors import (
+        AuthError,
+        IdentityProviderUnavailableError,
+        InsufficientScopeError,
+        InvalidRequestError,
+        InvalidTokenError,
+        MissingCredentialsError,
+    )
+    from gemini_scale.auth.introspection import IntrospectionValidator
+    from gemini_scale.auth.jwt import Issuer, JWTValidator
+    from gemini_scale.auth.middleware import OAuth2Middleware, principal_of
+    from gemini_scale.auth.user import PrincipalUser
     from gemini_scale.body import JSONBodyMiddleware
     from gemini_scale.errors import (
         ConfigurationError,
@@ -66,6 +81,9 @@ __version__ = "0.1.0"
 # actually uses: a stack without Redis never imports redis-py, one without the upstream
 # client never imports httpx.
 _LAZY: dict[str, str] = {
+    "APIKeyEntry": "gemini_scale.auth.api_keys",
+    "APIKeys": "gemini_scale.auth.api_keys",
+    "AuthError": "gemini_scale.auth.errors",
     "CachePolicy": "gemini_scale.policies",
     "Clock": "gemini_scale.types",
     "ConfigurationError": "gemini_scale.errors",
@@ -74,14 +92,24 @@ _LAZY: dict[str, str] = {
     "GeminiScaleSettings": "gemini_scale.settings",
     "GeminiUpstream": "gemini_scale.upstream",
     "HTTPError": "gemini_scale.errors",
+    "IdentityProviderUnavailableError": "gemini_scale.auth.errors",
+    "InsufficientScopeError": "gemini_scale.auth.errors",
+    "IntrospectionValidator": "gemini_scale.auth.introspection",
     "InvalidArgumentError": "gemini_scale.errors",
+    "InvalidRequestError": "gemini_scale.auth.errors",
+    "InvalidTokenError": "gemini_scale.auth.errors",
+    "Issuer": "gemini_scale.auth.jwt",
     "JSONBodyMiddleware": "gemini_scale.body",
+    "JWTValidator": "gemini_scale.auth.jwt",
     "MemoryStore": "gemini_scale.stores",
+    "MissingCredentialsError": "gemini_scale.auth.errors",
     "NotFoundError": "gemini_scale.errors",
+    "OAuth2Middleware": "gemini_scale.auth.middleware",
     "PayloadTooLargeError": "gemini_scale.errors",
     "Policy": "gemini_scale.policies",
     "PolicyNotEnforcedError": "gemini_scale.errors",
     "Principal": "gemini_scale.principal",
+    "PrincipalUser": "gemini_scale.auth.user",
     "PublicPolicy": "gemini_scale.policies",
     "RateLimitPolicy": "gemini_scale.policies",
     "RedisStore": "gemini_scale.stores.redis",
@@ -96,6 +124,7 @@ _LAZY: dict[str, str] = {
     "StoreUnavailableError": "gemini_scale.errors",
     "StreamingASGITransport": "gemini_scale.upstream",
     "SystemClock": "gemini_scale.types",
+    "TokenVerifier": "gemini_scale.auth.base",
     "UnsupportedMediaTypeError": "gemini_scale.errors",
     "UpstreamError": "gemini_scale.errors",
     "UpstreamResponse": "gemini_scale.upstream",
@@ -103,6 +132,7 @@ _LAZY: dict[str, str] = {
     "UpstreamUnavailableError": "gemini_scale.errors",
     "VersionPolicy": "gemini_scale.policies",
     "cache": "gemini_scale.policies",
+    "current_principal": "gemini_scale.auth.dependencies",
     "error_body": "gemini_scale.errors",
     "error_response": "gemini_scale.errors",
     "install_error_handlers": "gemini_scale.handlers",
@@ -111,6 +141,7 @@ _LAZY: dict[str, str] = {
     "parse_limits": "gemini_scale.policies",
     "policies_of": "gemini_scale.policies",
     "policy_for": "gemini_scale.routing",
+    "principal_of": "gemini_scale.auth.middleware",
     "public": "gemini_scale.policies",
     "rate_limit": "gemini_scale.policies",
     "requires_scopes": "gemini_scale.policies",
@@ -135,6 +166,9 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "APIKeyEntry",
+    "APIKeys",
+    "AuthError",
     "CachePolicy",
     "Clock",
     "ConfigurationError",
@@ -143,14 +177,24 @@ __all__ = [
     "GeminiScaleSettings",
     "GeminiUpstream",
     "HTTPError",
+    "IdentityProviderUnavailableError",
+    "InsufficientScopeError",
+    "IntrospectionValidator",
     "InvalidArgumentError",
+    "InvalidRequestError",
+    "InvalidTokenError",
+    "Issuer",
     "JSONBodyMiddleware",
+    "JWTValidator",
     "MemoryStore",
+    "MissingCredentialsError",
     "NotFoundError",
+    "OAuth2Middleware",
     "PayloadTooLargeError",
     "Policy",
     "PolicyNotEnforcedError",
     "Principal",
+    "PrincipalUser",
     "PublicPolicy",
     "RateLimitPolicy",
     "RedisStore",
@@ -165,6 +209,7 @@ __all__ = [
     "StoreUnavailableError",
     "StreamingASGITransport",
     "SystemClock",
+    "TokenVerifier",
     "UnsupportedMediaTypeError",
     "UpstreamError",
     "UpstreamResponse",
@@ -173,6 +218,7 @@ __all__ = [
     "VersionPolicy",
     "__version__",
     "cache",
+    "current_principal",
     "error_body",
     "error_response",
     "install_error_handlers",
@@ -181,6 +227,7 @@ __all__ = [
     "parse_limits",
     "policies_of",
     "policy_for",
+    "principal_of",
     "public",
     "rate_limit",
     "requires_scopes",

@@ -94,7 +94,7 @@ class JSONBodyMiddleware(GeminiMiddleware):
                 )
                 return
             context.extras[JSON_KEY] = parsed
-        await self.app(scope, _replay(body, receive), send)
+        await self.app(scope, replay_receive(body, receive), send)
 
     async def _read(self, scope: Scope, receive: Receive) -> bytes:
         declared = _header(scope, b"content-length")
@@ -130,7 +130,7 @@ class JSONBodyMiddleware(GeminiMiddleware):
                 return b"".join(chunks)
 
 
-def _replay(body: bytes, receive: Receive) -> Receive:
+def replay_receive(body: bytes, receive: Receive) -> Receive:
     """A ``receive`` that yields ``body`` once, then defers to the server (disconnects)."""
     sent = False
 

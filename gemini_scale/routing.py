@@ -277,9 +277,10 @@ class GeminiMiddleware:
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
-            if scope["type"] == "lifespan" and _LIFESPAN_KEY not in scope:
-                scope[_LIFESPAN_KEY] = True  # the outermost of ours audits; inner ones pass
-                await self.app(scope, receive, self._audit_at_startup(scope, send))
+            if scope["type"] == "lifespan":
+                outermost = _LIFESPAN_KEY not in scope  # the outermost of ours audits
+                scope[_LIFESPAN_KEY] = True
+                await self.app(scope, receive, self._lifespan_send(scope, send, outermost))
                 return
             await self.app(scope, receive, send)
             return
@@ -295,17 +296,27 @@ class GeminiMiddleware:
             scope[CONTEXT_KEY] = context
         await self.handle(scope, receive, send, context)
 
-    def _audit_at_startup(self, scope: Scope, send: Any) -> Any:
-        """Wrap the lifespan ``send`` so a misconfigured app fails start-up, not requests."""
+    def _lifespan_send(self, scope: Scope, send: Any, audit: bool) -> Any:
+        """Wrap the lifespan ``send``: a misconfigured app fails start-up (not requests), and
+        :meth:`aclose` runs when the app has shut down."""
 
-        async def checked(message: Any) -> None:
-            if message["type"] == "lifespan.startup.complete":
+        async def observed(message: Any) -> None:
+            kind = message["type"]
+            if audit and kind == "lifespan.startup.complete":
                 app = scope.get("app") or self._wrapped_router()
                 if app is not None and (problem := self._audit(app, route_table(app))):
                     message = {"type": "lifespan.startup.failed", "message": str(problem)}
+            elif kind == "lifespan.shutdown.complete":
+                try:
+                    await self.aclose()
+                except Exception:  # shutdown goes on; the failure is reported, not hidden
+                    logger.warning("%s failed to close", type(self).__name__, exc_info=True)
             await send(message)
 
-        return checked
+        return observed
+
+    async def aclose(self) -> None:
+        """Release what this middleware opened itself (called at lifespan shutdown)."""
 
     def _audit(self, app: Any, table: RouteTable) -> PolicyNotEnforcedError | None:
         try:

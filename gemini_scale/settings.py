@@ -100,6 +100,13 @@ class GeminiScaleSettings(BaseSettings):
     def _valid_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @field_validator("upstream_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        # Only the upstream base loses its trailing slash: an issuer is compared exactly
+        # (RFC 9068 §4; Auth0's issuers end in "/"), and a JWKS URL is used as given.
         return value.rstrip("/") if value else value
 
     @property
@@ -144,6 +151,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> GeminiScaleSettin
             field = str(error["loc"][0]) if error["loc"] else "?"
             problems.append(f"{_variable(field)}: {error['msg']}")
         raise ConfigurationError("invalid configuration: " + "; ".join(problems)) from None
+    if settings.oauth_issuer is not None and not settings.oauth_audience:
+        raise ConfigurationError(
+            "GEMINI_SCALE_OAUTH_AUDIENCE: required with GEMINI_SCALE_OAUTH_ISSUER "
+            "(RFC 9068: tokens must be for this resource)"
+        )
     if settings.oauth_issuer is None and not settings.dev_issuer:
         raise ConfigurationError(
             "GEMINI_SCALE_OAUTH_ISSUER: required (the trusted token issuer), unless "

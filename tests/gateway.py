@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -12,6 +13,7 @@ from fastapi import FastAPI
 
 from example_app.app import create_app
 from gemini_scale import StreamingASGITransport, load_settings
+from gemini_scale.types import ASGIApp, Message
 
 DEV_ENV: Mapping[str, str] = {"GEMINI_SCALE_DEV_ISSUER": "1"}
 
@@ -21,11 +23,16 @@ def build(env: Mapping[str, str] | None = None, **kwargs: Any) -> FastAPI:
 
 
 @asynccontextmanager
-async def running(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
-    """The app with its lifespan entered, and an httpx client that streams from it."""
-    async with app.router.lifespan_context(app):
+async def running(
+    app: FastAPI, *, scope: str | None = "gemini.generate gemini.read"
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan entered, and an httpx client that streams from it,
+    carrying a dev token for ``scope`` (``None``: no credential)."""
+    async with lifespan(app):
         transport = StreamingASGITransport(app)
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            if scope is not None:
+                client.headers["authorization"] = f"Bearer {await dev_token(client, scope)}"
             yield client
 
 
@@ -34,6 +41,35 @@ async def dev_token(client: httpx.AsyncClient, scope: str = "gemini.generate gem
     assert response.status_code == 200
     token: str = response.json()["access_token"]
     return token
+
+
+@asynccontextmanager
+async def lifespan(app: ASGIApp) -> AsyncIterator[None]:
+    """Run the app's ASGI lifespan *through its middleware stack*, as a server does."""
+    incoming: asyncio.Queue[Message] = asyncio.Queue()
+    outgoing: asyncio.Queue[Message] = asyncio.Queue()
+
+    async def receive() -> Message:
+        return await incoming.get()
+
+    async def send(message: Message) -> None:
+        await outgoing.put(message)
+
+    scope = {"type": "lifespan", "asgi": {"version": "3.0", "spec_version": "2.0"}, "state": {}}
+    task = asyncio.create_task(app(scope, receive, send))
+    try:
+        await incoming.put({"type": "lifespan.startup"})
+        started = await asyncio.wait_for(outgoing.get(), 10)
+        if started["type"] != "lifespan.startup.complete":
+            raise RuntimeError(started.get("message", "startup failed"))
+        yield
+        await incoming.put({"type": "lifespan.shutdown"})
+        stopped = await asyncio.wait_for(outgoing.get(), 10)
+        assert stopped["type"] == "lifespan.shutdown.complete", stopped
+    finally:
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 def free_port() -> int:

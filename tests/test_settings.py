@@ -70,7 +70,12 @@ def test_secrets_are_never_echoed() -> None:
 def test_an_issuer_or_the_dev_issuer_is_required() -> None:
     with pytest.raises(ConfigurationError, match="GEMINI_SCALE_OAUTH_ISSUER"):
         load_settings({})
-    assert load_settings({"GEMINI_SCALE_OAUTH_ISSUER": "https://idp.example"}).oauth_issuer
+    with pytest.raises(ConfigurationError, match="GEMINI_SCALE_OAUTH_AUDIENCE"):
+        load_settings({"GEMINI_SCALE_OAUTH_ISSUER": "https://idp.example"})
+    settings = load_settings(
+        {"GEMINI_SCALE_OAUTH_ISSUER": "https://idp.example", "GEMINI_SCALE_OAUTH_AUDIENCE": "gw"}
+    )
+    assert settings.oauth_issuer == "https://idp.example"
 
 
 def test_the_gateway_refuses_to_start_and_names_the_variable() -> None:
@@ -96,3 +101,16 @@ def test_a_bad_store_url_fails_start_up_naming_the_variable() -> None:
         build({"GEMINI_SCALE_REDIS_URL": "redis+sentinel://:pw-secret@127.0.0.1:26379"})
     assert "GEMINI_SCALE_REDIS_URL" in str(caught.value)
     assert "pw-secret" not in str(caught.value)
+
+
+def test_an_issuer_is_kept_exactly_as_given() -> None:
+    """RFC 9068 §4 compares issuers exactly; Auth0's end in "/"."""
+    settings = load_settings(
+        {
+            "GEMINI_SCALE_OAUTH_ISSUER": "https://tenant.auth0.com/",
+            "GEMINI_SCALE_OAUTH_AUDIENCE": "gw",
+            "GEMINI_SCALE_OAUTH_JWKS_URL": "https://tenant.auth0.com/.well-known/jwks.json/",
+        }
+    )
+    assert settings.oauth_issuer == "https://tenant.auth0.com/"
+    assert settings.oauth_jwks_url == "https://tenant.auth0.com/.well-known/jwks.json/"

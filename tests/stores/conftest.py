@@ -12,26 +12,11 @@ from typing import TypeVar
 import pytest
 
 from gemini_scale.stores import MemoryStore, RedisStore, Store
+from tests.clock import FakeClock
 
 T = TypeVar("T")
 
 
-class FakeClock:
-    """A clock tests move by hand."""
-
-    def __init__(self, start: float = 1_700_000_000.0) -> None:
-        self.now = start
-        self.mono = 1000.0
-
-    def time(self) -> float:
-        return self.now
-
-    def monotonic(self) -> float:
-        return self.mono
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-        self.mono += seconds
 
 
 @dataclass
@@ -80,7 +65,7 @@ async def kit(request: pytest.FixtureRequest) -> AsyncIterator[StoreKit]:
     prefix = unique_prefix()
     made: list[Store] = []
     if backend == "memory":
-        clock = FakeClock()
+        clock = FakeClock(1_700_000_000.0)
 
         def make(p: str) -> Store:
             made.append(MemoryStore(prefix=p, clock=clock))
