@@ -63,14 +63,43 @@ API_PREFIXES = ("/v1", "/v1beta")
 def build_stack(app: Starlette) -> ASGIApp:
     """Wrap ``app`` in gemini-scale's middlewares the way ``example_app.app.create_app`` does
     (``add_middleware``, innermost first), with in-memory stores only."""
-    from gemini_scale import JSONBodyMiddleware  # imported here: the bare baseline must not
+    # Imported here: the bare baseline must not pay for them.
+    from gemini_scale import Issuer, JSONBodyMiddleware, OAuth2Middleware, ScopePolicy
 
+    issuer = bench_issuer()
     app.add_middleware(
         JSONBodyMiddleware,
         max_body_bytes=20 * 1024 * 1024,
         path_prefixes=tuple(f"{p}/" for p in API_PREFIXES),
     )
+    app.add_middleware(
+        OAuth2Middleware,
+        issuers=[Issuer(issuer=issuer.issuer, audience=issuer.audience, jwks=issuer.jwks())],
+        public_paths=("/dev/",),
+        rules={
+            "GET /v1beta/models": ScopePolicy(scopes=frozenset({"gemini.read"})),
+            "POST /v1beta/models/{model}:countTokens": ScopePolicy(
+                scopes=frozenset({"gemini.generate"})
+            ),
+        },
+    )
+    if isinstance(app, Starlette):
+        app.state.dev_issuer = issuer  # how the benchmark gets a valid token
+        issuer.install(app)  # POST /dev/token, for the HTTP runs
     return app
+
+
+_ISSUER: Any = None
+
+
+def bench_issuer() -> Any:
+    """One demo issuer per process, trusted by the stack (the gateway has its own)."""
+    global _ISSUER  # noqa: PLW0603
+    if _ISSUER is None:
+        from example_app.dev_issuer import DevIssuer
+
+        _ISSUER = DevIssuer(audience="gemini-scale")
+    return _ISSUER
 
 
 # --------------------------------------------------------------------------------------------
@@ -491,13 +520,14 @@ async def inprocess_main(
                 states[name] = lifespan.state
             else:
                 states[name] = {}
-        token = next((t for t in map(dev_token, apps.values()) if t), FALLBACK_TOKEN)
+        tokens = {name: dev_token(app) or FALLBACK_TOKEN for name, app in apps.items()}
+        tokens["bare"] = FALLBACK_TOKEN
         # Check each app answers each call before timing anything.
         checks: list[tuple[str, ASGIApp]] = [("bare", bare), *apps.items()]
         for name, app in checks:
             for call in CALLS:
                 status, body, scope = await asyncio.wait_for(
-                    one_call(app, call, token, states[name]), timeout=30)
+                    one_call(app, call, tokens[name], states[name]), timeout=30)
                 ran = "gemini_scale" in scope
                 print(f"  check {name:8} {call.name:17} -> {status}, {len(body)} bytes"
                       + ("" if name == "bare" else f", gemini-scale context: {ran}"), flush=True)
@@ -508,7 +538,7 @@ async def inprocess_main(
                     notes.append(f"in-process: {name} {call.name}: no gemini-scale middleware ran")
         for name, app in apps.items():
             for call in CALLS:
-                result = await paired(name, bare, app, call, token, states["bare"],
+                result = await paired(name, bare, app, call, tokens[name], states["bare"],
                                       states[name], pairs, block_seconds)
                 results.append(result)
                 print(f"  {name:8} {call.name:17} added {signed(result.added_us)} µs "
@@ -953,7 +983,7 @@ STARTUP_PAIRS = {  # variant -> its baseline
 
 def first_request(app: ASGIApp) -> None:
     """One request through a freshly built app (route table, audit, lazy imports)."""
-    status, _, _ = asyncio.run(one_call(app, CALLS[0], FALLBACK_TOKEN))
+    status, _, _ = asyncio.run(one_call(app, CALLS[0], dev_token(app) or FALLBACK_TOKEN))
     if status != 200:
         raise SystemExit(f"first request answered {status}")
 

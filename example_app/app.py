@@ -14,6 +14,7 @@ from example_app.dev_issuer import WARNING, DevIssuer
 from example_app.gemini_routes import router
 from example_app.standin import create_standin
 from gemini_scale import (
+    APIKeys,
     ConfigurationError,
     GeminiScaleSettings,
     GeminiUpstream,
@@ -129,6 +130,9 @@ def create_app(settings: GeminiScaleSettings, *, standin: ASGIApp | None = None)
     app.add_middleware(
         OAuth2Middleware,
         issuers=trusted_issuers(settings, dev_issuer),
+        api_keys=APIKeys.from_env(settings.client_api_keys)
+        if settings.client_api_keys.strip()
+        else None,
         public_paths=(*PUBLIC_PATHS, "/dev/") if dev_issuer is not None else PUBLIC_PATHS,
     )
     return app

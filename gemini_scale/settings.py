@@ -45,6 +45,9 @@ class GeminiScaleSettings(BaseSettings):
     """Required audience."""
     oauth_jwks_url: str | None = None
     """JWKS override."""
+    client_api_keys: str = Field(default="", repr=False)
+    """Service-account API keys accepted as ``x-goog-api-key``, as SHA-256 digests:
+    ``sha256:<hex>=<subject>[:<scopes>[:<tenant>]]`` entries separated by ``;``."""
     dev_issuer: bool = False
     """Built-in demo issuer at ``POST /dev/token``."""
     rate_limit: str = "60/minute"
@@ -73,6 +76,18 @@ class GeminiScaleSettings(BaseSettings):
             parse_limits(value)
         except ConfigurationError as exc:
             raise ValueError("not a rate limit such as '60/minute;1000/day'") from exc
+        return value
+
+    @field_validator("client_api_keys")
+    @classmethod
+    def _valid_client_api_keys(cls, value: str) -> str:
+        if value.strip():
+            from gemini_scale.auth.api_keys import APIKeys
+
+            try:
+                APIKeys.from_env(value)
+            except ConfigurationError as exc:
+                raise ValueError(str(exc)) from None
         return value
 
     @field_validator("trusted_proxies")

@@ -128,3 +128,24 @@ async def test_the_sdk_with_a_token_works() -> None:
         )
         response = await sdk.aio.models.generate_content(model="gemini-2.5-flash", contents="x")
     assert response.text
+
+
+async def test_service_accounts_with_api_keys() -> None:
+    from gemini_scale import APIKeys
+
+    key = "svc-0123456789abcdef0123456789abcdef"
+    env = {"GEMINI_SCALE_CLIENT_API_KEYS": f"{APIKeys.hash_key(key)}=batch-job:gemini.generate"}
+    async with running(build(env), scope=None) as client:
+        ok = await client.post(GENERATE, json=PROMPT, headers={"x-goog-api-key": key})
+        wrong = await client.post(GENERATE, json=PROMPT, headers={"x-goog-api-key": "nope-1234"})
+        no_scope = await client.get("/v1/models", headers={"x-goog-api-key": key})
+    assert ok.status_code == 200
+    assert_refused(wrong, 401, "UNAUTHENTICATED")
+    assert_refused(no_scope, 403, "PERMISSION_DENIED")
+
+
+def test_a_bad_api_key_table_names_the_variable() -> None:
+    from gemini_scale import ConfigurationError, load_settings
+
+    with pytest.raises(ConfigurationError, match="GEMINI_SCALE_CLIENT_API_KEYS"):
+        load_settings({"GEMINI_SCALE_DEV_ISSUER": "1", "GEMINI_SCALE_CLIENT_API_KEYS": "plain=x"})

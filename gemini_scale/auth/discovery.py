@@ -13,10 +13,8 @@ import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
-
-import httpx
 
 from gemini_scale.auth.errors import IdentityProviderUnavailableError
 from gemini_scale.auth.jwks import (
@@ -28,6 +26,9 @@ from gemini_scale.auth.jwks import (
 )
 from gemini_scale.errors import ConfigurationError
 from gemini_scale.types import Clock
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["Discovery", "ProviderMetadata", "metadata_urls"]
 

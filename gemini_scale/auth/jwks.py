@@ -22,9 +22,8 @@ import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, TypeAlias, TypeVar
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
 
-import httpx
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding
@@ -37,6 +36,9 @@ from joserfc.jwk import ECKey, OKPKey, RSAKey
 from gemini_scale.auth.errors import IdentityProviderUnavailableError, InvalidTokenError
 from gemini_scale.errors import ConfigurationError, GeminiScaleError
 from gemini_scale.types import Clock
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = [
     "SIGNATURE_ALGORITHMS",
@@ -403,6 +405,8 @@ async def fetch_json(
     Only a 200 with a JSON media type counts: an HTML error page served with 200 is a
     failure, not a document (A33).
     """
+    import httpx  # deferred: a service with static keys never loads an HTTP client
+
     headers = {"accept": "application/json", "accept-encoding": "identity"}
     body = bytearray()
     try:

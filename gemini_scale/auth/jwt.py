@@ -31,9 +31,7 @@ import re
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from gemini_scale.auth.discovery import Discovery, metadata_urls
 from gemini_scale.auth.errors import InvalidTokenError
@@ -48,6 +46,9 @@ from gemini_scale.auth.token_cache import CachedToken, TokenCache, token_digest
 from gemini_scale.errors import ConfigurationError
 from gemini_scale.principal import Principal
 from gemini_scale.types import SYSTEM_CLOCK, Clock
+
+if TYPE_CHECKING:
+    import httpx
 
 __all__ = ["DEFAULT_ALGORITHMS", "Issuer", "JWTStats", "JWTValidator"]
 
@@ -73,6 +74,7 @@ _ALGORITHM = "The access token's signing algorithm is not accepted."
 _CRITICAL = "The access token has an unsupported critical header."
 _WRONG_TYPE = "The token is not an access token."
 _UNTRUSTED = "The access token's issuer is not trusted."
+_BOUND = "The access token is bound to a key; sender-constrained tokens are not supported."
 _MISSING_CLAIM = "The access token lacks a required claim."
 _BAD_CLAIM = "The access token has a claim of the wrong type."
 _EXPIRED = "The access token has expired."
@@ -255,6 +257,10 @@ class _TrustedIssuer:
         """
         if not claims.keys() >= self.required_claims:
             raise _refuse(_MISSING_CLAIM)
+        if "cnf" in claims:
+            # A sender-constrained token (DPoP, mTLS: RFC 9449 §6, RFC 8705 §3) must not be
+            # accepted as a plain bearer token: we cannot check the binding (A40).
+            raise _refuse(_BOUND)
         for name in _STRING_CLAIMS:
             if name in claims and type(claims[name]) is not str:
                 raise _refuse(_BAD_CLAIM)
@@ -419,6 +425,8 @@ class JWTValidator:
 
     def _http(self) -> httpx.AsyncClient:
         if self._client is None:
+            import httpx  # deferred: static key sets never need it
+
             self._client = httpx.AsyncClient(timeout=self._fetch_timeout, follow_redirects=False)
             self._owns_client = True
         return self._client
