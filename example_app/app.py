@@ -18,9 +18,12 @@ from gemini_scale import (
     ConfigurationError,
     GeminiScaleSettings,
     GeminiUpstream,
+    IPRateLimitMiddleware,
     Issuer,
     JSONBodyMiddleware,
     OAuth2Middleware,
+    RateLimitMiddleware,
+    RateLimitPolicy,
     StoreError,
     StreamingASGITransport,
     error_response,
@@ -121,7 +124,18 @@ def create_app(settings: GeminiScaleSettings, *, standin: ASGIApp | None = None)
         dev_issuer.install(app)
 
     install_error_handlers(app)
-    # Innermost first (DESIGN.md §3): the body is read only after authentication passed.
+    # Innermost first (DESIGN.md §3): the per-address limit runs before any cryptography,
+    # the body is read only after authentication passed, and the principal's request and
+    # token budgets (per model) are checked on the parsed body.
+    app.add_middleware(
+        RateLimitMiddleware,
+        store=store,
+        on_store_error=settings.on_store_error,
+        trusted_proxies=settings.trusted_proxy_list,
+        default=RateLimitPolicy.parse(
+            settings.rate_limit, tokens=settings.token_limit, key=("principal", "model")
+        ),
+    )
     app.add_middleware(
         JSONBodyMiddleware,
         max_body_bytes=settings.max_body_bytes,
@@ -134,6 +148,13 @@ def create_app(settings: GeminiScaleSettings, *, standin: ASGIApp | None = None)
         if settings.client_api_keys.strip()
         else None,
         public_paths=(*PUBLIC_PATHS, "/dev/") if dev_issuer is not None else PUBLIC_PATHS,
+    )
+    app.add_middleware(
+        IPRateLimitMiddleware,
+        limit=settings.ip_rate_limit,
+        store=store,
+        on_store_error=settings.on_store_error,
+        trusted_proxies=settings.trusted_proxy_list,
     )
     return app
 

@@ -18,8 +18,11 @@ JSON_KEY = "json"
 _DEFAULT_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
 
-class _BodyRefusedError(Exception):
+class BodyRefusedError(Exception):
+    """The request body cannot be accepted (status ``code``, Google-style ``message``)."""
+
     def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
         self.code = code
         self.message = message
 
@@ -77,57 +80,75 @@ class JSONBodyMiddleware(GeminiMiddleware):
             await self.app(scope, receive, send)
             return
         try:
-            body = await self._read(scope, receive)
-        except _BodyRefusedError as refused:
+            receive = await load_json_body(scope, receive, context, self.max_body_bytes)
+        except BodyRefusedError as refused:
             await send_error(send, refused.code, refused.message)
             return
-        context.extras[BODY_KEY] = body
-        if body:
-            try:
-                parsed: Any = json.loads(body)
-            except (ValueError, RecursionError):
-                await send_error(send, 400, "Invalid JSON payload received. Malformed JSON body.")
-                return
-            if not isinstance(parsed, dict):
-                await send_error(
-                    send, 400, "Invalid JSON payload received. The body must be a JSON object."
-                )
-                return
-            context.extras[JSON_KEY] = parsed
-        await self.app(scope, replay_receive(body, receive), send)
+        await self.app(scope, receive, send)
 
-    async def _read(self, scope: Scope, receive: Receive) -> bytes:
-        declared = _header(scope, b"content-length")
-        if declared is not None:
-            try:
-                length = int(declared)
-            except ValueError:
-                raise _BodyRefusedError(400, "Invalid Content-Length header.") from None
-            if length > self.max_body_bytes:
-                raise _BodyRefusedError(
-                    413, f"Request payload size exceeds the limit: {self.max_body_bytes} bytes."
-                )
-            if length == 0:
-                return b""
-        if not _is_json(_header(scope, b"content-type")):
-            raise _BodyRefusedError(
-                415, "Unsupported Content-Type: the request body must be application/json."
+
+async def load_json_body(
+    scope: Scope, receive: Receive, context: RequestContext, max_body_bytes: int
+) -> Receive:
+    """Read, check and parse the body once per request: the raw bytes go to
+    ``context.extras["body"]``, the parsed object to ``context.extras["json"]``, and the
+    returned ``receive`` replays the body to the app. Later callers reuse the first result.
+
+    Raises :class:`BodyRefusedError` (413, 415, 400) for a body that cannot be accepted.
+    """
+    if BODY_KEY in context.extras:
+        return receive  # an outer layer read it and already replays it
+    body = await read_json_body(scope, receive, max_body_bytes)
+    context.extras[BODY_KEY] = body
+    if body:
+        try:
+            parsed: Any = json.loads(body)
+        except (ValueError, RecursionError):
+            raise BodyRefusedError(
+                400, "Invalid JSON payload received. Malformed JSON body."
+            ) from None
+        if not isinstance(parsed, dict):
+            raise BodyRefusedError(
+                400, "Invalid JSON payload received. The body must be a JSON object."
             )
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _BodyRefusedError(400, "The client disconnected while sending the body.")
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise _BodyRefusedError(
-                    413, f"Request payload size exceeds the limit: {self.max_body_bytes} bytes."
-                )
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        context.extras[JSON_KEY] = parsed
+    return replay_receive(body, receive)
+
+
+async def read_json_body(scope: Scope, receive: Receive, max_body_bytes: int) -> bytes:
+    """The whole request body, refused (:class:`BodyRefusedError`) when it is not JSON or is
+    over ``max_body_bytes`` (checked against ``Content-Length`` first, then while reading)."""
+    declared = _header(scope, b"content-length")
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise BodyRefusedError(400, "Invalid Content-Length header.") from None
+        if length > max_body_bytes:
+            raise BodyRefusedError(
+                413, f"Request payload size exceeds the limit: {max_body_bytes} bytes."
+            )
+        if length == 0:
+            return b""
+    if not _is_json(_header(scope, b"content-type")):
+        raise BodyRefusedError(
+            415, "Unsupported Content-Type: the request body must be application/json."
+        )
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise BodyRefusedError(400, "The client disconnected while sending the body.")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_body_bytes:
+            raise BodyRefusedError(
+                413, f"Request payload size exceeds the limit: {max_body_bytes} bytes."
+            )
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def replay_receive(body: bytes, receive: Receive) -> Receive:

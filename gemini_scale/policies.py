@@ -25,6 +25,7 @@ MARK_ATTRIBUTE = "__gemini_scale_policies__"
 
 CacheScope = Literal["principal", "tenant", "shared"]
 LimitKey = Literal["principal", "tenant", "api_key", "model", "route", "client_ip"]
+LIMIT_KEYS: tuple[LimitKey, ...] = ("principal", "tenant", "api_key", "model", "route", "client_ip")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,15 +70,33 @@ class RateLimitPolicy(Policy):
     """Request limits, parsed from the ``limits`` string syntax (``"60/minute;1000/day"``)."""
     tokens: tuple[RateLimitItem, ...] = ()
     """Gemini token limits in the same syntax."""
-    key: LimitKey = "principal"
-    """What a bucket belongs to."""
+    key: tuple[LimitKey, ...] = ("principal",)
+    """What a bucket belongs to: one dimension or a combination, e.g. ``("principal",
+    "model")`` for a budget per caller and model."""
+
+    def __post_init__(self) -> None:
+        key: object = self.key
+        if isinstance(key, str):  # a single dimension given as a plain string
+            object.__setattr__(self, "key", (key,))
+        unknown = set(self.key) - set(LIMIT_KEYS)
+        if unknown or not self.key:
+            raise ConfigurationError(
+                f"rate limit key must be among {', '.join(LIMIT_KEYS)}: {self.key!r}"
+            )
+        if not self.requests and not self.tokens:
+            raise ConfigurationError("a rate limit policy needs request or token limits")
 
     @classmethod
     def parse(
-        cls, requests: str | None = None, *, tokens: str | None = None, key: LimitKey = "principal"
+        cls,
+        requests: str | None = None,
+        *,
+        tokens: str | None = None,
+        key: LimitKey | tuple[LimitKey, ...] = "principal",
     ) -> RateLimitPolicy:
         """Build from limit strings, refusing malformed ones with :class:`ConfigurationError`."""
-        return cls(requests=parse_limits(requests), tokens=parse_limits(tokens), key=key)
+        keys = (key,) if isinstance(key, str) else tuple(key)
+        return cls(requests=parse_limits(requests), tokens=parse_limits(tokens), key=keys)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -176,7 +195,10 @@ def cache(
 
 
 def rate_limit(
-    requests: str | None = None, *, tokens: str | None = None, key: LimitKey = "principal"
+    requests: str | None = None,
+    *,
+    tokens: str | None = None,
+    key: LimitKey | tuple[LimitKey, ...] = "principal",
 ) -> Callable[[F], F]:
     """Mark a route with request and token limits (see :class:`RateLimitPolicy`)."""
     return mark(RateLimitPolicy.parse(requests, tokens=tokens, key=key))
@@ -206,6 +228,10 @@ def requires_scopes(*scopes: str) -> Callable[[F], F]:
     """Mark a route as needing every one of ``scopes`` (see :class:`ScopePolicy`)."""
     if not scopes:
         raise ConfigurationError("requires_scopes() needs at least one scope")
+    for scope in scopes:
+        # RFC 6749 §3.3 scope-token: printable ASCII without space, quote or backslash.
+        if not scope or any(c in ' "\\' or not 0x21 <= ord(c) <= 0x7E for c in scope):
+            raise ConfigurationError(f"invalid scope name {scope!r}")
     return mark(ScopePolicy(scopes=frozenset(scopes)))
 
 

@@ -216,6 +216,13 @@ class Rules:
         """The first rule that matches."""
         return _first_match(self._entries, method, path)
 
+    def policy(self, method: str, path: str, kind: type[P]) -> P | None:
+        """The ``kind`` policy of the first matching rule that has one."""
+        for entry in self._entries:
+            if kind in entry.policies and entry.match(method, path) is not None:
+                return entry.policies[kind]  # type: ignore[return-value]
+        return None
+
 
 logger = logging.getLogger("gemini_scale.routing")
 
@@ -369,9 +376,7 @@ def policy_for(context: RequestContext, rules: Rules, kind: type[P], scope: Scop
         if found is not None:
             return found  # type: ignore[return-value]
     if rules:
-        rule = rules.match(scope["method"], route_path(scope))
-        if rule is not None:
-            return rule.policies.get(kind)  # type: ignore[return-value]
+        return rules.policy(scope["method"], route_path(scope), kind)
     return None
 
 

@@ -130,6 +130,11 @@ class GeminiScaleSettings(BaseSettings):
         return _split(self.gemini_api_key)
 
     @property
+    def trusted_proxy_list(self) -> tuple[str, ...]:
+        """:attr:`trusted_proxies` as a list of CIDR strings."""
+        return _split(self.trusted_proxies)
+
+    @property
     def trusted_networks(self) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
         """Parsed :attr:`trusted_proxies`."""
         return tuple(ipaddress.ip_network(c, strict=False) for c in _split(self.trusted_proxies))

@@ -483,6 +483,10 @@ class IntrospectionValidator:
             not isinstance(token_type, str) or token_type.lower() == "refresh_token"
         ):
             raise InvalidTokenError(_WRONG_TYPE)
+        if "cnf" in data:
+            # Sender-constrained (DPoP, mTLS): we cannot check the binding, so it is not a
+            # bearer token here (RFC 9449 §6, RFC 7800; security.md A40).
+            raise InvalidTokenError(_WRONG_TYPE)
         issuer = data.get("iss")
         if issuer is not None and issuer != self._issuer:
             raise InvalidTokenError(_WRONG_ISSUER)

@@ -317,10 +317,11 @@ class _TrustedIssuer:
             if name not in claims:
                 continue
             value = claims[name]
-            if name == "scope":
+            if name == "scope" or (name == "scp" and type(value) is str):
+                # RFC 6749 §3.3 (single spaces); Azure AD sends ``scp`` in the same form.
                 if type(value) is not str:
                     raise _refuse(_BAD_CLAIM)
-                found = frozenset(value.split(" "))  # RFC 6749 §3.3: single spaces
+                found = frozenset(value.split(" "))
             elif type(value) is list and all(type(item) is str for item in value):
                 found = frozenset(value)
             else:

@@ -26,7 +26,7 @@ from gemini_scale.body import replay_receive
 from gemini_scale.errors import ConfigurationError, canonical_status, send_error
 from gemini_scale.policies import Policy, PublicPolicy, ScopePolicy
 from gemini_scale.principal import Principal
-from gemini_scale.routing import GeminiMiddleware, RequestContext, Rules, policy_for
+from gemini_scale.routing import GeminiMiddleware, RequestContext, Rules, policy_for, route_path
 from gemini_scale.types import SYSTEM_CLOCK, ASGIApp, Clock, Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -91,6 +91,8 @@ class OAuth2Middleware(GeminiMiddleware):
         super().__init__(app)
         if not _SAFE_PARAM.fullmatch(realm) or not realm:
             raise ConfigurationError("realm must be printable ASCII without quotes or backslashes")
+        if jwt is not None and (issuer or audience or jwks_url or issuers):
+            raise ConfigurationError("give either jwt=... or issuer/issuers, not both")
         self._jwt = jwt or _jwt_validator(
             issuer=issuer,
             audience=audience,
@@ -153,7 +155,7 @@ class OAuth2Middleware(GeminiMiddleware):
         await self.app(scope, receive, send)
 
     def _is_public(self, scope: Scope, context: RequestContext) -> bool:
-        path: str = scope["path"]
+        path = route_path(scope)
         if path in self._exact_public or path.startswith(self._public_prefixes):
             return True
         return policy_for(context, self._rules, PublicPolicy, scope) is not None

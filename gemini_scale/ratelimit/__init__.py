@@ -1,0 +1,3 @@
+"""Distributed rate limiting of requests and Gemini tokens."""
+
+from __future__ import annotations

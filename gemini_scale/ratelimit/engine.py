@@ -1,0 +1,313 @@
+"""The limiter engine: sliding-window counters, all limits of a request in one round trip.
+
+Algorithm: the sliding-window counter (as in ``limits``' sliding window and Cloudflare's):
+each limit keeps the count of the current fixed window and of the one before, and a request
+fits when ``previous * (unelapsed share of the window) + current + cost <= limit``. It needs
+one small hash per limit (O(1) memory whatever the cost, unlike a moving-window log, which
+would store one entry per token), takes a cost (Gemini tokens) and a refund (settlement)
+naturally, and is exact within a window: with nothing carried over, exactly ``limit`` units
+pass. GCRA would be as small, but a refund there moves a single timestamp that every later
+request already used, so settling a token reservation after the fact is ill-defined.
+
+Time is the store's (Redis ``TIME`` inside the script), so replicas' clocks never matter.
+A request's keys share one hash tag, so the script runs on Redis Cluster.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from limits import RateLimitItem
+
+from gemini_scale.errors import StoreError
+from gemini_scale.ratelimit.scripts import ACQUIRE, SETTLE
+from gemini_scale.stores.base import Store
+from gemini_scale.stores.memory import MemoryStore
+from gemini_scale.types import SYSTEM_CLOCK, Clock
+
+logger = logging.getLogger("gemini_scale.ratelimit")
+
+LimitKind = Literal["requests", "tokens"]
+StoreErrorMode = Literal["local", "open", "closed"]
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One budget: ``amount`` units of ``kind`` per ``window`` seconds."""
+
+    kind: LimitKind
+    amount: int
+    window: int
+
+    @classmethod
+    def from_item(cls, kind: LimitKind, item: RateLimitItem) -> Limit:
+        """From a parsed ``limits`` item (``60/minute`` -> 60 per 60 s)."""
+        return cls(kind, int(item.amount), int(item.get_expiry()))
+
+    @property
+    def name(self) -> str:
+        """``requests-60s``: unique within a policy, used in keys and headers."""
+        return f"{self.kind}-{self.window}s"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitState:
+    """One limit after a decision."""
+
+    limit: Limit
+    used: float
+    """Weighted units in the sliding window, including this request when it was charged."""
+    reset_after: float
+    """Seconds until the current fixed window ends."""
+    retry_after: float | None
+    """For a limit this request did not fit: seconds until it would (``inf``: never)."""
+
+    @property
+    def remaining(self) -> int:
+        """Whole units still available now."""
+        return max(0, math.floor(self.limit.amount - self.used + 1e-9))
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """What a decision charged, so it can be settled or refunded later."""
+
+    keys: tuple[str, ...]
+    indexes: tuple[int, ...]
+    costs: tuple[int, ...]
+    local: bool
+    """Charged on the replica's local fallback store, not the shared one."""
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of :meth:`RateLimiter.acquire`."""
+
+    allowed: bool
+    states: tuple[LimitState, ...]
+    reservation: Reservation | None
+    degraded: bool = False
+    """The shared store failed: the decision was made locally (``local``) or skipped (``open``)."""
+
+    @property
+    def violated(self) -> tuple[LimitState, ...]:
+        """The limits the request did not fit."""
+        return tuple(s for s in self.states if s.retry_after is not None)
+
+    @property
+    def retry_after(self) -> int:
+        """Whole seconds (at least 1) until every violated limit would admit the request."""
+        waits = [s.retry_after for s in self.violated if s.retry_after is not None]
+        finite = [w for w in waits if math.isfinite(w)]
+        longest = max(finite) if finite else max(s.limit.window for s in self.states)
+        return max(1, math.ceil(longest))
+
+    def most_constrained(self) -> LimitState | None:
+        """The limit closest to exhaustion (for the ``RateLimit`` header)."""
+        if not self.states:
+            return None
+        return min(self.states, key=lambda s: (s.remaining / s.limit.amount, s.reset_after))
+
+
+class StoreFailureError(StoreError):
+    """The shared store failed and ``on_store_error="closed"``: refuse with 503."""
+
+
+class _Breaker:
+    """Consecutive-failure circuit breaker: after ``threshold`` failures the store is not
+    called for ``cooldown`` seconds; then one probe decides (half-open)."""
+
+    def __init__(self, threshold: int, cooldown: float, clock: Clock) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.clock = clock
+        self.failures = 0
+        self.open_until = -math.inf
+        self.probing = False
+
+    def allows(self) -> bool:
+        if self.failures < self.threshold:
+            return True
+        if self.clock.monotonic() < self.open_until or self.probing:
+            return False
+        self.probing = True  # half-open: this caller probes, the others stay local
+        return True
+
+    def succeeded(self) -> None:
+        if self.failures >= self.threshold:
+            logger.warning("rate-limit store recovered; limits are shared again")
+        self.failures = 0
+        self.probing = False
+
+    def failed(self) -> None:
+        self.failures += 1
+        self.probing = False
+        if self.failures >= self.threshold:
+            self.open_until = self.clock.monotonic() + self.cooldown
+
+
+class RateLimiter:
+    """Checks and charges limits in a store, with an explicit failure mode.
+
+    ``on_store_error``: ``"local"`` (default) enforces the same limits on this replica in
+    memory while the store is failing; ``"open"`` lets requests through unlimited;
+    ``"closed"`` refuses them (:class:`StoreFailureError`). In every mode a failing store is
+    skipped by a circuit breaker after ``breaker_threshold`` consecutive failures, for
+    ``breaker_cooldown`` seconds, so a dead Redis costs no waiting per request.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        on_store_error: StoreErrorMode = "local",
+        clock: Clock = SYSTEM_CLOCK,
+        breaker_threshold: int = 3,
+        breaker_cooldown: float = 5.0,
+        local_max_keys: int = 100_000,
+        namespace: str = "rl",
+    ) -> None:
+        if on_store_error not in ("local", "open", "closed"):
+            raise ValueError(f"on_store_error must be local, open or closed: {on_store_error!r}")
+        self.store = store
+        self.on_store_error = on_store_error
+        self.namespace = namespace
+        self._shared_is_local = isinstance(store, MemoryStore)
+        self._local = (
+            store
+            if isinstance(store, MemoryStore)
+            else MemoryStore(prefix=store.prefix, clock=clock, max_keys=local_max_keys)
+        )
+        self._breaker = _Breaker(breaker_threshold, breaker_cooldown, clock)
+        self._clock = clock
+        self._last_warning = -math.inf
+
+    def keys(self, tag: str, limits: Sequence[Limit]) -> tuple[str, ...]:
+        """The store keys of ``limits`` for one bucket identity: one hash slot (``{tag}``)."""
+        return tuple(f"{self.namespace}:{{{tag}}}:{limit.name}" for limit in limits)
+
+    async def acquire(self, tag: str, limits: Sequence[Limit], costs: Sequence[int]) -> Decision:
+        """Check every limit and, only if all fit, charge ``costs`` to them, atomically.
+
+        A cost larger than its whole limit can never fit: refused, nothing charged.
+        """
+        keys = self.keys(tag, limits)
+        args: list[int] = []
+        for limit, cost in zip(limits, costs, strict=True):
+            args += [limit.amount, limit.window * 1000, max(0, int(cost))]
+        degraded = False
+        use_local = self._shared_is_local
+        if not use_local and self._breaker.allows():
+            try:
+                raw = await self.store.run(ACQUIRE, keys, args)
+            except StoreError as exc:
+                self._breaker.failed()
+                degraded = True
+                if self.on_store_error == "closed":
+                    self._warn(exc)
+                    raise StoreFailureError("the rate-limit store is unavailable") from exc
+                self._warn(exc)
+                if self.on_store_error == "open":
+                    return Decision(True, (), None, degraded=True)
+                use_local = True
+            else:
+                self._breaker.succeeded()
+                return self._decision(raw, limits, keys, costs, local=False)
+        elif not use_local:
+            degraded = True
+            if self.on_store_error == "closed":
+                raise StoreFailureError("the rate-limit store is unavailable")
+            if self.on_store_error == "open":
+                return Decision(True, (), None, degraded=True)
+            use_local = True
+        raw = await self._local.run(ACQUIRE, keys, args)
+        decision = self._decision(raw, limits, keys, costs, local=not self._shared_is_local)
+        if degraded:
+            return Decision(decision.allowed, decision.states, decision.reservation, degraded=True)
+        return decision
+
+    async def settle(self, reservation: Reservation | None, deltas: Sequence[int]) -> None:
+        """Move each charged limit by its delta (``actual - reserved``; ``-reserved`` refunds).
+
+        Best effort: a store failure is logged, never raised; the reservation then stands.
+        """
+        if reservation is None:
+            return
+        keys: list[str] = []
+        args: list[int] = []
+        for key, index, delta in zip(reservation.keys, reservation.indexes, deltas, strict=True):
+            if delta:
+                keys.append(key)
+                args += [index, int(delta)]
+        if not keys:
+            return
+        store: Store = self._local if reservation.local else self.store
+        try:
+            await store.run(SETTLE, keys, args)
+        except StoreError as exc:
+            self._breaker.failed()
+            self._warn(exc)
+
+    def _decision(
+        self,
+        raw: Sequence[int],
+        limits: Sequence[Limit],
+        keys: tuple[str, ...],
+        costs: Sequence[int],
+        *,
+        local: bool,
+    ) -> Decision:
+        allowed = bool(raw[0])
+        now_ms = int(raw[1])
+        states: list[LimitState] = []
+        indexes: list[int] = []
+        for i, (limit, cost) in enumerate(zip(limits, costs, strict=True)):
+            index, cur, prev = (int(v) for v in raw[2 + 3 * i : 5 + 3 * i])
+            window_ms = limit.window * 1000
+            elapsed = now_ms - index * window_ms
+            weight = (window_ms - elapsed) / window_ms
+            used = prev * weight + cur
+            retry = None
+            if not allowed and used + cost > limit.amount:
+                retry = _retry_after(limit, cur, prev, cost, elapsed / 1000)
+            states.append(LimitState(limit, used, (window_ms - elapsed) / 1000, retry))
+            indexes.append(index)
+        reservation = (
+            Reservation(keys, tuple(indexes), tuple(int(c) for c in costs), local)
+            if allowed
+            else None
+        )
+        return Decision(allowed, tuple(states), reservation)
+
+    def _warn(self, exc: Exception) -> None:
+        now = time.monotonic()
+        if now - self._last_warning >= 10.0:  # once per interval, not per request (B15)
+            self._last_warning = now
+            logger.warning(
+                "rate-limit store failed (%s); on_store_error=%s",
+                type(exc).__name__,
+                self.on_store_error,
+            )
+
+
+def _retry_after(limit: Limit, cur: int, prev: int, cost: int, elapsed: float) -> float:
+    """Seconds until ``cost`` fits the sliding window, if nothing else is charged meanwhile."""
+    amount, window = limit.amount, limit.window
+    if cost > amount:
+        return math.inf
+    room = amount - cur - cost
+    if room >= 0:
+        # Within this window, once the previous window's weight has decayed enough.
+        if prev <= 0:
+            return 0.0
+        needed_share = 1 - room / prev  # share of the window that must have elapsed
+        return max(0.0, needed_share * window - elapsed)
+    # Only in the next window, where this window's count becomes the decaying one.
+    rest = window - elapsed
+    needed_share = 1 - (amount - cost) / cur if cur > 0 else 0.0
+    return rest + max(0.0, needed_share) * window

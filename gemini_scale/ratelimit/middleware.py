@@ -1,0 +1,305 @@
+"""``RateLimitMiddleware``: requests and Gemini tokens, reserved before and settled after."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection, Mapping, Sequence
+from typing import Literal
+
+import anyio
+
+from gemini_scale.body import JSON_KEY, BodyRefusedError, load_json_body
+from gemini_scale.errors import send_error
+from gemini_scale.keys import TrustedProxies, identity
+from gemini_scale.policies import LimitKey, Policy, RateLimitPolicy
+from gemini_scale.ratelimit.answers import quota_details, rate_limit_headers
+from gemini_scale.ratelimit.engine import (
+    Decision,
+    Limit,
+    RateLimiter,
+    StoreErrorMode,
+    StoreFailureError,
+)
+from gemini_scale.ratelimit.usage import UsageObserver, estimate_request_tokens
+from gemini_scale.routing import GeminiMiddleware, RequestContext, Rules, policy_for
+from gemini_scale.stores.base import Store
+from gemini_scale.types import SYSTEM_CLOCK, ASGIApp, Clock, Message, Receive, Scope, Send
+
+logger = logging.getLogger("gemini_scale.ratelimit")
+
+#: Gemini methods whose answers cost tokens (``countTokens`` is free).
+TOKEN_METHODS = (
+    ":generateContent",
+    ":streamGenerateContent",
+    ":embedContent",
+    ":batchEmbedContents",
+)
+#: ``RequestContext.extras`` key a cache layer sets on a hit: no tokens are charged.
+CACHE_HIT_KEY = "cache_hit"
+
+
+class RateLimitMiddleware(GeminiMiddleware):
+    """Limit requests and Gemini tokens per principal (or tenant, API key, model, route,
+    client address), exactly across replicas sharing a store.
+
+    Every limit that applies to a request is checked and charged in one store round trip,
+    all or nothing (a refused request is charged nothing). Token limits reserve an estimate
+    before the app runs (prompt text plus ``maxOutputTokens``, see
+    :func:`~gemini_scale.ratelimit.usage.estimate_request_tokens`) and settle to the real
+    ``usageMetadata`` read from the answer as it streams past (JSON or SSE, never buffered):
+    refunded on an error answer or a cache hit, kept when the usage is unknown.
+
+    Options:
+        store: where the counters live (``MemoryStore`` or ``RedisStore``); or ``limiter``.
+        default: the policy for routes without a ``@rate_limit`` mark or rule.
+        rules: central rules, path template -> :class:`RateLimitPolicy`.
+        trusted_proxies: CIDRs whose ``X-Forwarded-For`` is believed (client address keys).
+        on_store_error: ``"local"`` (per-replica limits in memory), ``"open"`` or ``"closed"``.
+        count: which usage settles token limits: ``"total"``, ``"input"`` or ``"output"``.
+        default_output_tokens: reserved output when a request sets no ``maxOutputTokens``.
+        max_body_bytes: largest body read for the estimate (when no outer layer read it).
+        token_methods: path suffixes whose answers cost tokens.
+        headers: add ``RateLimit-Policy`` / ``RateLimit`` to limited responses.
+    """
+
+    enforces = frozenset({RateLimitPolicy})
+    #: Whether route marks and rules apply (the per-address limiter uses only its default).
+    route_policies = True
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: Store | None = None,
+        limiter: RateLimiter | None = None,
+        default: RateLimitPolicy | None = None,
+        rules: Mapping[str, Policy | Sequence[Policy]] | None = None,
+        trusted_proxies: Collection[str] = (),
+        on_store_error: StoreErrorMode = "local",
+        count: Literal["total", "input", "output"] = "total",
+        default_output_tokens: int = 1024,
+        max_body_bytes: int = 20 * 1024 * 1024,
+        token_methods: Sequence[str] = TOKEN_METHODS,
+        headers: bool = True,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        super().__init__(app)
+        if limiter is None:
+            if store is None:
+                from gemini_scale.stores.memory import MemoryStore
+
+                store = MemoryStore(clock=clock)
+            limiter = RateLimiter(store, on_store_error=on_store_error, clock=clock)
+        self.limiter = limiter
+        self.default = default
+        self._rules = Rules(rules)
+        self.trusted = TrustedProxies(trusted_proxies)
+        self.count = count
+        self.default_output_tokens = default_output_tokens
+        self.max_body_bytes = max_body_bytes
+        self.token_methods = tuple(token_methods)
+        self.headers = headers
+        self._limits: dict[RateLimitPolicy, tuple[Limit, ...]] = {}
+
+    def limits_of(self, policy: RateLimitPolicy) -> tuple[Limit, ...]:
+        """The engine's limits for a policy (computed once per policy)."""
+        found = self._limits.get(policy)
+        if found is None:
+            found = tuple(
+                [Limit.from_item("requests", item) for item in policy.requests]
+                + [Limit.from_item("tokens", item) for item in policy.tokens]
+            )
+            self._limits[policy] = found
+        return found
+
+    async def handle(
+        self, scope: Scope, receive: Receive, send: Send, context: RequestContext
+    ) -> None:
+        policy = (
+            policy_for(context, self._rules, RateLimitPolicy, scope)
+            if self.route_policies
+            else None
+        ) or self.default
+        if policy is None:
+            await self.app(scope, receive, send)
+            return
+        limits = self.limits_of(policy)
+        dimensions: tuple[LimitKey, ...] = policy.key
+        bucket = identity(scope, dimensions, trusted=self.trusted)
+        if bucket is None:
+            # A dimension this request lacks: a route without {model} keys on the rest (a
+            # listing is per principal, not per model); without a principal (a public
+            # route), on the client address. Never one bucket shared by everyone.
+            narrower = tuple(d for d in dimensions if d not in ("model", "route"))
+            if narrower and narrower != dimensions:
+                dimensions = narrower
+                bucket = identity(scope, dimensions, trusted=self.trusted)
+            if bucket is None:
+                dimensions = ("client_ip",)
+                bucket = identity(scope, dimensions, trusted=self.trusted)
+        assert bucket is not None
+        charges_tokens = (
+            any(limit.kind == "tokens" for limit in limits)
+            and scope["method"] == "POST"
+            and scope["path"].endswith(self.token_methods)
+        )
+        estimate = 0
+        if charges_tokens:
+            try:
+                receive = await load_json_body(scope, receive, context, self.max_body_bytes)
+            except BodyRefusedError as refused:
+                await send_error(send, refused.code, refused.message)
+                return
+            estimate = estimate_request_tokens(
+                context.extras.get(JSON_KEY),
+                default_output_tokens=self.default_output_tokens,
+                method=scope["path"].rpartition(":")[2],
+            )
+        costs = [1 if limit.kind == "requests" else estimate for limit in limits]
+        try:
+            decision = await self.limiter.acquire(bucket.tag, limits, costs)
+        except StoreFailureError:
+            await send_error(
+                send,
+                503,
+                "Rate limiting is unavailable; please retry.",
+                headers={"retry-after": "1"},
+            )
+            return
+        context.extras["rate_limit"] = decision
+        extra = rate_limit_headers(decision, limits) if self.headers else []
+        if not decision.allowed:
+            labels = (
+                {"model": context.route.params["model"]}
+                if (context.route is not None and "model" in context.route.params)
+                else {}
+            )
+            message, details = quota_details(decision, dimensions, labels)
+            logger.info("rate limited %s: %s", bucket.describe(), message)
+            headers = {"retry-after": str(decision.retry_after)}
+            headers.update((k.decode(), v.decode()) for k, v in extra)
+            await send_error(send, 429, message, details=details, headers=headers)
+            return
+        if not charges_tokens or decision.reservation is None:
+            await self.app(scope, receive, _with_headers(send, extra))
+            return
+        await self._call_and_settle(
+            scope=scope,
+            receive=receive,
+            send=send,
+            context=context,
+            decision=decision,
+            costs=costs,
+            extra=extra,
+        )
+
+    async def _call_and_settle(
+        self,
+        *,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        context: RequestContext,
+        decision: Decision,
+        costs: Sequence[int],
+        extra: list[tuple[bytes, bytes]],
+    ) -> None:
+        observer = UsageObserver(count=self.count)
+        status: list[int] = []
+
+        async def observing_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+                if extra:
+                    message["headers"] = [*message.get("headers", []), *extra]
+                observer.start(message["status"], _content_type(message))
+            elif message["type"] == "http.response.body":
+                observer.feed(message.get("body", b""))
+                if not message.get("more_body", False):
+                    observer.finish()
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observing_send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.limiter.settle(
+                    decision.reservation, _deltas(decision, costs, status, observer, context)
+                )
+
+
+class IPRateLimitMiddleware(RateLimitMiddleware):
+    """A cheap per-client-address limit that runs *before* authentication (DESIGN.md §3).
+
+    The address comes only from ``trusted_proxies``. Route marks and rules are not its
+    business (the principal limiter enforces them), so it only applies ``default``, which
+    is required and keyed by ``client_ip``.
+    """
+
+    enforces = frozenset()
+    route_policies = False
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        limit: str = "600/minute",
+        store: Store | None = None,
+        limiter: RateLimiter | None = None,
+        trusted_proxies: Collection[str] = (),
+        on_store_error: StoreErrorMode = "local",
+        headers: bool = True,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        super().__init__(
+            app,
+            store=store,
+            limiter=limiter,
+            default=RateLimitPolicy.parse(limit, key="client_ip"),
+            trusted_proxies=trusted_proxies,
+            on_store_error=on_store_error,
+            headers=headers,
+            clock=clock,
+        )
+
+
+def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
+    if not extra:
+        return send
+
+    async def send_with_headers(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", []), *extra]
+        await send(message)
+
+    return send_with_headers
+
+
+def _content_type(message: Message) -> str | None:
+    for name, value in message.get("headers", []):
+        if name.lower() == b"content-type":
+            return bytes(value).decode("latin-1")
+    return None
+
+
+def _deltas(
+    decision: Decision,
+    costs: Sequence[int],
+    status: list[int],
+    observer: UsageObserver,
+    context: RequestContext,
+) -> list[int]:
+    """``actual - reserved`` per limit: settle tokens to the real usage (DESIGN.md §3)."""
+    deltas = []
+    for state, cost in zip(decision.states, costs, strict=True):
+        if state.limit.kind != "tokens":
+            deltas.append(0)
+            continue
+        if context.extras.get(CACHE_HIT_KEY) or not status or status[0] >= 400:
+            actual = 0  # a hit or an error answer costs no tokens: refund the reservation
+        elif observer.tokens is not None:
+            actual = observer.tokens  # what the answer reported (all of it, or so far)
+        else:
+            actual = cost  # unknown usage: the reservation stands
+        deltas.append(actual - cost)
+    return deltas

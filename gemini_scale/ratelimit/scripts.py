@@ -1,0 +1,75 @@
+"""The limiter's two atomic operations: Lua for Redis, and their Python twins for memory."""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+from typing import Any
+
+from gemini_scale.stores.base import LocalState, Script
+
+# A window's state in memory: (window index, count in that window, count in the one before).
+_Window = tuple[int, int, int]
+
+
+def _load(name: str) -> str:
+    return (
+        resources.files("gemini_scale.ratelimit")
+        .joinpath("lua", f"{name}.lua")
+        .read_text(encoding="utf-8")
+    )
+
+
+def _window(state: LocalState, key: str) -> _Window | None:
+    value = state.get(key)
+    return value if isinstance(value, tuple) else None
+
+
+def _acquire(state: LocalState, keys: list[str], args: list[Any], now: float) -> list[int]:
+    now_ms = math.floor(now * 1000)
+    allowed = 1
+    rows: list[tuple[int, int, int, int, int]] = []
+    for i, key in enumerate(keys):
+        limit, window, cost = int(args[3 * i]), int(args[3 * i + 1]), int(args[3 * i + 2])
+        index = now_ms // window
+        stored = _window(state, key)
+        cur = prev = 0
+        if stored is not None and stored[0] == index:
+            cur, prev = stored[1], stored[2]
+        elif stored is not None and stored[0] == index - 1:
+            prev = stored[1]
+        weight = (window - (now_ms - index * window)) / window
+        if prev * weight + cur + cost > limit:
+            allowed = 0
+        rows.append((index, cur, prev, window, cost))
+    out = [allowed, now_ms]
+    for key, (index, cur, prev, window, cost) in zip(keys, rows, strict=True):
+        charged = cur + cost if allowed and cost > 0 else cur
+        if charged != cur:
+            state.put(key, (index, charged, prev), now + 2 * window / 1000)
+        out += [index, charged, prev]
+    return out
+
+
+def _settle(state: LocalState, keys: list[str], args: list[Any], now: float) -> int:
+    for i, key in enumerate(keys):
+        index, delta = int(args[2 * i]), int(args[2 * i + 1])
+        stored = _window(state, key)
+        if stored is None:
+            continue
+        w, cur, prev = stored
+        if w == index:
+            cur = max(0, cur + delta)
+        elif w == index + 1:
+            prev = max(0, prev + delta)
+        else:
+            continue
+        state.put(key, (w, cur, prev), state.expires_at(key))
+    return len(keys)
+
+
+ACQUIRE = Script(name="rl_acquire", lua=_load("rl_acquire"), local=_acquire)
+"""Check every limit of a request and, only if all fit, charge them all (one round trip)."""
+
+SETTLE = Script(name="rl_settle", lua=_load("rl_settle"), local=_settle)
+"""Move earlier reservations by a delta: settle to real usage, or refund."""
