@@ -6,35 +6,44 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from gemini_scale.ratelimit.engine import Decision, Limit, LimitState
+from gemini_scale.ratelimit.engine import Decision, Limit
 
 
-def limit_names(limits: Sequence[Limit]) -> dict[Limit, str]:
-    """``requests`` / ``tokens`` when a kind has one limit, ``requests-60s`` when several."""
+def limit_names(limits: Sequence[Limit], prefix: str = "") -> dict[Limit, str]:
+    """``requests`` / ``tokens`` when a kind has one limit, ``requests-60s`` when several;
+    ``prefix`` tells limiters apart (``ip-requests``)."""
     kinds = [limit.kind for limit in limits]
-    return {limit: limit.kind if kinds.count(limit.kind) == 1 else limit.name for limit in limits}
+    return {
+        limit: prefix + (limit.kind if kinds.count(limit.kind) == 1 else limit.name)
+        for limit in limits
+    }
 
 
-def policy_header(limits: Sequence[Limit], names: dict[Limit, str]) -> str:
-    """``RateLimit-Policy: "requests";q=60;w=60, "tokens";q=1000000;w=60`` (IETF draft)."""
-    return ", ".join(f'"{names[limit]}";q={limit.amount};w={limit.window}' for limit in limits)
-
-
-def state_header(state: LimitState, names: dict[Limit, str]) -> str:
-    """``RateLimit: "requests";r=41;t=17`` for the most constrained limit."""
-    reset = max(0, math.ceil(state.reset_after))
-    return f'"{names[state.limit]}";r={state.remaining};t={reset}'
-
-
-def rate_limit_headers(decision: Decision, limits: Sequence[Limit]) -> list[tuple[bytes, bytes]]:
-    """The headers every limited response carries (none when no decision was made)."""
-    constrained = decision.most_constrained()
-    if constrained is None:
+def rate_limit_headers(
+    decisions: Sequence[tuple[str, Sequence[Limit], Decision]],
+) -> list[tuple[bytes, bytes]]:
+    """``RateLimit-Policy`` listing every limit that applied (IETF httpapi draft form:
+    ``"requests";q=60;w=60, "tokens";q=1000000;w=60``) and ``RateLimit`` for the most
+    constrained one (``"requests";r=41;t=17``). Nothing when no limit was checked (a store
+    failure under ``on_store_error="open"``)."""
+    policies: list[str] = []
+    tightest: tuple[float, float, str] | None = None
+    for prefix, limits, decision in decisions:
+        if not decision.states:
+            continue
+        names = limit_names(limits, prefix)
+        policies += [f'"{names[lim]}";q={lim.amount};w={lim.window}' for lim in limits]
+        for state in decision.states:
+            share = state.remaining / state.limit.amount
+            reset = max(0, math.ceil(state.reset_after))
+            item = f'"{names[state.limit]}";r={state.remaining};t={reset}'
+            if tightest is None or (share, state.reset_after) < tightest[:2]:
+                tightest = (share, state.reset_after, item)
+    if tightest is None:
         return []
-    names = limit_names(limits)
     return [
-        (b"ratelimit-policy", policy_header(limits, names).encode()),
-        (b"ratelimit", state_header(constrained, names).encode()),
+        (b"ratelimit-policy", ", ".join(policies).encode()),
+        (b"ratelimit", tightest[2].encode()),
     ]
 
 

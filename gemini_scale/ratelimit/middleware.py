@@ -36,6 +36,8 @@ TOKEN_METHODS = (
 )
 #: ``RequestContext.extras`` key a cache layer sets on a hit: no tokens are charged.
 CACHE_HIT_KEY = "cache_hit"
+#: ``RequestContext.extras`` key of the decisions made for a request, outermost first.
+DECISIONS_KEY = "rate_limits"
 
 
 class RateLimitMiddleware(GeminiMiddleware):
@@ -65,6 +67,8 @@ class RateLimitMiddleware(GeminiMiddleware):
     enforces = frozenset({RateLimitPolicy})
     #: Whether route marks and rules apply (the per-address limiter uses only its default).
     route_policies = True
+    #: Prefix of this limiter's names in the RateLimit headers.
+    name_prefix = ""
 
     def __init__(
         self,
@@ -166,8 +170,14 @@ class RateLimitMiddleware(GeminiMiddleware):
                 headers={"retry-after": "1"},
             )
             return
-        context.extras["rate_limit"] = decision
-        extra = rate_limit_headers(decision, limits) if self.headers else []
+        # The outermost limiter writes the headers for every limiter the request met.
+        decisions = context.extras.get(DECISIONS_KEY)
+        owner = decisions is None
+        if decisions is None:
+            decisions = context.extras[DECISIONS_KEY] = []
+        decisions.append((self.name_prefix, limits, decision))
+        if owner and self.headers:
+            send = _with_rate_limit_headers(send, decisions)
         if not decision.allowed:
             labels = (
                 {"model": context.route.params["model"]}
@@ -177,11 +187,10 @@ class RateLimitMiddleware(GeminiMiddleware):
             message, details = quota_details(decision, dimensions, labels)
             logger.info("rate limited %s: %s", bucket.describe(), message)
             headers = {"retry-after": str(decision.retry_after)}
-            headers.update((k.decode(), v.decode()) for k, v in extra)
             await send_error(send, 429, message, details=details, headers=headers)
             return
         if not charges_tokens or decision.reservation is None:
-            await self.app(scope, receive, _with_headers(send, extra))
+            await self.app(scope, receive, send)
             return
         await self._call_and_settle(
             scope=scope,
@@ -190,7 +199,6 @@ class RateLimitMiddleware(GeminiMiddleware):
             context=context,
             decision=decision,
             costs=costs,
-            extra=extra,
         )
 
     async def _call_and_settle(
@@ -202,7 +210,6 @@ class RateLimitMiddleware(GeminiMiddleware):
         context: RequestContext,
         decision: Decision,
         costs: Sequence[int],
-        extra: list[tuple[bytes, bytes]],
     ) -> None:
         observer = UsageObserver(count=self.count)
         status: list[int] = []
@@ -210,8 +217,6 @@ class RateLimitMiddleware(GeminiMiddleware):
         async def observing_send(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status.append(message["status"])
-                if extra:
-                    message["headers"] = [*message.get("headers", []), *extra]
                 observer.start(message["status"], _content_type(message))
             elif message["type"] == "http.response.body":
                 observer.feed(message.get("body", b""))
@@ -238,6 +243,7 @@ class IPRateLimitMiddleware(RateLimitMiddleware):
 
     enforces = frozenset()
     route_policies = False
+    name_prefix = "ip-"
 
     def __init__(
         self,
@@ -263,13 +269,14 @@ class IPRateLimitMiddleware(RateLimitMiddleware):
         )
 
 
-def _with_headers(send: Send, extra: list[tuple[bytes, bytes]]) -> Send:
-    if not extra:
-        return send
-
+def _with_rate_limit_headers(
+    send: Send, decisions: list[tuple[str, Sequence[Limit], Decision]]
+) -> Send:
     async def send_with_headers(message: Message) -> None:
         if message["type"] == "http.response.start":
-            message["headers"] = [*message.get("headers", []), *extra]
+            extra = rate_limit_headers(decisions)
+            if extra:
+                message["headers"] = [*message.get("headers", []), *extra]
         await send(message)
 
     return send_with_headers
