@@ -25,6 +25,7 @@ from typing import Literal
 from limits import RateLimitItem
 
 from gemini_scale.errors import StoreError
+from gemini_scale.ratelimit.metrics import record_degraded, record_recovered
 from gemini_scale.ratelimit.scripts import ACQUIRE, SETTLE
 from gemini_scale.stores.base import Store
 from gemini_scale.stores.memory import MemoryStore
@@ -141,6 +142,8 @@ class _Breaker:
     def succeeded(self) -> None:
         if self.failures >= self.threshold:
             logger.warning("rate-limit store recovered; limits are shared again")
+        if self.failures:
+            record_recovered()
         self.failures = 0
         self.probing = False
 
@@ -201,30 +204,26 @@ class RateLimiter:
         for limit, cost in zip(limits, costs, strict=True):
             args += [limit.amount, limit.window * 1000, max(0, int(cost))]
         degraded = False
-        use_local = self._shared_is_local
-        if not use_local and self._breaker.allows():
-            try:
-                raw = await self.store.run(ACQUIRE, keys, args)
-            except StoreError as exc:
-                self._breaker.failed()
-                degraded = True
-                if self.on_store_error == "closed":
+        if not self._shared_is_local:
+            if self._breaker.allows():
+                try:
+                    raw = await self.store.run(ACQUIRE, keys, args)
+                except StoreError as exc:
+                    self._breaker.failed()
                     self._warn(exc)
-                    raise StoreFailureError("the rate-limit store is unavailable") from exc
-                self._warn(exc)
-                if self.on_store_error == "open":
-                    return Decision(True, (), None, degraded=True)
-                use_local = True
-            else:
-                self._breaker.succeeded()
-                return self._decision(raw, limits, keys, costs, local=False)
-        elif not use_local:
+                except BaseException:
+                    self._breaker.probing = False  # cancelled mid-probe: let another probe
+                    raise
+                else:
+                    self._breaker.succeeded()
+                    return self._decision(raw, limits, keys, costs, local=False)
+            # The shared store failed, or the breaker keeps us off it for now.
             degraded = True
+            record_degraded(self.on_store_error)
             if self.on_store_error == "closed":
                 raise StoreFailureError("the rate-limit store is unavailable")
             if self.on_store_error == "open":
                 return Decision(True, (), None, degraded=True)
-            use_local = True
         raw = await self._local.run(ACQUIRE, keys, args)
         decision = self._decision(raw, limits, keys, costs, local=not self._shared_is_local)
         if degraded:
