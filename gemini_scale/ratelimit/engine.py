@@ -190,16 +190,20 @@ class RateLimiter:
         self._clock = clock
         self._last_warning = -math.inf
 
-    def keys(self, tag: str, limits: Sequence[Limit]) -> tuple[str, ...]:
-        """The store keys of ``limits`` for one bucket identity: one hash slot (``{tag}``)."""
-        return tuple(f"{self.namespace}:{{{tag}}}:{limit.name}" for limit in limits)
+    def keys(self, tag: str, limits: Sequence[Limit], scope: str = "") -> tuple[str, ...]:
+        """The store keys of ``limits`` for one bucket identity: one hash slot (``{tag}``).
+        ``scope`` separates budgets of different policies (e.g. per route)."""
+        middle = f"{scope}:" if scope else ""
+        return tuple(f"{self.namespace}:{{{tag}}}:{middle}{limit.name}" for limit in limits)
 
-    async def acquire(self, tag: str, limits: Sequence[Limit], costs: Sequence[int]) -> Decision:
+    async def acquire(
+        self, tag: str, limits: Sequence[Limit], costs: Sequence[int], *, scope: str = ""
+    ) -> Decision:
         """Check every limit and, only if all fit, charge ``costs`` to them, atomically.
 
         A cost larger than its whole limit can never fit: refused, nothing charged.
         """
-        keys = self.keys(tag, limits)
+        keys = self.keys(tag, limits, scope)
         args: list[int] = []
         for limit, cost in zip(limits, costs, strict=True):
             args += [limit.amount, limit.window * 1000, max(0, int(cost))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from typing import Literal
@@ -69,6 +70,8 @@ class RateLimitMiddleware(GeminiMiddleware):
     route_policies = True
     #: Prefix of this limiter's names in the RateLimit headers.
     name_prefix = ""
+    #: Store namespace of this limiter's counters: limiters never share a counter.
+    namespace = "rl"
 
     def __init__(
         self,
@@ -93,7 +96,9 @@ class RateLimitMiddleware(GeminiMiddleware):
                 from gemini_scale.stores.memory import MemoryStore
 
                 store = MemoryStore(clock=clock)
-            limiter = RateLimiter(store, on_store_error=on_store_error, clock=clock)
+            limiter = RateLimiter(
+                store, on_store_error=on_store_error, clock=clock, namespace=self.namespace
+            )
         self.limiter = limiter
         self.default = default
         self._rules = Rules(rules)
@@ -115,6 +120,18 @@ class RateLimitMiddleware(GeminiMiddleware):
             )
             self._limits[policy] = found
         return found
+
+    def _budget(self, policy: RateLimitPolicy, context: RequestContext) -> str:
+        """Which budget a policy's counters belong to: the default policy's are shared by
+        every route it covers; a route's own policy (mark or rule) has its own, stable
+        across replicas (a digest of the route template and the policy)."""
+        if policy is self.default:
+            return ""
+        template = context.route.template if context.route is not None else ""
+        signature = "|".join(
+            [template, *map(str, policy.requests), "/", *map(str, policy.tokens), *policy.key]
+        )
+        return hashlib.sha256(signature.encode()).hexdigest()[:12]
 
     async def handle(
         self, scope: Scope, receive: Receive, send: Send, context: RequestContext
@@ -161,7 +178,9 @@ class RateLimitMiddleware(GeminiMiddleware):
             )
         costs = [1 if limit.kind == "requests" else estimate for limit in limits]
         try:
-            decision = await self.limiter.acquire(bucket.tag, limits, costs)
+            decision = await self.limiter.acquire(
+                bucket.tag, limits, costs, scope=self._budget(policy, context)
+            )
         except StoreFailureError:
             await send_error(
                 send,
@@ -181,7 +200,9 @@ class RateLimitMiddleware(GeminiMiddleware):
         if not decision.allowed:
             labels = (
                 {"model": context.route.params["model"]}
-                if (context.route is not None and "model" in context.route.params)
+                if "model" in dimensions
+                and context.route is not None
+                and "model" in context.route.params
                 else {}
             )
             message, details = quota_details(decision, dimensions, labels)
@@ -244,6 +265,7 @@ class IPRateLimitMiddleware(RateLimitMiddleware):
     enforces = frozenset()
     route_policies = False
     name_prefix = "ip-"
+    namespace = "rl-ip"
 
     def __init__(
         self,

@@ -1,0 +1,374 @@
+"""The limiter engine (``RateLimiter``): sliding-window counters, several limits in one
+atomic step, settlement, the store-failure modes and the circuit breaker.
+
+Memory runs on a FakeClock placed on a window boundary (``WINDOW_START``), so every
+number below is exact; the same atomicity cases run on the machine's Redis (real time,
+long windows, assertions within one window only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from prometheus_client import REGISTRY
+
+from gemini_scale import Limit, RateLimiter
+from gemini_scale.errors import StoreUnavailableError
+from gemini_scale.ratelimit.engine import StoreFailureError
+from gemini_scale.stores import MemoryStore, RedisStore, Script
+from gemini_scale.stores.base import ScriptArg
+from tests.clock import FakeClock
+from tests.ratelimit.conftest import Backend
+from tests.ratelimit.helpers import WINDOW_START, probe
+
+REQUESTS = Limit("requests", 10, 60)
+TOKENS = Limit("tokens", 1000, 60)
+# Tests that also run on Redis (real time) use hour windows, so a window boundary almost
+# never falls inside a test, and compare weighted counts approximately.
+HOURLY_REQUESTS = Limit("requests", 10, 3600)
+HOURLY_TOKENS = Limit("tokens", 1000, 3600)
+
+
+def about(**counts: float) -> dict[str, Any]:
+    return {kind: pytest.approx(value, abs=0.01) for kind, value in counts.items()}
+
+
+def limiter_on(backend: Backend, **options: Any) -> RateLimiter:
+    clock = backend.clock or FakeClock()  # on Redis the clock only drives the breaker
+    return RateLimiter(backend.store(), clock=clock, **options)
+
+
+async def admitted(limiter: RateLimiter, tag: str, limits: Sequence[Limit], n: int) -> int:
+    """How many of ``n`` sequential one-unit requests pass."""
+    count = 0
+    for _ in range(n):
+        decision = await limiter.acquire(tag, limits, [1] * len(limits))
+        count += decision.allowed
+    return count
+
+
+# -- B01: exact under in-process concurrency ------------------------------------------------
+
+
+async def test_b01_exactly_the_limit_passes_under_concurrency(backend: Backend) -> None:
+    """(10 per 60 s through HTTP is in test_catalogue.py; an hour here so the probe after
+    the burst never straddles a window boundary on Redis.)"""
+    limiter = limiter_on(backend, on_store_error="closed")
+    decisions = await asyncio.gather(
+        *(limiter.acquire("p", [HOURLY_REQUESTS], [1]) for _ in range(200))
+    )
+    assert sum(d.allowed for d in decisions) == 10
+    assert all(not d.degraded for d in decisions)
+    # Refused requests were charged nothing: the bucket holds exactly the 10 admitted.
+    assert await probe(limiter, "p", [HOURLY_REQUESTS]) == about(requests=10)
+
+
+# -- B03: no debt after a rejected burst -------------------------------------------------------
+
+
+async def test_b03_rejected_attempts_are_not_charged() -> None:
+    clock = FakeClock(WINDOW_START)
+    limiter = RateLimiter(MemoryStore(clock=clock), clock=clock)
+    control = "control"  # the same admitted traffic, without the rejected burst
+    assert await admitted(limiter, "p", [REQUESTS], 10) == 10
+    assert await admitted(limiter, control, [REQUESTS], 10) == 10
+    assert await admitted(limiter, "p", [REQUESTS], 1000) == 0
+    assert (await probe(limiter, "p", [REQUESTS]))["requests"] == 10  # not 1010
+
+    # Half a window later the sliding window weighs the previous window at 1/2: 5 fit,
+    # for the flooded bucket exactly as for the control.
+    clock.advance(90)
+    assert await admitted(limiter, "p", [REQUESTS], 20) == 5
+    assert await admitted(limiter, control, [REQUESTS], 20) == 5
+    # Two windows after the burst nothing of it is left: the whole limit is there again.
+    clock.advance(90)
+    assert await admitted(limiter, "p", [REQUESTS], 20) == 10
+
+
+# -- B04 (engine part): Retry-After is truthful --------------------------------------------
+
+
+@pytest.mark.parametrize("offset", [6.0, 30.0, 59.0])
+async def test_b04_retry_after_is_truthful_and_within_the_window(offset: float) -> None:
+    """A burst that exhausts the limit ``offset`` s into a window: the wait is what the
+    sliding window needs (the previous window must decay to 9/10), at most one window
+    here, and exact: one second earlier is still refused."""
+    clock = FakeClock(WINDOW_START + offset)
+    limiter = RateLimiter(MemoryStore(clock=clock), clock=clock)
+    assert await admitted(limiter, "p", [REQUESTS], 10) == 10
+    refused = await limiter.acquire("p", [REQUESTS], [1])
+    assert not refused.allowed
+    wait = refused.retry_after
+    assert wait == math.ceil(60 - offset + 6)  # to the next window, plus 1/10 of it
+    assert 1 <= wait <= 60
+    clock.advance(wait - 1)
+    assert not (await limiter.acquire("p", [REQUESTS], [1])).allowed
+    clock.advance(1)
+    assert (await limiter.acquire("p", [REQUESTS], [1])).allowed
+
+
+async def test_b04_retry_after_after_a_burst_at_a_window_start_exceeds_the_window() -> None:
+    """Pinned property of the sliding-window counter (not of a fixed window): a burst in
+    the first tenth of a window counts almost fully in the next window too, so the
+    truthful wait is longer than one window (here 66 s for 60 s), never two."""
+    clock = FakeClock(WINDOW_START)
+    limiter = RateLimiter(MemoryStore(clock=clock), clock=clock)
+    assert await admitted(limiter, "p", [REQUESTS], 10) == 10
+    wait = (await limiter.acquire("p", [REQUESTS], [1])).retry_after
+    assert wait == 66
+    assert 60 < wait < 120
+    clock.advance(65)
+    assert not (await limiter.acquire("p", [REQUESTS], [1])).allowed
+    clock.advance(1)
+    assert (await limiter.acquire("p", [REQUESTS], [1])).allowed
+
+
+# -- B05: the window edge ---------------------------------------------------------------------
+
+
+async def test_b05_sliding_window_counter_at_the_window_edge() -> None:
+    """N = 10 per 60 s. 10 requests at t = 59.9 s, then 10 at t = 60.1 s.
+
+    A fixed window would admit 2N = 20 across the edge. The sliding-window counter weighs
+    the previous window by its unelapsed share: at 60.1 s that is 59.9/60, so
+    10 * 0.99833 + 1 > 10 and nothing more passes (10 in total). At 66 s the weight is
+    0.9 (one fits), at 90 s 0.5 (five fit in the window so far).
+    """
+    clock = FakeClock(WINDOW_START + 59.9)
+    limiter = RateLimiter(MemoryStore(clock=clock), clock=clock)
+    assert await admitted(limiter, "p", [REQUESTS], 10) == 10
+    clock.advance(0.2)  # t = 60.1 s: the next fixed window
+    assert await admitted(limiter, "p", [REQUESTS], 10) == 0
+    clock.advance(5.9)  # t = 66 s
+    assert await admitted(limiter, "p", [REQUESTS], 10) == 1
+    clock.advance(24)  # t = 90 s: 10 * 0.5 + 1 already charged
+    assert await admitted(limiter, "p", [REQUESTS], 10) == 4
+    clock.advance(60)  # t = 150 s: only this window's 5 count, at weight 0.5
+    assert await admitted(limiter, "p", [REQUESTS], 10) == 7
+
+
+# -- B12: bounded memory ----------------------------------------------------------------------
+
+
+async def test_b12_many_principals_stay_bounded_and_recent_ones_stay_exact() -> None:
+    clock = FakeClock(WINDOW_START)
+    store = MemoryStore(clock=clock, max_keys=1000)
+    limiter = RateLimiter(store, clock=clock)
+    limit = [Limit("requests", 3, 60)]
+    for n in range(20_000):
+        assert (await limiter.acquire(f"p{n}", limit, [1])).allowed
+        assert len(store) <= 1000
+    # The 500 most recent principals are still counted exactly: 2 more each, then refused.
+    for n in range(19_500, 20_000):
+        assert await admitted(limiter, f"p{n}", limit, 3) == 2
+    assert len(store) <= 1000
+    # Documented: an evicted key starts fresh (fails open for that key only).
+    assert await admitted(limiter, "p0", limit, 5) == 3
+
+
+# -- B21: cost-weighted limits ----------------------------------------------------------------
+
+
+async def test_b21_a_cost_above_the_whole_limit_is_refused_and_charges_nothing(
+    backend: Backend,
+) -> None:
+    limiter = limiter_on(backend, on_store_error="closed")
+    limits = [HOURLY_REQUESTS, HOURLY_TOKENS]
+    decision = await limiter.acquire("p", limits, [1, 1001])
+    assert not decision.allowed
+    assert decision.reservation is None
+    assert [s.limit.kind for s in decision.violated] == ["tokens"]
+    assert decision.retry_after == 3600  # never fits: the window, not infinity
+    assert await probe(limiter, "p", limits) == about(requests=0, tokens=0)
+    # All or nothing: the requests limit, which the request fitted, was not charged either.
+    assert (await limiter.acquire("p", limits, [1, 1000])).allowed
+    assert await probe(limiter, "p", limits) == about(requests=1, tokens=1000)
+
+
+async def test_b21_of_two_concurrent_requests_over_what_remains_exactly_one_passes(
+    backend: Backend,
+) -> None:
+    limiter = limiter_on(backend, on_store_error="closed")
+    tokens = [Limit("tokens", 100, 3600)]
+    assert (await limiter.acquire("p", tokens, [40])).allowed
+    for _ in range(5):  # 60 remain; 40 + 40 do not fit together
+        first, second = await asyncio.gather(
+            limiter.acquire("p", tokens, [40]), limiter.acquire("p", tokens, [40])
+        )
+        assert first.allowed != second.allowed
+        winner = first if first.allowed else second
+        await limiter.settle(winner.reservation, [-40])  # refund: 60 remain again
+    assert await probe(limiter, "p", tokens) == about(tokens=40)
+
+
+async def test_all_limits_of_a_request_are_checked_and_charged_together(
+    backend: Backend,
+) -> None:
+    limiter = limiter_on(backend, on_store_error="closed")
+    limits = [HOURLY_REQUESTS, Limit("requests", 2, 600), HOURLY_TOKENS]
+    keys = limiter.keys("p", limits)
+    assert len(set(keys)) == 3  # one key per limit
+    assert await admitted(limiter, "p", limits, 4) == 2  # the 2 per 600 s limit binds first
+    refused = await limiter.acquire("p", limits, [1, 1, 1])
+    assert [s.limit.window for s in refused.violated] == [600]
+    assert await probe(limiter, "p", limits) == about(requests=2, tokens=2)
+
+
+# -- settlement ---------------------------------------------------------------------------
+
+
+async def test_settle_moves_a_reservation_to_the_real_usage_and_never_below_zero(
+    backend: Backend,
+) -> None:
+    limiter = limiter_on(backend, on_store_error="closed")
+    tokens = [HOURLY_TOKENS]
+    decision = await limiter.acquire("p", tokens, [300])
+    await limiter.settle(decision.reservation, [45 - 300])
+    assert await probe(limiter, "p", tokens) == about(tokens=45)
+    await limiter.settle(decision.reservation, [-1000])  # a refund larger than the count
+    assert await probe(limiter, "p", tokens) == about(tokens=0)
+    await limiter.settle(None, [5])  # a refused request has nothing to settle
+    assert await probe(limiter, "p", tokens) == about(tokens=0)
+
+
+async def test_a_reservation_settled_after_its_window_rolled_moves_the_previous_count() -> None:
+    clock = FakeClock(WINDOW_START + 30)
+    limiter = RateLimiter(MemoryStore(clock=clock), clock=clock)
+    tokens = [Limit("tokens", 1000, 60)]
+    long_call = await limiter.acquire("p", tokens, [800])
+    clock.advance(45)  # t = 75 s: the reservation now sits in the previous window
+    await limiter.acquire("p", tokens, [100])
+    await limiter.settle(long_call.reservation, [200 - 800])
+    # previous 200 weighted by 45/60, plus this window's 100
+    assert (await probe(limiter, "p", tokens))["tokens"] == pytest.approx(200 * 0.75 + 100)
+    clock.advance(60)  # two windows later the old reservation has left: settling is a no-op
+    await limiter.settle(long_call.reservation, [-200])
+    assert (await probe(limiter, "p", tokens))["tokens"] == pytest.approx(100 * 0.75)
+
+
+# -- store failures ---------------------------------------------------------------------------
+
+
+class FlakyStore:
+    """A shared store (what the limiter sees as Redis) that fails while ``down``, yields to
+    the event loop on every call (as a network store does) and counts its calls."""
+
+    prefix = "flaky"
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.inner = MemoryStore(clock=clock, prefix=self.prefix)
+        self.down = True
+        self.calls = 0
+
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
+        self.calls += 1
+        await asyncio.sleep(0)
+        if self.down:
+            raise StoreUnavailableError("Redis is unavailable (test)")
+        return await self.inner.run(script, keys, args)
+
+
+def flaky_limiter(mode: str, clock: FakeClock) -> tuple[RateLimiter, FlakyStore]:
+    store = FlakyStore(clock)
+    limiter = RateLimiter(store, on_store_error=mode, clock=clock)  # type: ignore[arg-type]
+    return limiter, store
+
+
+def degraded_count(mode: str) -> float:
+    value = REGISTRY.get_sample_value(
+        "gemini_scale_ratelimit_degraded_decisions_total", {"mode": mode}
+    )
+    return value or 0.0
+
+
+async def test_local_mode_enforces_the_same_limits_on_this_replica() -> None:
+    clock = FakeClock(WINDOW_START)
+    limiter, _ = flaky_limiter("local", clock)
+    before = degraded_count("local")
+    decisions = [await limiter.acquire("p", [REQUESTS], [1]) for _ in range(15)]
+    assert sum(d.allowed for d in decisions) == 10
+    assert all(d.degraded for d in decisions)
+    assert all(d.states for d in decisions)  # local decisions still report the limits
+    assert degraded_count("local") == before + 15
+
+
+async def test_open_mode_admits_everything_without_limit_states() -> None:
+    clock = FakeClock(WINDOW_START)
+    limiter, _ = flaky_limiter("open", clock)
+    decisions = [await limiter.acquire("p", [REQUESTS], [1]) for _ in range(15)]
+    assert all(d.allowed and d.degraded and not d.states for d in decisions)
+
+
+async def test_closed_mode_refuses_with_store_failure() -> None:
+    clock = FakeClock(WINDOW_START)
+    limiter, _ = flaky_limiter("closed", clock)
+    for _ in range(5):  # before and after the breaker opens
+        with pytest.raises(StoreFailureError):
+            await limiter.acquire("p", [REQUESTS], [1])
+
+
+async def test_breaker_skips_a_failing_store_then_probes_once_and_recovers() -> None:
+    clock = FakeClock(WINDOW_START)
+    limiter, store = flaky_limiter("local", clock)
+    for _ in range(20):
+        await limiter.acquire("p", [REQUESTS], [1])
+    assert store.calls == 3  # the threshold; then the store is not called at all
+    clock.advance(5.0)  # cooldown over: exactly one caller probes (half-open)
+    await asyncio.gather(*(limiter.acquire("p", [REQUESTS], [1]) for _ in range(10)))
+    assert store.calls == 4
+    clock.advance(5.0)
+    store.down = False  # the store is back: the probe succeeds and closes the breaker
+    decision = await limiter.acquire("q", [REQUESTS], [1])
+    assert not decision.degraded
+    assert store.calls == 5
+    assert not (await limiter.acquire("q", [REQUESTS], [1])).degraded
+    assert store.calls == 6
+
+
+async def test_a_failed_settlement_is_logged_never_raised() -> None:
+    clock = FakeClock(WINDOW_START)
+    limiter, store = flaky_limiter("local", clock)
+    store.down = False
+    decision = await limiter.acquire("p", [TOKENS], [100])
+    store.down = True
+    await limiter.settle(decision.reservation, [-100])  # no exception: the charge stands
+
+
+async def test_a_dead_redis_costs_almost_nothing_per_request_once_the_breaker_opens() -> None:
+    """A Redis that accepts connections but never answers: each of the first calls waits
+    for the socket timeout; once the breaker is open, requests no longer touch it."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(64)  # never accepted, never answered
+        port = silent.getsockname()[1]
+        store = RedisStore.from_url(
+            f"redis://127.0.0.1:{port}/0", prefix="gs-rl-dead", socket_timeout=0.1,
+            connect_timeout=0.1,
+        )
+        limiter = RateLimiter(store, on_store_error="local")
+        try:
+            for _ in range(3):  # the breaker threshold, each bounded by the timeout
+                started = time.perf_counter()
+                assert (await limiter.acquire("p", [REQUESTS], [1])).degraded
+                assert time.perf_counter() - started < 2.0  # bounded by the 0.1 s timeout
+            started = time.perf_counter()
+            decisions = [await limiter.acquire("p", [REQUESTS], [1]) for _ in range(50)]
+            elapsed = time.perf_counter() - started
+        finally:
+            await store.aclose()
+    # 50 requests; without the breaker each would wait for the 0.1 s timeout (5 s in all).
+    # Generous for a loaded machine: measured in milliseconds.
+    assert elapsed < 2.0
+    assert sum(d.allowed for d in decisions) == 7  # still limited locally: 10 - 3
+
+
+async def test_on_store_error_is_validated() -> None:
+    with pytest.raises(ValueError, match="on_store_error"):
+        RateLimiter(MemoryStore(), on_store_error="ignore")  # type: ignore[arg-type]
+

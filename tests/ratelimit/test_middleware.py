@@ -1,0 +1,462 @@
+"""``RateLimitMiddleware`` and ``IPRateLimitMiddleware`` over HTTP: token reservations and
+their settlement, route marks and central rules, client addresses behind trusted proxies,
+the RateLimit headers of stacked limiters, and the store-failure modes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gemini_scale import (
+    IPRateLimitMiddleware,
+    RateLimitMiddleware,
+    RateLimitPolicy,
+    rate_limit,
+)
+from gemini_scale.stores import MemoryStore, RedisStore
+from tests.clock import FakeClock
+from tests.gateway import lifespan
+from tests.ratelimit.conftest import Backend
+from tests.ratelimit.helpers import (
+    GENERATE,
+    STREAM,
+    WINDOW_START,
+    FakeAuth,
+    Upstream,
+    body,
+    bucket_usage,
+    details_of,
+    error_of,
+    eventually,
+    gemini_app,
+    limited,
+    policy_header,
+    rate_limit_header,
+    who,
+)
+
+
+def clocked(**options: Any) -> dict[str, Any]:
+    clock = FakeClock(WINDOW_START)
+    return {"store": MemoryStore(clock=clock), "clock": clock, **options}
+
+
+def about(**counts: float) -> dict[str, Any]:
+    return {kind: pytest.approx(value, abs=0.01) for kind, value in counts.items()}
+
+
+# -- token reservations -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("max_output", "status"), [(100, 200), (101, 429)])
+async def test_the_estimate_is_prompt_text_plus_max_output_tokens(
+    max_output: int, status: int
+) -> None:
+    """40 characters are 10 tokens; a budget of 110 takes maxOutputTokens 100, not 101."""
+    default = RateLimitPolicy.parse("100/minute", tokens="110/minute")
+    async with limited(default=default, **clocked()) as stack:
+        response = await stack.client.post(
+            GENERATE, json=body("x" * 40, max_output=max_output), headers=who("alice")
+        )
+    assert response.status_code == status
+
+
+@pytest.mark.parametrize(("default_output", "status"), [(100, 200), (101, 429)])
+async def test_without_max_output_tokens_the_configured_default_is_reserved(
+    default_output: int, status: int
+) -> None:
+    default = RateLimitPolicy.parse("100/minute", tokens="110/minute")
+    options = clocked(default_output_tokens=default_output)
+    async with limited(default=default, **options) as stack:
+        response = await stack.client.post(GENERATE, json=body("x" * 40), headers=who("alice"))
+    assert response.status_code == status
+
+
+@pytest.mark.parametrize(("count", "charged"), [("total", 45), ("input", 30), ("output", 15)])
+async def test_a_json_answer_settles_the_reservation_to_its_usage(
+    count: str, charged: int
+) -> None:
+    """The answer reports prompt 30, candidates 10, thoughts 5, total 45."""
+    default = RateLimitPolicy.parse("100/minute", tokens="10000/minute")
+    async with limited(default=default, **clocked(count=count)) as stack:
+        response = await stack.client.post(
+            GENERATE, json=body(max_output=500), headers=who("alice")
+        )
+        assert response.status_code == 200
+        assert await stack.used("alice") == {"requests": 1, "tokens": charged}
+
+
+async def test_an_answer_without_usage_keeps_the_reservation() -> None:
+    default = RateLimitPolicy.parse("100/minute", tokens="10000/minute")
+    async with limited(upstream=Upstream(usage=None), default=default, **clocked()) as stack:
+        await stack.client.post(GENERATE, json=body(max_output=500), headers=who("alice"))
+        assert await stack.used("alice") == {"requests": 1, "tokens": 510}
+
+
+@pytest.mark.parametrize("status", [429, 500, 503])
+async def test_an_error_answer_refunds_the_tokens_but_counts_the_request(status: int) -> None:
+    default = RateLimitPolicy.parse("100/minute", tokens="10000/minute")
+    async with limited(upstream=Upstream(status=status), default=default, **clocked()) as stack:
+        response = await stack.client.post(
+            GENERATE, json=body(max_output=500), headers=who("alice")
+        )
+        assert response.status_code == status
+        assert await stack.used("alice") == {"requests": 1, "tokens": 0}
+
+
+async def test_routes_that_cost_no_tokens_reserve_none() -> None:
+    default = RateLimitPolicy.parse("100/minute", tokens="10/minute")
+    async with limited(default=default, **clocked()) as stack:
+        for _ in range(5):  # a GET listing, 5 times against a 10-token budget
+            assert (await stack.client.get("/v1beta/models", headers=who("alice"))).is_success
+        assert await stack.used("alice") == {"requests": 5, "tokens": 0}
+
+
+@pytest.mark.parametrize("path", [GENERATE, STREAM], ids=["json", "sse"])
+async def test_concurrent_reservations_never_exceed_the_budget_and_settle_exactly(
+    backend: Backend, path: str
+) -> None:
+    """N = 20 concurrent requests each reserve E = 150 (10 prompt + 140 output) against
+    B = 1000: while all are in flight at most floor(B / E) = 6 are admitted, so the
+    estimates in flight never exceed B. Each then uses 45 (a JSON answer, or the last of
+    three SSE events with cumulative usage): the bucket holds 6 * 45."""
+    upstream = Upstream(hold=asyncio.Event())
+    default = RateLimitPolicy.parse("1000/hour", tokens="1000/hour")
+    options: dict[str, Any] = {"store": backend.store(), "on_store_error": "closed"}
+    if backend.clock is not None:
+        options["clock"] = backend.clock
+    async with limited(upstream=upstream, default=default, **options) as stack:
+        tasks = [
+            asyncio.create_task(
+                stack.client.post(path, json=body(max_output=140), headers=who("alice"))
+            )
+            for _ in range(20)
+        ]
+        await eventually(lambda: upstream.entered + sum(t.done() for t in tasks) == 20)
+        in_flight = upstream.entered
+        assert in_flight * 150 <= 1000
+        assert in_flight == 6  # exact: every refused one saw the others' reservations
+        assert await stack.used("alice") == about(requests=6, tokens=6 * 150)
+        upstream.hold.set()  # type: ignore[union-attr]
+        statuses = [(await task).status_code for task in tasks]
+        assert statuses.count(200) == 6
+        assert statuses.count(429) == 14
+        assert await stack.used("alice") == about(requests=6, tokens=6 * 45)
+        # What settlement gave back is usable again (each of these settles before the next).
+        more = [
+            await stack.client.post(path, json=body(max_output=140), headers=who("alice"))
+            for _ in range(6)
+        ]
+        assert [r.status_code for r in more].count(200) == 6
+        assert await stack.used("alice") == about(requests=12, tokens=12 * 45)
+
+
+async def test_the_bound_holds_with_the_sequential_answers_settled_in_between() -> None:
+    """Sequentially each request settles before the next: with a 45-token usage the
+    budget of 1000 admits as many as fit an estimate of 150 on top of what was used."""
+    default = RateLimitPolicy.parse("1000/minute", tokens="1000/minute")
+    async with limited(default=default, **clocked()) as stack:
+        statuses = [
+            (
+                await stack.client.post(
+                    GENERATE, json=body(max_output=140), headers=who("alice")
+                )
+            ).status_code
+            for _ in range(30)
+        ]
+        # Request k (from 0) is admitted while 45 * k + 150 <= 1000: k = 0..18, 19 of them,
+        # then 19 * 45 = 855 are used and 855 + 150 no longer fits.
+        assert statuses.count(200) == 19
+        assert await stack.used("alice") == {"requests": 19, "tokens": 855}
+
+
+# -- marks, rules and the default ---------------------------------------------------------
+
+
+@rate_limit("2/minute")
+async def marked(request: Request) -> Response:
+    return JSONResponse({"route": "marked"})
+
+
+@rate_limit("4/minute", key="route")
+async def per_route(request: Request) -> Response:
+    return JSONResponse({"route": "per-route"})
+
+
+async def ruled(request: Request) -> Response:
+    return JSONResponse({"route": "ruled"})
+
+
+EXTRA = [
+    Route("/marked", marked),
+    Route("/ruled", ruled),
+    Route("/per-route", per_route),
+]
+
+
+async def passes(client: httpx.AsyncClient, path: str, n: int, sub: str = "alice") -> int:
+    statuses = [(await client.get(path, headers=who(sub))).status_code for _ in range(n)]
+    return statuses.count(200)
+
+
+async def test_route_marks_and_central_rules_override_the_default() -> None:
+    rules = {
+        "GET /ruled": RateLimitPolicy.parse("3/minute"),
+        "/marked": RateLimitPolicy.parse("50/minute"),  # the route's own mark wins
+    }
+    default = RateLimitPolicy.parse("5/minute")
+    async with limited(extra=EXTRA, default=default, rules=rules, **clocked()) as stack:
+        assert await passes(stack.client, "/marked", 10, sub="alice") == 2
+        assert await passes(stack.client, "/ruled", 10, sub="bob") == 3
+        assert await passes(stack.client, "/other", 10, sub="carol") == 5
+        # A mark keyed on the route is one bucket for every caller of that route.
+        assert await passes(stack.client, "/per-route", 3, sub="dave") == 3
+        assert await passes(stack.client, "/per-route", 3, sub="erin") == 1
+        for path, quota in (("/marked", 2), ("/ruled", 3), ("/other", 5), ("/per-route", 4)):
+            response = await stack.client.get(path, headers=who("frank"))
+            assert policy_header(response) == {"requests": (quota, 60)}
+
+
+async def test_a_routes_own_policy_has_its_own_budget() -> None:
+    """A route's ``2/minute`` mark and the ``5/minute`` default (both per principal) are two
+    budgets: requests to the marked route do not use up the default's."""
+    default = RateLimitPolicy.parse("5/minute")
+    async with limited(extra=EXTRA, default=default, **clocked()) as stack:
+        assert await passes(stack.client, "/marked", 5) == 2
+        assert await passes(stack.client, "/other", 5) == 5
+        assert await passes(stack.client, "/marked", 1) == 0
+
+
+async def test_without_a_default_only_marked_and_ruled_routes_are_limited() -> None:
+    rules = {"/ruled": RateLimitPolicy.parse("3/minute")}
+    async with limited(extra=EXTRA, rules=rules, **clocked()) as stack:
+        assert await passes(stack.client, "/other", 20) == 20
+        free = await stack.client.get("/other", headers=who("alice"))
+        assert "ratelimit" not in free.headers
+        assert await passes(stack.client, "/ruled", 5) == 3
+
+
+async def test_a_marked_route_without_a_principal_limiter_fails_the_audit() -> None:
+    """The per-address limiter ignores route marks, so it does not count as enforcing them:
+    the app refuses to start, and refuses requests rather than serve them unlimited."""
+    app = Starlette(routes=EXTRA)
+    stack = IPRateLimitMiddleware(app, limit="100/minute")
+    with pytest.raises(RuntimeError, match="rate_limit"):
+        async with lifespan(stack):
+            pass
+    transport = httpx.ASGITransport(app=stack)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.get("/ruled")
+    assert response.status_code == 500
+    assert error_of(response)["status"] == "INTERNAL"
+
+
+# -- client addresses and the per-address limiter -----------------------------------------
+
+
+@dataclass
+class TwoLimiters:
+    client: httpx.AsyncClient
+    upstream: Upstream
+    inner: RateLimitMiddleware
+    outer: IPRateLimitMiddleware
+
+
+@asynccontextmanager
+async def two_limiters(
+    *, ip_limit: str, default: RateLimitPolicy | None, trusted: tuple[str, ...] = (),
+    peer: str = "127.0.0.1",
+) -> AsyncIterator[TwoLimiters]:
+    """IPRateLimitMiddleware -> FakeAuth -> RateLimitMiddleware -> app, on one store."""
+    clock = FakeClock(WINDOW_START)
+    store = MemoryStore(clock=clock)
+    upstream = Upstream()
+    inner = RateLimitMiddleware(
+        gemini_app(upstream, EXTRA), store=store, clock=clock, default=default,
+        trusted_proxies=trusted,
+    )
+    outer = IPRateLimitMiddleware(
+        FakeAuth(inner), limit=ip_limit, store=store, clock=clock, trusted_proxies=trusted
+    )
+    transport = httpx.ASGITransport(app=outer, client=(peer, 4321))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        yield TwoLimiters(client, upstream, inner, outer)
+
+
+async def test_ip_limiter_keys_on_the_peer_and_ignores_principals_and_spoofed_headers() -> None:
+    async with two_limiters(ip_limit="5/minute", default=None, peer="127.0.0.2") as two:
+        statuses = [
+            (
+                await two.client.get(
+                    "/other",
+                    headers=who(f"user-{n}")
+                    | {"x-forwarded-for": f"198.51.100.{n}", "x-real-ip": f"192.0.2.{n}"},
+                )
+            ).status_code
+            for n in range(8)
+        ]
+    assert statuses == [200] * 5 + [429] * 3
+
+
+async def test_ip_limiter_believes_x_forwarded_for_only_from_a_trusted_proxy() -> None:
+    async with two_limiters(
+        ip_limit="2/minute", default=None, trusted=("10.0.0.0/8",), peer="10.0.0.1"
+    ) as two:
+        client = two.client
+
+        async def status(xff: str) -> int:
+            return (await client.get("/other", headers={"x-forwarded-for": xff})).status_code
+
+        # The rightmost untrusted entry is the client; what it prepends is never read.
+        assert [await status(f"evil-{n}, 203.0.113.7, 10.0.0.5") for n in range(3)] == [
+            200, 200, 429,
+        ]
+        assert await status("203.0.113.8") == 200  # another client behind the proxy
+        refused = await client.get("/other", headers={"x-forwarded-for": "203.0.113.7"})
+        [quota] = details_of(error_of(refused), "QuotaFailure")
+        assert quota["violations"][0]["quotaDimensions"] == {"key": "client_ip"}
+        assert quota["violations"][0]["quotaId"] == "RequestsPerMinutePerClientIp"
+
+
+async def test_ip_limiter_ignores_route_marks_and_one_set_of_headers_covers_both() -> None:
+    default = RateLimitPolicy.parse("10/minute")
+    async with two_limiters(ip_limit="5/minute", default=default) as two:
+        client = two.client
+        first = await client.get("/marked", headers=who("alice"))
+        assert first.status_code == 200
+        # One RateLimit-Policy and one RateLimit line, for both limiters the request met.
+        assert len(first.headers.get_list("ratelimit-policy")) == 1
+        assert len(first.headers.get_list("ratelimit")) == 1
+        assert policy_header(first) == {"ip-requests": (5, 60), "requests": (2, 60)}
+        assert rate_limit_header(first) == {"name": "requests", "r": 1, "t": 60}
+
+        assert (await client.get("/marked", headers=who("alice"))).status_code == 200
+        third = await client.get("/marked", headers=who("alice"))  # the mark: per principal
+        assert third.status_code == 429
+        [quota] = details_of(error_of(third), "QuotaFailure")
+        assert quota["violations"][0]["quotaDimensions"] == {"key": "principal"}
+        assert (await client.get("/marked", headers=who("bob"))).status_code == 200
+
+        # Four requests from this address so far (the refused one too: the per-address
+        # limiter ran first): the fifth passes, the sixth is refused by the address limit.
+        assert (await client.get("/other", headers=who("carol"))).status_code == 200
+        sixth = await client.get("/other", headers=who("dave"))
+        assert sixth.status_code == 429
+        [quota] = details_of(error_of(sixth), "QuotaFailure")
+        assert quota["violations"][0]["quotaDimensions"] == {"key": "client_ip"}
+        assert rate_limit_header(sixth)["name"] == "ip-requests"
+    assert two.upstream.calls == ["/other"]  # carol's; dave's never reached the app
+
+
+async def test_anonymous_requests_fall_back_to_their_own_address_bucket() -> None:
+    """A route with a principal policy but no principal (a public route): each client
+    address is its own bucket, never one bucket shared by everyone."""
+    default = RateLimitPolicy.parse("3/minute")
+    async with limited(default=default, client=("127.0.0.1", 4321), **clocked()) as first:
+        responses = [await first.client.get("/other") for _ in range(4)]
+        assert [r.status_code for r in responses] == [200, 200, 200, 429]
+        [quota] = details_of(error_of(responses[-1]), "QuotaFailure")
+        assert quota["violations"][0]["quotaDimensions"] == {"key": "client_ip"}
+        # Alice, from the same address, has her own bucket.
+        assert (await first.client.get("/other", headers=who("alice"))).status_code == 200
+    async with limited(default=default, client=("127.0.0.9", 4321), **clocked()) as second:
+        assert (await second.client.get("/other")).status_code == 200
+
+
+async def test_an_anonymous_request_counts_once_in_each_of_two_limiters() -> None:
+    """Both limiters key an anonymous request on its address, in counters of their own
+    (``rl`` and ``rl-ip``): one request is one unit in each, never two in a shared one."""
+    default = RateLimitPolicy.parse("3/minute")
+    async with two_limiters(ip_limit="10/minute", default=default) as two:
+        responses = [await two.client.get("/other") for _ in range(4)]
+        peer = ("127.0.0.1", 4321)
+        by_address = RateLimitPolicy.parse("3/minute", key="client_ip")
+        principal_side = await bucket_usage(two.inner, None, policy=by_address, client=peer)
+        address_side = await bucket_usage(two.outer, None, client=peer)
+    assert [r.status_code for r in responses] == [200, 200, 200, 429]
+    assert principal_side == {"requests": 3}
+    assert address_side == {"requests": 4}
+
+
+# -- store failures ---------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def dead_redis(mode: str, **options: Any) -> AsyncIterator[tuple[Any, Upstream]]:
+    """A limiter whose shared store is a Redis URL with nothing listening. The port stays
+    bound (without listening) for the test, so connections are refused and no server
+    started meanwhile by another test can take it."""
+    with socket.socket() as refusing:
+        refusing.bind(("127.0.0.1", 0))
+        port = refusing.getsockname()[1]
+        async with _dead_redis_at(port, mode, **options) as made:
+            yield made
+
+
+@asynccontextmanager
+async def _dead_redis_at(
+    port: int, mode: str, **options: Any
+) -> AsyncIterator[tuple[Any, Upstream]]:
+    store = RedisStore.from_url(f"redis://127.0.0.1:{port}/0", prefix="gs-rl-dead")
+    try:
+        async with limited(
+            store=store, on_store_error=mode, default=RateLimitPolicy.parse("5/minute"),
+            **options,
+        ) as stack:
+            yield stack, stack.upstream
+    finally:
+        await store.aclose()
+
+
+async def test_store_down_local_enforces_the_limits_on_this_replica() -> None:
+    async with dead_redis("local") as (stack, upstream):
+        responses = [await stack.client.get("/other", headers=who("alice")) for _ in range(12)]
+    statuses = [r.status_code for r in responses]
+    assert statuses == [200] * 5 + [429] * 7
+    assert all("ratelimit" in r.headers for r in responses)
+    assert len(upstream.calls) == 5
+
+
+async def test_store_down_open_lets_everything_through_without_headers() -> None:
+    async with dead_redis("open") as (stack, upstream):
+        responses = [await stack.client.get("/other", headers=who("alice")) for _ in range(12)]
+    assert [r.status_code for r in responses] == [200] * 12
+    assert not any("ratelimit" in r.headers or "ratelimit-policy" in r.headers
+                   for r in responses)
+    assert len(upstream.calls) == 12
+
+
+async def test_store_down_closed_answers_503_unavailable_with_retry_after() -> None:
+    async with dead_redis("closed") as (stack, upstream):
+        responses = [await stack.client.get("/other", headers=who("alice")) for _ in range(6)]
+    for response in responses:
+        assert response.status_code == 503
+        assert error_of(response)["status"] == "UNAVAILABLE"
+        assert int(response.headers["retry-after"]) >= 1
+        assert "ratelimit" not in response.headers
+    assert upstream.calls == []
+
+
+@pytest.mark.parametrize("mode", ["local", "open", "closed"])
+async def test_once_the_breaker_is_open_a_dead_store_costs_almost_nothing(mode: str) -> None:
+    async with dead_redis(mode) as (stack, _):
+        for _ in range(3):  # the breaker's threshold of failures
+            await stack.client.get("/other", headers=who("alice"))
+        started = time.perf_counter()
+        responses = [await stack.client.get("/other", headers=who("alice")) for _ in range(50)]
+        elapsed = time.perf_counter() - started
+    assert elapsed < 2.5  # 50 requests: milliseconds each, generous for a loaded machine
+    assert not any(r.status_code == 500 for r in responses)
