@@ -14,7 +14,7 @@ def store_from_url(
     clock: Clock = SYSTEM_CLOCK,
     max_keys: int = 100_000,
     socket_timeout: float = 0.25,
-    connect_timeout: float = 0.25,
+    connect_timeout: float = 1.0,
     max_connections: int = 64,
     pool_timeout: float = 1.0,
 ) -> Store:

@@ -132,7 +132,7 @@ class RedisStore(ScriptedOperations):
         *,
         prefix: str = DEFAULT_PREFIX,
         socket_timeout: float = 0.25,
-        connect_timeout: float = 0.25,
+        connect_timeout: float = 1.0,
         max_connections: int = 64,
         pool_timeout: float = 1.0,
     ) -> RedisStore:
@@ -198,6 +198,14 @@ class RedisStore(ScriptedOperations):
             yield
         except _REDIS_ERRORS as exc:
             raise _translate(exc) from exc
+        except (OSError, RuntimeError, AttributeError) as exc:
+            # redis-py's asyncio cluster client can fail outside its own exception tree when
+            # a connection is closed under a concurrent command (a half-closed transport:
+            # AttributeError on plain asyncio, RuntimeError on uvloop). The outcome is
+            # unknown, exactly like a timeout: report the store unavailable.
+            raise StoreUnavailableError(
+                f"Redis connection failed ({type(exc).__name__})"
+            ) from exc
         finally:
             if gate is not None:
                 gate.release()

@@ -55,7 +55,8 @@ async def test_redis_url(closing: list[RedisStore]) -> None:
     kwargs = client.connection_pool.connection_kwargs
     assert (kwargs["host"], kwargs["port"], kwargs["db"]) == ("127.0.0.1", 6390, 2)
     assert kwargs["password"] == SECRET
-    assert kwargs["socket_timeout"] == kwargs["socket_connect_timeout"] == 0.25
+    assert kwargs["socket_timeout"] == 0.25
+    assert kwargs["socket_connect_timeout"] == 1.0
     assert client.connection_pool.max_connections == 64
     retry = client.get_retry()
     assert retry is not None
