@@ -5,10 +5,14 @@
     .venv/bin/python bench/bench.py --quick          # smoke run
     .venv/bin/python bench/bench.py --json bench/results/run.json
 
-Variants: ``bare`` (a plain Starlette app with ``GET /v1beta/models`` and
-``POST /v1beta/models/{model}:countTokens``), ``stack`` (the same app through
-:func:`build_stack`, the library's middlewares as the example gateway wires them) and
-``gateway`` (the example gateway with its in-process Gemini stand-in). Every number that
+Variants: ``bare`` (a plain Starlette app with ``GET /v1beta/models``,
+``POST /v1beta/models/{model}:countTokens`` and ``POST /v1beta/models/{model}:generateContent``),
+``stack`` (the same app through :func:`build_stack`, the library's middlewares as the example
+gateway wires them, rate limits in memory), ``stack-redis`` (rate limits on Redis),
+``stack-nolimit`` (no rate limiters), ``limiter`` / ``limiter-redis`` (``RateLimitMiddleware``
+alone), ``slowapi`` / ``slowapi-redis`` (slowapi's decorator and ``SlowAPIMiddleware``) and
+``gateway`` (the example gateway with its in-process Gemini stand-in); ``stack`` and
+``gateway`` by default, ``bench/ratelimit_bench.py`` for the rate-limit set. Every number that
 matters is relative to ``bare`` measured in the same run; absolute figures are this
 machine's only. See ``bench/README.md`` and ``/work/shared/research/performance-baselines.md``
 for the method.
@@ -33,8 +37,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -53,40 +57,96 @@ if TYPE_CHECKING:
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # --------------------------------------------------------------------------------------------
-# The stack under test. Later issues extend this one function (OAuth2, rate limits with memory
-# stores, cache, versions, metrics), in the order example_app/app.py adds them.
+# The stack under test. Later issues extend this one function (cache, versions, metrics), in the
+# order example_app/app.py adds them.
 # --------------------------------------------------------------------------------------------
 
 API_PREFIXES = ("/v1", "/v1beta")
+#: Limits far above anything a run sends, so every request is allowed and charged.
+REQUEST_LIMIT = "1000000000/minute"
+TOKEN_LIMIT = "1000000000000/minute"
+IP_LIMIT = "1000000000/minute"
+#: The same idea for slowapi (the figure used by research/performance-baselines.md).
+SLOWAPI_LIMIT = "100000000/minute"
+#: The Redis the ``*-redis`` variants use, and the variable that carries this run's key
+#: prefix to the uvicorn children (set once per run by :func:`bench_prefix`).
+REDIS_URL_ENV = "GEMINI_SCALE_BENCH_REDIS_URL"
+PREFIX_ENV = "GEMINI_SCALE_BENCH_PREFIX"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-def build_stack(app: Starlette) -> ASGIApp:
+def build_stack(app: Starlette, *, store: Any = None, limits: bool = True) -> ASGIApp:
     """Wrap ``app`` in gemini-scale's middlewares the way ``example_app.app.create_app`` does
-    (``add_middleware``, innermost first), with in-memory stores only."""
+    (``add_middleware``, innermost first).
+
+    ``store``: the rate limiters' store (default: a fresh ``MemoryStore``; the ``stack-redis``
+    variant passes a ``RedisStore``). ``limits=False`` leaves both rate limiters out (the
+    ``stack-nolimit`` variant), so the limiters' cost inside the stack can be read off.
+    The principal limiter keys on the principal alone (one bucket identity per request on
+    every route); its limits are far above what a run sends.
+    """
     # Imported here: the bare baseline must not pay for them.
-    from gemini_scale import Issuer, JSONBodyMiddleware, OAuth2Middleware, ScopePolicy
+    from gemini_scale import (
+        IPRateLimitMiddleware,
+        Issuer,
+        JSONBodyMiddleware,
+        MemoryStore,
+        OAuth2Middleware,
+        RateLimitMiddleware,
+        RateLimitPolicy,
+        ScopePolicy,
+    )
 
     issuer = bench_issuer()
+    if limits:
+        store = store if store is not None else MemoryStore()
+        app.add_middleware(
+            RateLimitMiddleware,
+            store=store,
+            default=RateLimitPolicy.parse(REQUEST_LIMIT, tokens=TOKEN_LIMIT, key="principal"),
+        )
     app.add_middleware(
         JSONBodyMiddleware,
         max_body_bytes=20 * 1024 * 1024,
         path_prefixes=tuple(f"{p}/" for p in API_PREFIXES),
     )
+    generate = ScopePolicy(scopes=frozenset({"gemini.generate"}))
     app.add_middleware(
         OAuth2Middleware,
         issuers=[Issuer(issuer=issuer.issuer, audience=issuer.audience, jwks=issuer.jwks())],
         public_paths=("/dev/",),
         rules={
             "GET /v1beta/models": ScopePolicy(scopes=frozenset({"gemini.read"})),
-            "POST /v1beta/models/{model}:countTokens": ScopePolicy(
-                scopes=frozenset({"gemini.generate"})
-            ),
+            "POST /v1beta/models/{model}:countTokens": generate,
+            "POST /v1beta/models/{model}:generateContent": generate,
         },
     )
+    if limits:
+        app.add_middleware(IPRateLimitMiddleware, limit=IP_LIMIT, store=store)
     if isinstance(app, Starlette):
         app.state.dev_issuer = issuer  # how the benchmark gets a valid token
+        app.state.bench_store = store  # the in-process checks count its round trips
         issuer.install(app)  # POST /dev/token, for the HTTP runs
     return app
+
+
+def bench_prefix() -> str:
+    """This run's Redis key prefix (unique; inherited by the uvicorn children)."""
+    prefix = os.environ.get(PREFIX_ENV)
+    if not prefix:
+        prefix = os.environ[PREFIX_ENV] = f"gsbench-{os.getpid()}-{os.urandom(4).hex()}"
+    return prefix
+
+
+def redis_url() -> str:
+    return os.environ.get(REDIS_URL_ENV) or DEFAULT_REDIS_URL
+
+
+def redis_store() -> Any:
+    """A ``RedisStore`` under this run's prefix (no connection until the first request)."""
+    from gemini_scale import RedisStore
+
+    return RedisStore.from_url(redis_url(), prefix=bench_prefix())
 
 
 _ISSUER: Any = None
@@ -121,6 +181,24 @@ MODEL_LIST: dict[str, Any] = {
     ]
 }
 COUNT_BODY = b'{"contents":[{"role":"user","parts":[{"text":"Hello, Gemini!"}]}]}'
+GENERATE_BODY = (
+    b'{"contents":[{"role":"user","parts":[{"text":"Hello, Gemini!"}]}],'
+    b'"generationConfig":{"maxOutputTokens":64}}'
+)
+#: A ``generateContent`` answer of about 330 bytes with ``usageMetadata``, which the token
+#: limiter reads to settle its reservation.
+GENERATE_ANSWER: dict[str, Any] = {
+    "candidates": [
+        {
+            "content": {"parts": [{"text": "Hello! How can I help you today?"}], "role": "model"},
+            "finishReason": "STOP",
+            "index": 0,
+        }
+    ],
+    "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 9, "totalTokenCount": 13},
+    "modelVersion": MODEL,
+    "responseId": "bench-0000000000000000",
+}
 
 
 async def _list_models(request: Request) -> Response:
@@ -132,35 +210,150 @@ async def _count_tokens(request: Request) -> Response:
     return JSONResponse({"totalTokens": 3})
 
 
-def bare_app() -> Starlette:
-    """The baseline: plain Starlette, no middleware."""
-    return Starlette(
-        routes=[
-            Route("/v1beta/models", _list_models, methods=["GET"]),
-            Route("/v1beta/models/{model}:countTokens", _count_tokens, methods=["POST"]),
-        ]
+async def _generate(request: Request) -> Response:
+    await request.body()
+    return JSONResponse(GENERATE_ANSWER)
+
+
+ENDPOINTS: tuple[tuple[str, Callable[[Request], Any], str], ...] = (
+    ("/v1beta/models", _list_models, "GET"),
+    ("/v1beta/models/{model}:countTokens", _count_tokens, "POST"),
+    ("/v1beta/models/{model}:generateContent", _generate, "POST"),
+)
+
+
+def bare_app(request_state: dict[str, Any] | None = None) -> Starlette:
+    """The baseline: plain Starlette, no middleware.
+
+    ``request_state``: what every request finds in ``scope["state"]``. Over HTTP it comes
+    from the lifespan state, which uvicorn copies into each request's scope as it always
+    does; in-process the benchmark copies it the same way (``app.state.request_state``).
+    """
+    lifespan = None
+    if request_state is not None:
+
+        @asynccontextmanager
+        async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+            yield request_state
+
+    app = Starlette(
+        routes=[Route(path, endpoint, methods=[method]) for path, endpoint, method in ENDPOINTS],
+        lifespan=lifespan,
     )
+    app.state.request_state = request_state or {}
+    return app
 
 
 def stack_app() -> ASGIApp:
-    """The baseline app inside the library's stack."""
+    """The baseline app inside the library's stack (rate limits in memory)."""
     return build_stack(bare_app())
 
 
+def stack_redis_app() -> ASGIApp:
+    """The same stack with both rate limiters on Redis (one ``RedisStore``)."""
+    return build_stack(bare_app(), store=redis_store())
+
+
+def stack_nolimit_app() -> ASGIApp:
+    """The stack without its two rate limiters (JSON body and OAuth2 only)."""
+    return build_stack(bare_app(), limits=False)
+
+
+def bench_principal() -> Any:
+    """The principal the limiter-only variants find in ``scope["state"]``, as if
+    ``OAuth2Middleware`` had verified it (``principal_of`` reads it from there)."""
+    from gemini_scale import Principal
+
+    return Principal(
+        issuer=bench_issuer().issuer,
+        subject="bench-user",
+        scopes=frozenset({"gemini.generate", "gemini.read"}),
+    )
+
+
+def limiter_app(store: Any = None) -> ASGIApp:
+    """``RateLimitMiddleware`` alone on the bare app, as ``build_stack`` configures it, with
+    an already verified principal in each request's state (no authentication runs)."""
+    from gemini_scale import MemoryStore, RateLimitMiddleware, RateLimitPolicy
+
+    app = bare_app(request_state={"principal": bench_principal()})
+    store = store if store is not None else MemoryStore()
+    app.add_middleware(
+        RateLimitMiddleware,
+        store=store,
+        default=RateLimitPolicy.parse(REQUEST_LIMIT, tokens=TOKEN_LIMIT, key="principal"),
+    )
+    app.state.bench_store = store
+    return app
+
+
+def limiter_redis_app() -> ASGIApp:
+    """``RateLimitMiddleware`` alone, on Redis."""
+    return limiter_app(redis_store())
+
+
+def slowapi_app(storage_uri: str = "memory://") -> ASGIApp:
+    """slowapi's documented pattern on the bare app's routes: ``@limiter.limit`` on each
+    endpoint (which takes ``request``) plus ``SlowAPIMiddleware``, keyed by
+    ``get_remote_address``, headers off (slowapi's default)."""
+    from slowapi import Limiter, _rate_limit_exceeded_handler
+    from slowapi.errors import RateLimitExceeded
+    from slowapi.middleware import SlowAPIMiddleware
+    from slowapi.util import get_remote_address
+
+    limiter = Limiter(
+        key_func=get_remote_address, storage_uri=storage_uri, key_prefix=bench_prefix()
+    )
+    limit = limiter.limit(SLOWAPI_LIMIT)
+    app = Starlette(
+        routes=[Route(path, limit(endpoint), methods=[method])
+                for path, endpoint, method in ENDPOINTS],
+        exception_handlers={RateLimitExceeded: _rate_limit_exceeded_handler},  # type: ignore[dict-item]
+    )
+    app.state.limiter = limiter
+    app.state.request_state = {}
+    app.add_middleware(SlowAPIMiddleware)
+    return app
+
+
+def slowapi_redis_app() -> ASGIApp:
+    """slowapi with its Redis storage (``limits``' synchronous redis-py storage)."""
+    return slowapi_app(redis_url())
+
+
 def gateway_app() -> ASGIApp:
-    """The example gateway (FastAPI, dev issuer, offline stand-in upstream)."""
+    """The example gateway (FastAPI, dev issuer, offline stand-in upstream), with its rate
+    limits (in memory) far above what a run sends."""
     from example_app.app import create_app
     from gemini_scale import load_settings
 
-    app: ASGIApp = create_app(load_settings({"GEMINI_SCALE_DEV_ISSUER": "1"}))
+    app: ASGIApp = create_app(load_settings({
+        "GEMINI_SCALE_DEV_ISSUER": "1",
+        "GEMINI_SCALE_RATE_LIMIT": REQUEST_LIMIT,
+        "GEMINI_SCALE_TOKEN_LIMIT": TOKEN_LIMIT,
+        "GEMINI_SCALE_IP_RATE_LIMIT": IP_LIMIT,
+    }))
     return app
 
 
 FACTORIES: dict[str, Callable[[], ASGIApp]] = {
     "bare": bare_app,
     "stack": stack_app,
+    "stack-redis": stack_redis_app,
+    "stack-nolimit": stack_nolimit_app,
+    "limiter": limiter_app,
+    "limiter-redis": limiter_redis_app,
+    "slowapi": slowapi_app,
+    "slowapi-redis": slowapi_redis_app,
     "gateway": gateway_app,
 }
+#: The variants that put state in Redis (their keys are removed at the end of a run).
+REDIS_VARIANTS = frozenset({"stack-redis", "limiter-redis", "slowapi-redis"})
+
+
+def factory_path(variant: str) -> str:
+    """``module:function`` of a variant's factory, for uvicorn."""
+    return f"bench.bench:{variant.replace('-', '_')}_app"
 
 
 @dataclass(frozen=True)
@@ -176,6 +369,8 @@ class Call:
 CALLS = (
     Call("GET models", "GET", "/v1beta/models"),
     Call("POST countTokens", "POST", f"/v1beta/models/{MODEL}:countTokens", COUNT_BODY),
+    Call("POST generateContent", "POST", f"/v1beta/models/{MODEL}:generateContent",
+         GENERATE_BODY),
 )
 #: Every request carries a bearer token of a realistic size, so only the app changes.
 FALLBACK_TOKEN = "eyJhbGciOiJFUzI1NiIsInR5cCI6ImF0K2p3dCJ9." + "x" * 300 + "." + "y" * 86
@@ -277,7 +472,7 @@ class Exchange:
     """One request/response over direct ASGI calls, like a server's: ``receive`` returns the
     request, then blocks until the response is complete, then says the client disconnected."""
 
-    __slots__ = ("body", "chunks", "event", "finished", "keep", "requested", "status")
+    __slots__ = ("body", "chunks", "event", "finished", "headers", "keep", "requested", "status")
 
     def __init__(self, body: bytes, keep: bool = False) -> None:
         self.body = body
@@ -287,6 +482,7 @@ class Exchange:
         self.status = 0
         self.keep = keep
         self.chunks: list[bytes] = []
+        self.headers: list[tuple[bytes, bytes]] = []
 
     async def receive(self) -> dict[str, Any]:
         if not self.requested:
@@ -301,6 +497,8 @@ class Exchange:
         kind = message["type"]
         if kind == "http.response.start":
             self.status = message["status"]
+            if self.keep:
+                self.headers = list(message.get("headers", []))
         elif kind == "http.response.body":
             if self.keep:
                 self.chunks.append(message.get("body", b""))
@@ -331,10 +529,18 @@ def make_scope(call: Call, token: str, state: dict[str, Any]) -> dict[str, Any]:
 async def one_call(
     app: ASGIApp, call: Call, token: str, state: dict[str, Any] | None = None
 ) -> tuple[int, bytes, dict[str, Any]]:
+    status, body, scope, _ = await one_exchange(app, call, token, state)
+    return status, body, scope
+
+
+async def one_exchange(
+    app: ASGIApp, call: Call, token: str, state: dict[str, Any] | None = None
+) -> tuple[int, bytes, dict[str, Any], list[tuple[bytes, bytes]]]:
+    """One request; (status, body, scope, response headers)."""
     scope = make_scope(call, token, dict(state or {}))
     exchange = Exchange(call.body, keep=True)
     await app(scope, exchange.receive, exchange.send)
-    return exchange.status, b"".join(exchange.chunks), scope
+    return exchange.status, b"".join(exchange.chunks), scope, exchange.headers
 
 
 async def run_block(
@@ -491,11 +697,139 @@ def dev_token(app: Any) -> str | None:
     return token
 
 
+#: Variants without any gemini-scale middleware (no request context is expected).
+FOREIGN_VARIANTS = frozenset({"slowapi", "slowapi-redis"})
+
+
+@dataclass
+class ClientCost:
+    """One Redis operation timed alone, sequentially, in this process."""
+
+    operation: str
+    rounds: int
+    calls_per_round: int
+    wall_us: float
+    cpu_us: float
+
+
+@dataclass
+class RedisFacts:
+    """What the in-process section learnt about the Redis variants."""
+
+    #: (variant, call) -> Redis commands (round trips) per request, counted at the client.
+    trips: dict[tuple[str, str], float] = field(default_factory=dict)
+    #: (variant, call) -> the commands by name, per request.
+    commands: dict[tuple[str, str], dict[str, float]] = field(default_factory=dict)
+    client_costs: list[ClientCost] = field(default_factory=list)
+
+
+def redis_client_of(app: Any) -> Any:
+    """The redis-py client a Redis variant talks through (``None`` for memory variants)."""
+    state = getattr(app, "state", None)
+    store = getattr(state, "bench_store", None)
+    client = getattr(store, "client", None)
+    if client is not None:
+        return client
+    limiter = getattr(state, "limiter", None)  # slowapi: limits' storage holds the client
+    return getattr(getattr(limiter, "_storage", None), "storage", None)
+
+
+@contextmanager
+def counting_commands(client: Any) -> Iterator[dict[str, int]]:
+    """Count the commands ``client`` sends (no pipelines here: one command, one round trip)."""
+    counts: dict[str, int] = {}
+    original = client.execute_command
+
+    def note(args: tuple[Any, ...]) -> None:
+        name = str(args[0]).upper() if args else "?"
+        counts[name] = counts.get(name, 0) + 1
+
+    if asyncio.iscoroutinefunction(original):
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            note(args)
+            return await original(*args, **kwargs)
+    else:
+        def counted(*args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
+            note(args)
+            return original(*args, **kwargs)
+    client.execute_command = counted
+    try:
+        yield counts
+    finally:
+        del client.execute_command  # the class's method again
+
+
+async def count_round_trips(
+    name: str, app: ASGIApp, token: str, state: dict[str, Any], facts: RedisFacts, n: int = 50
+) -> None:
+    client = redis_client_of(app)
+    if client is None:
+        return
+    for call in CALLS:
+        await one_call(app, call, token, state)  # scripts loaded, connections open
+        with counting_commands(client) as counts:
+            for _ in range(n):
+                await one_call(app, call, token, state)
+        facts.trips[(name, call.name)] = sum(counts.values()) / n
+        facts.commands[(name, call.name)] = {k: v / n for k, v in sorted(counts.items())}
+        shown = ", ".join(f"{k} {v / n:.2f}" for k, v in sorted(counts.items())) or "none"
+        print(f"  round trips {name:13} {call.name:20} {sum(counts.values()) / n:.2f} "
+              f"per request ({shown})", flush=True)
+
+
+async def measure_client_costs(rounds: int, block_seconds: float) -> list[ClientCost]:
+    """The Redis client's own cost for the limiter's command, next to what the limiter's
+    layers add on top of it: raw ``redis.asyncio`` EVALSHA of the acquire script,
+    ``RedisStore.run`` of it, and ``RateLimiter.acquire`` (two limits, as the principal
+    limiter sends: requests charged 1, tokens 0)."""
+    from gemini_scale.ratelimit.engine import Limit, RateLimiter
+    from gemini_scale.ratelimit.scripts import ACQUIRE
+
+    store = redis_store()
+    limiter = RateLimiter(store)
+    limits = (Limit("requests", 10**9, 60), Limit("tokens", 10**12, 60))
+    tag = "bench-client-cost"
+    keys = list(limiter.keys(tag, limits))
+    args: list[int] = [10**9, 60_000, 1, 10**12, 60_000, 0]
+    script = store.client.register_script(ACQUIRE.lua)
+    prefixed = [f"{store.prefix}:{key}" for key in keys]
+    operations: dict[str, Callable[[], Any]] = {
+        "redis.asyncio PING": store.client.ping,
+        "redis.asyncio EVALSHA acquire (2 limits)": lambda: script(keys=prefixed, args=args),
+        "RedisStore.run(ACQUIRE) (2 limits)": lambda: store.run(ACQUIRE, keys, args),
+        "RateLimiter.acquire (2 limits)": lambda: limiter.acquire(tag, limits, [1, 0]),
+    }
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in operations}
+    sizes: dict[str, int] = {}
+    try:
+        for name, operation in operations.items():  # warm up and size the blocks
+            started = time.perf_counter()
+            for _ in range(200):
+                await operation()
+            per_call = (time.perf_counter() - started) / 200
+            sizes[name] = max(50, round(block_seconds / max(per_call, 1e-6)))
+        names = list(operations)
+        for i in range(rounds):
+            for name in names if i % 2 == 0 else names[::-1]:
+                operation, n = operations[name], sizes[name]
+                gc.collect()
+                cpu0, wall0 = time.process_time(), time.perf_counter()
+                for _ in range(n):
+                    await operation()
+                wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+                samples[name].append((wall / n * 1e6, cpu / n * 1e6))
+    finally:
+        await store.aclose()
+    return [ClientCost(name, rounds, sizes[name], median([w for w, _ in got]),
+                       median([c for _, c in got])) for name, got in samples.items()]
+
+
 async def inprocess_main(
     variants: Sequence[str], pairs: int, block_seconds: float, notes: list[str]
-) -> list[Paired]:
+) -> tuple[list[Paired], RedisFacts]:
     bare = bare_app()
     apps: dict[str, ASGIApp] = {}
+    facts = RedisFacts()
     for name in variants:
         try:
             apps[name] = FACTORIES[name]()
@@ -519,29 +853,41 @@ async def inprocess_main(
                 lifespans.append(lifespan)
                 states[name] = lifespan.state
             else:
-                states[name] = {}
+                # What uvicorn would copy into every request from the lifespan state.
+                states[name] = dict(getattr(getattr(app, "state", None), "request_state", {}))
         tokens = {name: dev_token(app) or FALLBACK_TOKEN for name, app in apps.items()}
         tokens["bare"] = FALLBACK_TOKEN
         # Check each app answers each call before timing anything.
         checks: list[tuple[str, ASGIApp]] = [("bare", bare), *apps.items()]
         for name, app in checks:
             for call in CALLS:
-                status, body, scope = await asyncio.wait_for(
-                    one_call(app, call, tokens[name], states[name]), timeout=30)
+                status, body, scope, headers = await asyncio.wait_for(
+                    one_exchange(app, call, tokens[name], states[name]), timeout=30)
                 ran = "gemini_scale" in scope
-                print(f"  check {name:8} {call.name:17} -> {status}, {len(body)} bytes"
-                      + ("" if name == "bare" else f", gemini-scale context: {ran}"), flush=True)
+                expected = name != "bare" and name not in FOREIGN_VARIANTS
+                limited = dict(headers).get(b"ratelimit")
+                print(f"  check {name:13} {call.name:20} -> {status}, {len(body)} bytes"
+                      + (f", gemini-scale context: {ran}" if expected else "")
+                      + (f", RateLimit: {limited.decode()}" if limited else ""), flush=True)
                 if not 200 <= status < 300:
                     notes.append(f"in-process: {name} {call.name} answered {status}: "
                                  f"{body[:160]!r}")
-                if name != "bare" and not ran:
+                if expected and not ran:
                     notes.append(f"in-process: {name} {call.name}: no gemini-scale middleware ran")
+        for name, app in apps.items():
+            if name in REDIS_VARIANTS:
+                await count_round_trips(name, app, tokens[name], states[name], facts)
+        if REDIS_VARIANTS & set(apps):
+            facts.client_costs = await measure_client_costs(pairs, block_seconds / 2)
+            for cost in facts.client_costs:
+                print(f"  client cost {cost.operation:45} {fmt(cost.wall_us)} µs, "
+                      f"CPU {fmt(cost.cpu_us)} µs", flush=True)
         for name, app in apps.items():
             for call in CALLS:
                 result = await paired(name, bare, app, call, tokens[name], states["bare"],
                                       states[name], pairs, block_seconds)
                 results.append(result)
-                print(f"  {name:8} {call.name:17} added {signed(result.added_us)} µs "
+                print(f"  {name:13} {call.name:20} added {signed(result.added_us)} µs "
                       f"(CPU {signed(result.added_cpu_us)}), ratio {result.ratio:.2f}x",
                       flush=True)
     finally:
@@ -550,16 +896,20 @@ async def inprocess_main(
                 await lifespan.__aexit__(None, None, None)
             except Exception as exc:
                 notes.append(f"in-process: lifespan shutdown: {short_error(exc)}")
-    return results
+        for app in apps.values():
+            store = getattr(getattr(app, "state", None), "bench_store", None)
+            if store is not None and hasattr(store, "aclose"):
+                await store.aclose()
+    return results, facts
 
 
 def run_inprocess(
     variants: Sequence[str], pairs: int, block_seconds: float, notes: list[str]
-) -> list[Paired]:
+) -> tuple[list[Paired], RedisFacts]:
     section(f"In-process: direct ASGI calls, paired B/V blocks ({pairs} pairs, "
             f"~{block_seconds:g} s each, loop: {loop_factory().__module__.split('.')[0]})")
     with asyncio.Runner(loop_factory=loop_factory()) as runner:
-        results = runner.run(inprocess_main(variants, pairs, block_seconds, notes))
+        results, facts = runner.run(inprocess_main(variants, pairs, block_seconds, notes))
     rows = [
         [r.variant, r.call, fmt(r.bare_us), fmt(r.variant_us), signed(r.added_us),
          fmt(r.bare_cpu_us), fmt(r.variant_cpu_us), signed(r.added_cpu_us),
@@ -569,7 +919,7 @@ def run_inprocess(
     print()
     print(table(["variant", "route", "bare µs", "variant µs", "added µs", "bare CPU µs",
                  "var CPU µs", "added CPU µs", "ratio", "added spread", "non-2xx"], rows))
-    return results
+    return results, facts
 
 
 # --------------------------------------------------------------------------------------------
@@ -647,7 +997,7 @@ def uvicorn_server(variant: str, pinned: bool) -> Iterator[tuple[int, int]]:
     """Serve ``variant`` with one uvicorn process on 127.0.0.1; yields (port, pid)."""
     port = free_port()
     command = [
-        *pin(0, pinned), sys.executable, "-m", "uvicorn", f"bench.bench:{variant}_app",
+        *pin(0, pinned), sys.executable, "-m", "uvicorn", factory_path(variant),
         "--factory", "--host", "127.0.0.1", "--port", str(port), "--app-dir", ROOT,
         *uvicorn_options(),
     ]
@@ -888,7 +1238,7 @@ def run_http(variants: Sequence[str], seconds: int, warmup: int, rounds: int, co
                                     if got["requests"] else math.nan,
                                     server_utilization=cpu / wall, **got)
                         results.append(load)
-                        print(f"  round {rnd + 1} {variant:8} {call.name:17} "
+                        print(f"  round {rnd + 1} {variant:13} {call.name:20} "
                               f"{fmt(load.rps, 0)} req/s, p50 {fmt(load.p50_ms, 2)} ms, "
                               f"p99 {fmt(load.p99_ms, 2)} ms, server CPU "
                               f"{fmt(load.server_cpu_us)} µs/req, util "
@@ -1097,7 +1447,8 @@ def verdict(ok: bool | None) -> str:
 
 
 def summary(inproc: Sequence[Paired], http: Sequence[Load], startup: Sequence[Startup],
-            load_start: str, notes: Sequence[str]) -> list[str]:
+            load_start: str, notes: Sequence[str],
+            facts: RedisFacts | None = None) -> list[str]:
     lines: list[str] = []
     stack = [p for p in inproc if p.variant == "stack"]
     worst = max((p.added_cpu_us for p in stack), default=math.nan)
@@ -1120,11 +1471,12 @@ def summary(inproc: Sequence[Paired], http: Sequence[Load], startup: Sequence[St
     if first is not None and first.baseline:
         lines.append(f"       (with the first request, route table and audit included: "
                      f"{signed(first.added_ms)} ms, {signed(first.added_mib, 2)} MiB)")
-    for s in summarize_http(http, ["stack", "gateway"]):
+    for s in summarize_http(http, ["stack", "stack-redis", "gateway"]):
         lines.append(f"       HTTP {s.variant} {s.call}: {s.rps_ratio:.2f}x bare req/s, "
                      f"{signed(s.added_cpu_us)} server CPU µs/request, p99/p50 "
                      f"{s.p99_ms / s.p50_ms:.2f}, server utilization "
                      f"{s.server_utilization:.2f}")
+    lines += ratelimit_summary(inproc, http, facts)
     lines.append(f"       load average at start {load_start}, at end {load_average()} "
                  f"on {cpu_count()} CPUs (other work on the machine adds noise; trust the "
                  "paired deltas and ratios, not absolute figures)")
@@ -1132,12 +1484,120 @@ def summary(inproc: Sequence[Paired], http: Sequence[Load], startup: Sequence[St
     return lines
 
 
+#: Rate-limit targets (issue 4, "Performance"): the memory limiter adds at most 10 µs per
+#: request in-process; the Redis limiter makes one round trip and costs at most the Redis
+#: client's own cost plus 20 µs, and at least 3x less CPU per request than slowapi with Redis.
+TARGET_LIMITER_MEMORY_US = 10.0
+TARGET_LIMITER_OVER_CLIENT_US = 20.0
+TARGET_SLOWAPI_REDIS_RATIO = 3.0
+LIMITER_VARIANTS = frozenset({"limiter", "limiter-redis", "slowapi", "slowapi-redis",
+                              "stack-redis", "stack-nolimit"})
+
+
+def ratelimit_summary(inproc: Sequence[Paired], http: Sequence[Load],
+                      facts: RedisFacts | None) -> list[str]:
+    """The rate limiter's targets, from whichever of its variants ran."""
+    variants = {p.variant for p in inproc} | {r.variant for r in http}
+    if not variants & LIMITER_VARIANTS:
+        return []
+    facts = facts or RedisFacts()
+    lines: list[str] = []
+
+    def added(variant: str, call: str) -> float:
+        found = next((p for p in inproc if p.variant == variant and p.call == call), None)
+        return found.added_cpu_us if found else math.nan
+
+    def per_call(values: dict[str, float], unit: str = " µs") -> str:
+        return ", ".join(f"{call} {signed(v) if unit else fmt(v, 2)}{unit}"
+                         for call, v in values.items())
+
+    calls = [c.name for c in CALLS]
+    memory = {c: added("limiter", c) for c in calls}
+    if not all(math.isnan(v) for v in memory.values()):
+        worst = max(v for v in memory.values() if not math.isnan(v))
+        lines.append(f"[{verdict(worst <= TARGET_LIMITER_MEMORY_US)}] memory limiter alone "
+                     f"(RateLimitMiddleware on bare), in-process added CPU: {per_call(memory)}  "
+                     f"(target ≤ {TARGET_LIMITER_MEMORY_US:.0f} µs/request)")
+    trips = {c: facts.trips[("limiter-redis", c)] for c in calls
+             if ("limiter-redis", c) in facts.trips}
+    if trips:
+        for call, n in trips.items():
+            what = ", ".join(f"{k} {v:.2f}" for k, v in
+                             facts.commands.get(("limiter-redis", call), {}).items())
+            lines.append(f"[{verdict(n <= 1.0)}] Redis limiter alone, round trips per request, "
+                         f"{call}: {n:.2f} ({what})  (target: one)")
+    client = next((c for c in facts.client_costs if c.operation.startswith(
+        "redis.asyncio EVALSHA")), None)
+    redis_added = {c: added("limiter-redis", c) for c in calls}
+    if client is not None and not all(math.isnan(v) for v in redis_added.values()):
+        for call, value in redis_added.items():
+            n = trips.get(call, 1.0)
+            budget = max(n, 1.0) * client.cpu_us + TARGET_LIMITER_OVER_CLIENT_US
+            lines.append(
+                f"[{verdict(None if math.isnan(value) else value <= budget)}] Redis limiter "
+                f"alone, in-process added CPU, {call}: {signed(value)} µs against "
+                f"{n:.0f} x the client's own EVALSHA ({fmt(client.cpu_us)} µs CPU) + "
+                f"{TARGET_LIMITER_OVER_CLIENT_US:.0f} = {fmt(budget)} µs "
+                f"(over the client: {signed(value - n * client.cpu_us)} µs)")
+    http_added = {(s.variant, s.call): s.added_cpu_us for s in summarize_http(
+        http, ["limiter", "limiter-redis", "slowapi", "slowapi-redis"])}
+    for ours, theirs, target in (("limiter-redis", "slowapi-redis", TARGET_SLOWAPI_REDIS_RATIO),
+                                 ("limiter", "slowapi", None)):
+        for where, table_ in (("in-process", {c: (added(ours, c), added(theirs, c))
+                                              for c in calls}),
+                              ("HTTP", {c: (http_added.get((ours, c), math.nan),
+                                            http_added.get((theirs, c), math.nan))
+                                        for c in calls})):
+            parts, ratios = [], []
+            for call, (a, b) in table_.items():
+                if math.isnan(a) or math.isnan(b):
+                    continue
+                ratio = b / a if a > 0 else math.inf
+                ratios.append(ratio)
+                parts.append(f"{call} {signed(b)} vs {signed(a)} µs = {ratio:.1f}x")
+            if not parts:
+                continue
+            ok = None if target is None else min(ratios) >= target
+            goal = f"(target ≥ {target:.0f}x)" if target else "(no target; for scale)"
+            lines.append(f"[{verdict(ok)}] {where} added CPU, {theirs} vs {ours}: "
+                         f"{'; '.join(parts)}  {goal}")
+    for stack in ("stack", "stack-redis"):
+        inside = {c: added(stack, c) - added("stack-nolimit", c) for c in calls}
+        if not all(math.isnan(v) for v in inside.values()):
+            lines.append(f"       both limiters inside the stack ({stack} minus stack-nolimit, "
+                         f"in-process CPU): {per_call(inside)}")
+    return lines
+
+
+def cleanup_redis() -> str:
+    """Remove every key this run put in Redis (its prefix; slowapi's keys carry it too)."""
+    import redis
+
+    prefix = bench_prefix()
+    client = redis.Redis.from_url(redis_url())
+    removed = 0
+    try:
+        # slowapi: limits names its keys LIMITS:LIMITER/<key_prefix>/...
+        for pattern in (f"{prefix}:*", f"*LIMITER/{prefix}/*"):
+            batch: list[bytes] = []
+            for key in client.scan_iter(match=pattern, count=1000):
+                batch.append(key)
+                if len(batch) >= 500:
+                    removed += int(client.delete(*batch))
+                    batch = []
+            if batch:
+                removed += int(client.delete(*batch))
+    finally:
+        client.close()
+    return f"removed {removed} Redis keys of this run (prefix {prefix})"
+
+
 def versions() -> dict[str, str]:
     import importlib.metadata
 
     out = {"python": platform.python_version()}
     for name in ("gemini-scale", "starlette", "fastapi", "uvicorn", "uvloop", "httptools",
-                 "httpx", "anyio", "pydantic"):
+                 "httpx", "anyio", "pydantic", "redis", "hiredis", "limits", "slowapi"):
         try:
             out[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
@@ -1203,7 +1663,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in variants if v not in FACTORIES or v == "bare"]
     if unknown:
-        raise SystemExit(f"unknown variants {unknown}; choose from stack, gateway")
+        raise SystemExit(f"unknown variants {unknown}; choose from "
+                         + ", ".join(v for v in FACTORIES if v != "bare"))
     sections = {s.strip() for s in args.sections.split(",")}
     generator = args.load_generator
     if generator == "auto":
@@ -1224,15 +1685,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     inproc: list[Paired] = []
     loads: list[Load] = []
     startup: list[Startup] = []
-    if "inprocess" in sections:
-        inproc = run_inprocess(variants, args.pairs, args.block_seconds, notes)
-    if "http" in sections:
-        loads = run_http(variants, args.seconds, args.warmup, args.rounds, args.connections,
-                         generator, not args.no_pin, notes)
-    if "startup" in sections:
-        startup = run_startup(args.startup_runs, variants, notes)
+    facts: RedisFacts | None = None
+    uses_redis = bool(REDIS_VARIANTS & set(variants)) and bool({"inprocess", "http"} & sections)
+    if uses_redis:
+        print(f"  Redis: {redis_url()}, keys under the prefix {bench_prefix()} "
+              "(removed at the end)")
+    try:
+        if "inprocess" in sections:
+            inproc, facts = run_inprocess(variants, args.pairs, args.block_seconds, notes)
+        if "http" in sections:
+            loads = run_http(variants, args.seconds, args.warmup, args.rounds,
+                             args.connections, generator, not args.no_pin, notes)
+        if "startup" in sections:
+            startup = run_startup(args.startup_runs, variants, notes)
+    finally:
+        if uses_redis:
+            try:
+                print(f"  {cleanup_redis()}", flush=True)
+            except Exception as exc:
+                notes.append(f"Redis clean-up failed: {short_error(exc)}")
     section("Summary against the project's targets")
-    lines = summary(inproc, loads, startup, load_start, notes)
+    lines = summary(inproc, loads, startup, load_start, notes, facts)
     print("\n".join(lines))
     print(f"\n(total {time.time() - started:.0f} s)")
     if args.json:
@@ -1245,6 +1718,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "http_runs": [asdict(r) for r in loads],
             "http": [asdict(s) for s in summarize_http(loads, ["bare", *variants])],
             "startup": [asdict(s) for s in startup],
+            "redis": None if facts is None else {
+                "round_trips": {f"{v} / {c}": n for (v, c), n in facts.trips.items()},
+                "commands": {f"{v} / {c}": n for (v, c), n in facts.commands.items()},
+                "client_costs": [asdict(c) for c in facts.client_costs],
+            },
             "summary": lines,
         }
         with open(path, "w") as f:

@@ -79,7 +79,7 @@ class RateLimitPolicy(Policy):
         if isinstance(key, str):  # a single dimension given as a plain string
             object.__setattr__(self, "key", (key,))
         unknown = set(self.key) - set(LIMIT_KEYS)
-        if unknown or not self.key:
+        if unknown or not self.key or len(set(self.key)) != len(self.key):
             raise ConfigurationError(
                 f"rate limit key must be among {', '.join(LIMIT_KEYS)}: {self.key!r}"
             )

@@ -98,6 +98,12 @@ class GeminiScaleSettings(BaseSettings):
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError as exc:
                 raise ValueError(f"entry {position} is not an IP network (CIDR)") from exc
+        from gemini_scale.keys import TrustedProxies
+
+        try:
+            TrustedProxies(_split(value))  # refuses "*" and networks covering every address
+        except ConfigurationError as exc:
+            raise ValueError(str(exc)) from None
         return value
 
     @field_validator("redis_url")

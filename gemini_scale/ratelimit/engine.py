@@ -20,9 +20,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
-
-from limits import RateLimitItem
+from typing import TYPE_CHECKING, Literal
 
 from gemini_scale.errors import StoreError
 from gemini_scale.ratelimit.metrics import record_degraded, record_recovered
@@ -30,6 +28,9 @@ from gemini_scale.ratelimit.scripts import ACQUIRE, SETTLE
 from gemini_scale.stores.base import Store
 from gemini_scale.stores.memory import MemoryStore
 from gemini_scale.types import SYSTEM_CLOCK, Clock
+
+if TYPE_CHECKING:
+    from limits import RateLimitItem
 
 logger = logging.getLogger("gemini_scale.ratelimit")
 
@@ -138,6 +139,10 @@ class _Breaker:
             return False
         self.probing = True  # half-open: this caller probes, the others stay local
         return True
+
+    def is_open(self) -> bool:
+        """Whether calls are being kept off the store right now."""
+        return self.failures >= self.threshold and self.clock.monotonic() < self.open_until
 
     def succeeded(self) -> None:
         if self.failures >= self.threshold:
@@ -249,6 +254,8 @@ class RateLimiter:
                 args += [index, int(delta)]
         if not keys:
             return
+        if not reservation.local and self._breaker.is_open():
+            return  # the store is known to be down: the reservation stands (logged already)
         store: Store = self._local if reservation.local else self.store
         try:
             await store.run(SETTLE, keys, args)

@@ -5,13 +5,13 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Collection, Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import anyio
 
 from gemini_scale.body import JSON_KEY, BodyRefusedError, load_json_body
 from gemini_scale.errors import send_error
-from gemini_scale.keys import TrustedProxies, identity
+from gemini_scale.keys import Identity, TrustedProxies, identity
 from gemini_scale.policies import LimitKey, Policy, RateLimitPolicy
 from gemini_scale.ratelimit.answers import quota_details, rate_limit_headers
 from gemini_scale.ratelimit.engine import (
@@ -37,6 +37,7 @@ TOKEN_METHODS = (
 )
 #: ``RequestContext.extras`` key a cache layer sets on a hit: no tokens are charged.
 CACHE_HIT_KEY = "cache_hit"
+_IDENTITY_CACHE_SIZE = 10_000
 #: ``RequestContext.extras`` key of the decisions made for a request, outermost first.
 DECISIONS_KEY = "rate_limits"
 
@@ -109,6 +110,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         self.token_methods = tuple(token_methods)
         self.headers = headers
         self._limits: dict[RateLimitPolicy, tuple[Limit, ...]] = {}
+        self._identities: dict[tuple[Any, ...], Identity | None] = {}
 
     def limits_of(self, policy: RateLimitPolicy) -> tuple[Limit, ...]:
         """The engine's limits for a policy (computed once per policy)."""
@@ -119,6 +121,30 @@ class RateLimitMiddleware(GeminiMiddleware):
                 + [Limit.from_item("tokens", item) for item in policy.tokens]
             )
             self._limits[policy] = found
+        return found
+
+    def _identity(
+        self, scope: Scope, context: RequestContext, dimensions: tuple[LimitKey, ...]
+    ) -> Identity | None:
+        """:func:`~gemini_scale.keys.identity`, memoised for verified principals: hashing the
+        canonical encoding is most of a memory limiter's cost, and a principal's bucket does
+        not change between its requests (bounded; the client address is never memoised)."""
+        principal = context.principal
+        if principal is None or "client_ip" in dimensions:
+            return identity(scope, dimensions, trusted=self.trusted)
+        route = context.route
+        key = (
+            principal,
+            dimensions,
+            route.template if route is not None else None,
+            route.params.get("model") if route is not None else None,
+        )
+        found = self._identities.get(key)
+        if found is None:
+            found = identity(scope, dimensions, trusted=self.trusted)
+            if len(self._identities) >= _IDENTITY_CACHE_SIZE:
+                self._identities.clear()
+            self._identities[key] = found
         return found
 
     def _budget(self, policy: RateLimitPolicy, context: RequestContext) -> str:
@@ -146,7 +172,7 @@ class RateLimitMiddleware(GeminiMiddleware):
             return
         limits = self.limits_of(policy)
         dimensions: tuple[LimitKey, ...] = policy.key
-        bucket = identity(scope, dimensions, trusted=self.trusted)
+        bucket = self._identity(scope, context, dimensions)
         if bucket is None:
             # A dimension this request lacks: a route without {model} keys on the rest (a
             # listing is per principal, not per model); without a principal (a public
