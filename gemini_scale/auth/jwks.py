@@ -17,12 +17,13 @@ import asyncio
 import binascii
 import hashlib
 import json
+import json.scanner
 import logging
 import math
 import re
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeAlias, TypeVar, cast
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
@@ -97,16 +98,20 @@ _TO_STANDARD_ALPHABET = bytes.maketrans(b"-_", b"+/")
 
 def b64url_decode_alphabet_checked(segment: str) -> bytes:
     """:func:`b64url_decode` for a segment already known to hold only ``[A-Za-z0-9_-]``."""
-    tail = len(segment) % 4
-    if tail == 1:
-        raise ValueError("impossible base64url length")
-    # The unused low bits of the last character must be zero (RFC 4648 §3.5).
-    if (tail == 2 and _B64_INDEX[segment[-1]] & 0x0F) or (
-        tail == 3 and _B64_INDEX[segment[-1]] & 0x03
-    ):
-        raise ValueError("non-canonical base64url")
-    padded = (segment + "==="[: (4 - tail) % 4]).encode()
-    return binascii.a2b_base64(padded.translate(_TO_STANDARD_ALPHABET))
+    tail = len(segment) & 3
+    if tail:
+        if tail == 1:
+            raise ValueError("impossible base64url length")
+        # The unused low bits of the last character must be zero (RFC 4648 §3.5).
+        if tail == 2:
+            if _B64_INDEX[segment[-1]] & 0x0F:
+                raise ValueError("non-canonical base64url")
+            segment += "=="
+        else:
+            if _B64_INDEX[segment[-1]] & 0x03:
+                raise ValueError("non-canonical base64url")
+            segment += "="
+    return binascii.a2b_base64(segment.encode().translate(_TO_STANDARD_ALPHABET))
 
 
 def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -123,6 +128,11 @@ def _reject_constant(name: str) -> Any:
 
 
 _DECODER = json.JSONDecoder(object_pairs_hook=_unique_members, parse_constant=_reject_constant)
+# The decoder's own scanner (the C one when available), called directly: the common input, a
+# document without surrounding whitespace, then needs no regex passes and no Python frames.
+_SCAN_ONCE: Callable[[str, int], tuple[Any, int]] = json.scanner.make_scanner(
+    cast("Any", _DECODER)
+)
 
 
 def loads_json(data: bytes) -> Any:
@@ -133,6 +143,14 @@ def loads_json(data: bytes) -> Any:
     # json.loads(bytes) would also accept UTF-16/32; RFC 8725 §3.7 wants UTF-8 only.
     text = data.decode("utf-8")
     try:
+        try:
+            value, end = _SCAN_ONCE(text, 0)
+        except StopIteration:
+            end = -1
+        if end == len(text):
+            return value
+        # Leading/trailing whitespace, trailing data or a syntax error: the full decoder
+        # accepts the first and raises the right ValueError for the others.
         return _DECODER.decode(text)
     except RecursionError as exc:
         raise ValueError("JSON nested too deeply") from exc
@@ -143,49 +161,82 @@ def loads_json(data: bytes) -> Any:
 # ------------------------------------------------------------------------------------------
 
 _Verifier: TypeAlias = Callable[[PublicKey, bytes, bytes], bool]
+_BoundVerifier: TypeAlias = Callable[[bytes, bytes], bool]
+_Binder: TypeAlias = Callable[[PublicKey], _BoundVerifier]
 
 
-def _rsa_verifier(pad: padding.AsymmetricPadding, digest: hashes.HashAlgorithm) -> _Verifier:
+def _never(signature: bytes, message: bytes) -> bool:
+    """The bound verifier of a key of the wrong type: nothing verifies."""
+    return False
+
+
+def _unbound(bind: _Binder) -> _Verifier:
     def verify(key: PublicKey, signature: bytes, message: bytes) -> bool:
-        if not isinstance(key, RSAPublicKey):
-            return False
-        try:
-            key.verify(signature, message, pad, digest)
-        except InvalidSignature:
-            return False
-        return True
+        return bind(key)(signature, message)
 
     return verify
 
 
-def _ec_verifier(digest: hashes.HashAlgorithm, size: int) -> _Verifier:
+def _rsa_binder(pad: padding.AsymmetricPadding, digest: hashes.HashAlgorithm) -> _Binder:
+    def bind(key: PublicKey) -> _BoundVerifier:
+        if not isinstance(key, RSAPublicKey):
+            return _never
+        key_verify = key.verify
+
+        def verify(signature: bytes, message: bytes) -> bool:
+            try:
+                key_verify(signature, message, pad, digest)
+            except InvalidSignature:
+                return False
+            return True
+
+        return verify
+
+    return bind
+
+
+def _ec_binder(digest: hashes.HashAlgorithm, size: int) -> _Binder:
     scheme = ec.ECDSA(digest)
 
-    def verify(key: PublicKey, signature: bytes, message: bytes) -> bool:
-        # JWS carries the fixed-size R || S form (RFC 7518 §3.4), never DER.
-        if not isinstance(key, ec.EllipticCurvePublicKey) or len(signature) != 2 * size:
-            return False
-        r = int.from_bytes(signature[:size], "big")
-        s = int.from_bytes(signature[size:], "big")
-        if r == 0 or s == 0:  # CVE-2022-21449 class; cryptography refuses too
+    def bind(key: PublicKey) -> _BoundVerifier:
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            return _never
+        key_verify = key.verify
+
+        def verify(signature: bytes, message: bytes) -> bool:
+            # JWS carries the fixed-size R || S form (RFC 7518 §3.4), never DER.
+            if len(signature) != 2 * size:
+                return False
+            r = int.from_bytes(signature[:size], "big")
+            s = int.from_bytes(signature[size:], "big")
+            if r == 0 or s == 0:  # CVE-2022-21449 class; cryptography refuses too
+                return False
+            try:
+                key_verify(encode_dss_signature(r, s), message, scheme)
+            except InvalidSignature:
+                return False
+            return True
+
+        return verify
+
+    return bind
+
+
+def _ed25519_bind(key: PublicKey) -> _BoundVerifier:
+    if not isinstance(key, Ed25519PublicKey):
+        return _never
+    key_verify = key.verify
+
+    def verify(signature: bytes, message: bytes) -> bool:
+        if len(signature) != 64:
             return False
         try:
-            key.verify(encode_dss_signature(r, s), message, scheme)
+            key_verify(signature, message)
         except InvalidSignature:
             return False
         return True
 
     return verify
-
-
-def _ed25519_verify(key: PublicKey, signature: bytes, message: bytes) -> bool:
-    if not isinstance(key, Ed25519PublicKey) or len(signature) != 64:
-        return False
-    try:
-        key.verify(signature, message)
-    except InvalidSignature:
-        return False
-    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,29 +248,35 @@ class SignatureAlgorithm:
     """The JWK key type the algorithm needs (``RSA``, ``EC``, ``OKP``)."""
     curve: str | None
     """The curve an ``EC``/``OKP`` key must be on."""
-    verify: _Verifier
-    """``verify(public_key, signature, signing_input) -> bool``; never raises for bad input."""
+    bind: _Binder
+    """``bind(public_key)``: ``verify(signature, signing_input) -> bool`` for that key (always
+    false for a key of the wrong type); never raises for bad input."""
+
+    @property
+    def verify(self) -> _Verifier:
+        """``verify(public_key, signature, signing_input) -> bool``; never raises."""
+        return _unbound(self.bind)
 
 
 def _algorithms() -> dict[str, SignatureAlgorithm]:
     table: dict[str, SignatureAlgorithm] = {}
     for bits, digest in ((256, hashes.SHA256()), (384, hashes.SHA384()), (512, hashes.SHA512())):
         table[f"RS{bits}"] = SignatureAlgorithm(
-            f"RS{bits}", "RSA", None, _rsa_verifier(padding.PKCS1v15(), digest)
+            f"RS{bits}", "RSA", None, _rsa_binder(padding.PKCS1v15(), digest)
         )
         # RFC 7518 §3.5: MGF1 with the same hash, salt as long as the hash output.
         pss = padding.PSS(mgf=padding.MGF1(digest), salt_length=digest.digest_size)
         table[f"PS{bits}"] = SignatureAlgorithm(
-            f"PS{bits}", "RSA", None, _rsa_verifier(pss, digest)
+            f"PS{bits}", "RSA", None, _rsa_binder(pss, digest)
         )
     for name, curve, digest, size in (
         ("ES256", "P-256", hashes.SHA256(), 32),
         ("ES384", "P-384", hashes.SHA384(), 48),
         ("ES512", "P-521", hashes.SHA512(), 66),
     ):
-        table[name] = SignatureAlgorithm(name, "EC", curve, _ec_verifier(digest, size))
-    table["EdDSA"] = SignatureAlgorithm("EdDSA", "OKP", "Ed25519", _ed25519_verify)
-    table["Ed25519"] = SignatureAlgorithm("Ed25519", "OKP", "Ed25519", _ed25519_verify)  # RFC 9864
+        table[name] = SignatureAlgorithm(name, "EC", curve, _ec_binder(digest, size))
+    table["EdDSA"] = SignatureAlgorithm("EdDSA", "OKP", "Ed25519", _ed25519_bind)
+    table["Ed25519"] = SignatureAlgorithm("Ed25519", "OKP", "Ed25519", _ed25519_bind)  # RFC 9864
     return table
 
 
@@ -246,6 +303,19 @@ class VerificationKey:
     alg: str | None
     """The ``alg`` the JWK declares; when set, the key verifies that algorithm only."""
     public_key: PublicKey
+    _bound: dict[str, tuple[SignatureAlgorithm, _BoundVerifier]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+    """Verifiers bound to this key, by algorithm name (built once per key and algorithm)."""
+
+    def verifier(self, algorithm: SignatureAlgorithm) -> _BoundVerifier:
+        """``verify(signature, signing_input) -> bool`` for ``algorithm`` with this key."""
+        entry = self._bound.get(algorithm.name)
+        if entry is not None and entry[0] is algorithm:
+            return entry[1]
+        bound = algorithm.bind(self.public_key)
+        self._bound[algorithm.name] = (algorithm, bound)
+        return bound
 
     def fits(self, algorithm: SignatureAlgorithm) -> bool:
         """Whether this key may verify ``algorithm`` (key type, curve and declared ``alg``)."""

@@ -42,7 +42,7 @@ from gemini_scale.auth.jwks import (
     b64url_decode_alphabet_checked,
     loads_json,
 )
-from gemini_scale.auth.token_cache import CachedToken, TokenCache, token_digest
+from gemini_scale.auth.token_cache import CachedToken, TokenCache, token_digest_of_bytes
 from gemini_scale.errors import ConfigurationError
 from gemini_scale.principal import Principal
 from gemini_scale.types import SYSTEM_CLOCK, Clock
@@ -66,6 +66,15 @@ _STRING_CLAIMS = ("iss", "sub", "client_id", "azp", "jti")
 _MAX_TIME = 253_402_300_799  # 9999-12-31T23:59:59Z; larger "times" are junk (A19)
 _COMPACT = re.compile(r"([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)\.([A-Za-z0-9_-]+)")
 _ABSENT: Any = object()
+# What a header's ``typ`` says, decided once per distinct header (RFC 9068 §4).
+_TYP_ABSENT = 0
+_TYP_ACCESS = 1  # at+jwt
+_TYP_GENERIC = 2  # JWT
+_TYP_OTHER = 3  # anything else, or not an ASCII string: always refused
+#: Distinct valid headers remembered (an issuer mints very few); the map is emptied when full.
+_HEADER_CACHE_SIZE = 256
+#: Longer header segments are checked every time rather than remembered.
+_HEADER_CACHE_MAX_CHARS = 1024
 
 # Fixed refusal messages (RFC 6750 §3 charset; no input ever interpolated).
 _TOO_LARGE = "The access token is too large."
@@ -208,6 +217,39 @@ def _json_object(segment: str) -> dict[str, Any]:
     return value
 
 
+# alg, its SignatureAlgorithm, kid, typ kind: a header that passed every header check.
+_Header = tuple[str, SignatureAlgorithm, "str | None", int]
+
+
+def _typ_kind(typ: Any) -> int:
+    if typ is _ABSENT:
+        return _TYP_ABSENT
+    if type(typ) is not str or not typ.isascii():
+        return _TYP_OTHER
+    media = typ.lower()  # media types compare case-insensitively (RFC 9068's at+JWT)
+    if media in _ACCESS_TOKEN_TYPES:
+        return _TYP_ACCESS
+    if media in _GENERIC_TYPES:
+        return _TYP_GENERIC
+    return _TYP_OTHER
+
+
+def _parse_header(segment: str) -> _Header:
+    """The JOSE header checks that depend on the header alone (RFC 7515 §4, RFC 8725)."""
+    header = _json_object(segment)
+    alg = header.get("alg")
+    algorithm = SIGNATURE_ALGORITHMS.get(alg) if type(alg) is str else None
+    if algorithm is None:
+        raise _refuse(_ALGORITHM)
+    if "crit" in header:
+        # We implement no extension, so any critical one is unknown (RFC 7515 §4.1.11).
+        raise _refuse(_CRITICAL)
+    kid: str | None = header.get("kid")
+    if "kid" in header and type(kid) is not str:
+        raise _refuse(_MALFORMED)
+    return algorithm.name, algorithm, kid, _typ_kind(header.get("typ", _ABSENT))
+
+
 # valid_until, subject, client_id, scopes (a plain tuple: built for every first-seen token)
 _Accepted = tuple[float, str, "str | None", frozenset[str]]
 
@@ -233,17 +275,11 @@ class _TrustedIssuer:
         self.scope_claims = config.scope_claims
         self.tenant_claim = config.tenant_claim
 
-    def check_type(self, typ: Any, claims: dict[str, Any]) -> None:
+    def check_type(self, typ_kind: int, claims: dict[str, Any]) -> None:
         """RFC 9068 §4 explicit typing, with the per-issuer opt-out for untyped IdPs."""
-        if typ is not _ABSENT:
-            if type(typ) is not str or not typ.isascii():
-                raise _refuse(_WRONG_TYPE)
-            media = typ.lower()  # media types compare case-insensitively (RFC 9068's at+JWT)
-            if media in _ACCESS_TOKEN_TYPES:
-                return
-            if self.config.require_typ or media not in _GENERIC_TYPES:
-                raise _refuse(_WRONG_TYPE)
-        elif self.config.require_typ:
+        if typ_kind == _TYP_ACCESS:
+            return
+        if typ_kind == _TYP_OTHER or self.config.require_typ:
             raise _refuse(_WRONG_TYPE)
         # Untyped or generic "JWT": only the claims can tell an ID token (nonce) or a
         # logout token (events) from an access token (RFC 8725 §3.12).
@@ -390,6 +426,7 @@ class JWTValidator:
         self._max_token_bytes = max_token_bytes
         self._fetch_timeout = fetch_timeout
         self._cache = TokenCache(cache_size)
+        self._headers: dict[str, _Header] = {}
         self.stats = JWTStats()
         self._issuers: dict[str, _TrustedIssuer] = {}
         for config in issuers:
@@ -455,7 +492,8 @@ class JWTValidator:
             raise _refuse(_TOO_LARGE)
         if not token.isascii():
             raise _refuse(_MALFORMED)
-        digest = token_digest(token)
+        data = token.encode()
+        digest = token_digest_of_bytes(data)
         cached = self._cache.get(digest)
         if cached is not None:
             if (
@@ -472,7 +510,7 @@ class JWTValidator:
         key = keys.cached_key(kid, algorithm) or await keys.key_for(kid, algorithm)
         generation = keys.generation
         self.stats.signatures += 1
-        if not algorithm.verify(key.public_key, signature, token[:signed_until].encode()):
+        if not key.verifier(algorithm)(signature, data[:signed_until]):
             raise _refuse(_SIGNATURE)
         principal = trusted.principal(claims, accepted)
         self._cache.put(
@@ -489,17 +527,16 @@ class JWTValidator:
         self.stats.decoded += 1
         encoded_header, encoded_claims, encoded_signature = match.groups()
 
-        header = _json_object(encoded_header)
-        alg = header.get("alg")
-        algorithm = SIGNATURE_ALGORITHMS.get(alg) if type(alg) is str else None
-        if algorithm is None:
-            raise _refuse(_ALGORITHM)
-        if "crit" in header:
-            # We implement no extension, so any critical one is unknown (RFC 7515 §4.1.11).
-            raise _refuse(_CRITICAL)
-        kid = header.get("kid")
-        if "kid" in header and type(kid) is not str:
-            raise _refuse(_MALFORMED)
+        # Tokens of one issuer share a few headers: each distinct valid one is decoded and
+        # checked once, then looked up (same checks, same outcome: it is a pure function).
+        header = self._headers.get(encoded_header)
+        if header is None:
+            header = _parse_header(encoded_header)
+            if len(encoded_header) <= _HEADER_CACHE_MAX_CHARS:
+                if len(self._headers) >= _HEADER_CACHE_SIZE:
+                    self._headers.clear()
+                self._headers[encoded_header] = header
+        alg, algorithm, kid, typ_kind = header
 
         claims = _json_object(encoded_claims)
         iss = claims.get("iss")
@@ -510,7 +547,7 @@ class JWTValidator:
             raise _refuse(_UNTRUSTED)
         if alg not in trusted.algorithms:
             raise _refuse(_ALGORITHM)
-        trusted.check_type(header.get("typ", _ABSENT), claims)
+        trusted.check_type(typ_kind, claims)
         accepted = trusted.check_claims(claims, self._clock.time())
         try:
             signature = b64url_decode_alphabet_checked(encoded_signature)

@@ -18,12 +18,18 @@ from gemini_scale.principal import Principal
 if TYPE_CHECKING:
     from gemini_scale.auth.jwks import JWKSCache
 
-__all__ = ["CachedToken", "TokenCache", "token_digest"]
+__all__ = ["CachedToken", "TokenCache", "token_digest", "token_digest_of_bytes"]
 
 
 def token_digest(token: str) -> bytes:
     """The cache key of ``token``: its SHA-256 digest."""
     return hashlib.sha256(token.encode()).digest()
+
+
+def token_digest_of_bytes(token: bytes) -> bytes:
+    """:func:`token_digest` of a token already encoded (``token_digest(t) ==
+    token_digest_of_bytes(t.encode())``)."""
+    return hashlib.sha256(token).digest()
 
 
 class CachedToken(NamedTuple):

@@ -19,6 +19,24 @@ def limit_names(limits: Sequence[Limit], prefix: str = "") -> dict[Limit, str]:
     }
 
 
+#: (prefix, limits) -> (names, RateLimit-Policy items); limits are per-policy constants.
+_POLICY_CACHE: dict[tuple[str, tuple[Limit, ...]], tuple[dict[Limit, str], list[str]]] = {}
+_POLICY_CACHE_SIZE = 1024
+
+
+def _policy_items(prefix: str, limits: Sequence[Limit]) -> tuple[dict[Limit, str], list[str]]:
+    key = (prefix, limits) if type(limits) is tuple else None
+    found = _POLICY_CACHE.get(key) if key is not None else None
+    if found is None:
+        names = limit_names(limits, prefix)
+        found = (names, [f'"{names[lim]}";q={lim.amount};w={lim.window}' for lim in limits])
+        if key is not None:
+            if len(_POLICY_CACHE) >= _POLICY_CACHE_SIZE:
+                _POLICY_CACHE.clear()
+            _POLICY_CACHE[key] = found
+    return found
+
+
 def rate_limit_headers(
     decisions: Sequence[tuple[str, Sequence[Limit], Decision]],
 ) -> list[tuple[bytes, bytes]]:
@@ -27,23 +45,28 @@ def rate_limit_headers(
     constrained one (``"requests";r=41;t=17``). Nothing when no limit was checked (a store
     failure under ``on_store_error="open"``)."""
     policies: list[str] = []
-    tightest: tuple[float, float, str] | None = None
+    tightest: tuple[float, float, int, str] | None = None
+    floor, ceil = math.floor, math.ceil
     for prefix, limits, decision in decisions:
         if not decision.states:
             continue
-        names = limit_names(limits, prefix)
-        policies += [f'"{names[lim]}";q={lim.amount};w={lim.window}' for lim in limits]
+        names, items = _policy_items(prefix, limits)
+        policies += items
         for state in decision.states:
-            share = state.remaining / state.limit.amount
-            reset = max(0, math.ceil(state.reset_after))
-            item = f'"{names[state.limit]}";r={state.remaining};t={reset}'
-            if tightest is None or (share, state.reset_after) < tightest[:2]:
-                tightest = (share, state.reset_after, item)
+            limit = state.limit
+            amount = limit.amount
+            remaining = max(0, floor(amount - state.used + 1e-9))  # LimitState.remaining
+            share = remaining / amount
+            reset_after = state.reset_after
+            if tightest is None or (share, reset_after) < (tightest[0], tightest[1]):
+                reset = max(0, ceil(reset_after))
+                item = f'"{names[limit]}";r={remaining};t={reset}'
+                tightest = (share, reset_after, remaining, item)
     if tightest is None:
         return []
     return [
         (b"ratelimit-policy", ", ".join(policies).encode()),
-        (b"ratelimit", tightest[2].encode()),
+        (b"ratelimit", tightest[3].encode()),
     ]
 
 

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("gemini_scale.ratelimit")
 
+_KEYS_CACHE_SIZE = 10_000
 LimitKind = Literal["requests", "tokens"]
 StoreErrorMode = Literal["local", "open", "closed"]
 
@@ -191,6 +192,9 @@ class RateLimiter:
             if isinstance(store, MemoryStore)
             else MemoryStore(prefix=store.prefix, clock=clock, max_keys=local_max_keys)
         )
+        # A plain MemoryStore (not a subclass that may override ``run``) is run synchronously.
+        self._run_now = self._local.run_now if type(self._local) is MemoryStore else None
+        self._keys: dict[tuple[str, tuple[Limit, ...], str], tuple[str, ...]] = {}
         self._breaker = _Breaker(breaker_threshold, breaker_cooldown, clock)
         self._clock = clock
         self._last_warning = -math.inf
@@ -201,6 +205,19 @@ class RateLimiter:
         middle = f"{scope}:" if scope else ""
         return tuple(f"{self.namespace}:{{{tag}}}:{middle}{limit.name}" for limit in limits)
 
+    def _cached_keys(self, tag: str, limits: Sequence[Limit], scope: str) -> tuple[str, ...]:
+        """:meth:`keys`, memoised for a policy's (constant) tuple of limits (bounded)."""
+        if type(limits) is not tuple:
+            return self.keys(tag, limits, scope)
+        cache_key = (tag, limits, scope)
+        keys = self._keys.get(cache_key)
+        if keys is None:
+            keys = self.keys(tag, limits, scope)
+            if len(self._keys) >= _KEYS_CACHE_SIZE:
+                self._keys.clear()
+            self._keys[cache_key] = keys
+        return keys
+
     async def acquire(
         self, tag: str, limits: Sequence[Limit], costs: Sequence[int], *, scope: str = ""
     ) -> Decision:
@@ -208,10 +225,10 @@ class RateLimiter:
 
         A cost larger than its whole limit can never fit: refused, nothing charged.
         """
-        keys = self.keys(tag, limits, scope)
+        keys = self._cached_keys(tag, limits, scope)
         args: list[int] = []
         for limit, cost in zip(limits, costs, strict=True):
-            args += [limit.amount, limit.window * 1000, max(0, int(cost))]
+            args += (limit.amount, limit.window * 1000, max(0, int(cost)))
         degraded = False
         if not self._shared_is_local:
             if self._breaker.allows():
@@ -233,7 +250,12 @@ class RateLimiter:
                 raise StoreFailureError("the rate-limit store is unavailable")
             if self.on_store_error == "open":
                 return Decision(True, (), None, degraded=True)
-        raw = await self._local.run(ACQUIRE, keys, args)
+        run_now = self._run_now
+        raw = (
+            run_now(ACQUIRE, keys, args)
+            if run_now is not None
+            else await self._local.run(ACQUIRE, keys, args)
+        )
         decision = self._decision(raw, limits, keys, costs, local=not self._shared_is_local)
         if degraded:
             return Decision(decision.allowed, decision.states, decision.reservation, degraded=True)
@@ -276,19 +298,21 @@ class RateLimiter:
         now_ms = int(raw[1])
         states: list[LimitState] = []
         indexes: list[int] = []
-        for i, (limit, cost) in enumerate(zip(limits, costs, strict=True)):
-            index, cur, prev = (int(v) for v in raw[2 + 3 * i : 5 + 3 * i])
+        i = 2
+        for limit, cost in zip(limits, costs, strict=True):
+            index, cur, prev = int(raw[i]), int(raw[i + 1]), int(raw[i + 2])
+            i += 3
             window_ms = limit.window * 1000
             elapsed = now_ms - index * window_ms
-            weight = (window_ms - elapsed) / window_ms
-            used = prev * weight + cur
+            left_ms = window_ms - elapsed
+            used = prev * (left_ms / window_ms) + cur
             retry = None
             if not allowed and used + cost > limit.amount:
                 retry = _retry_after(limit, cur, prev, cost, elapsed / 1000)
-            states.append(LimitState(limit, used, (window_ms - elapsed) / 1000, retry))
+            states.append(LimitState(limit, used, left_ms / 1000, retry))
             indexes.append(index)
         reservation = (
-            Reservation(keys, tuple(indexes), tuple(int(c) for c in costs), local)
+            Reservation(keys, tuple(indexes), tuple([int(c) for c in costs]), local)
             if allowed
             else None
         )

@@ -9,10 +9,12 @@ from typing import Any, Literal
 
 import anyio
 
+from gemini_scale.auth.middleware import principal_of
 from gemini_scale.body import JSON_KEY, BodyRefusedError, load_json_body
 from gemini_scale.errors import send_error
 from gemini_scale.keys import Identity, TrustedProxies, identity
 from gemini_scale.policies import LimitKey, Policy, RateLimitPolicy
+from gemini_scale.principal import Principal
 from gemini_scale.ratelimit.answers import quota_details, rate_limit_headers
 from gemini_scale.ratelimit.engine import (
     Decision,
@@ -111,6 +113,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         self.headers = headers
         self._limits: dict[RateLimitPolicy, tuple[Limit, ...]] = {}
         self._identities: dict[tuple[Any, ...], Identity | None] = {}
+        self._plans: dict[RateLimitPolicy, tuple[tuple[Limit, ...], bool, tuple[int, ...]]] = {}
 
     def limits_of(self, policy: RateLimitPolicy) -> tuple[Limit, ...]:
         """The engine's limits for a policy (computed once per policy)."""
@@ -123,6 +126,18 @@ class RateLimitMiddleware(GeminiMiddleware):
             self._limits[policy] = found
         return found
 
+    def _plan(self, policy: RateLimitPolicy) -> tuple[tuple[Limit, ...], bool, tuple[int, ...]]:
+        """Per-policy constants: its limits, whether any counts tokens, and the costs of a
+        request that charges no tokens."""
+        limits = self.limits_of(policy)
+        plan = (
+            limits,
+            any(limit.kind == "tokens" for limit in limits),
+            tuple(1 if limit.kind == "requests" else 0 for limit in limits),
+        )
+        self._plans[policy] = plan
+        return plan
+
     def _identity(
         self, scope: Scope, context: RequestContext, dimensions: tuple[LimitKey, ...]
     ) -> Identity | None:
@@ -130,6 +145,8 @@ class RateLimitMiddleware(GeminiMiddleware):
         canonical encoding is most of a memory limiter's cost, and a principal's bucket does
         not change between its requests (bounded; the client address is never memoised)."""
         principal = context.principal
+        if not isinstance(principal, Principal):
+            principal = principal_of(scope)  # what identity() falls back to
         if principal is None or "client_ip" in dimensions:
             return identity(scope, dimensions, trusted=self.trusted)
         route = context.route
@@ -170,7 +187,10 @@ class RateLimitMiddleware(GeminiMiddleware):
         if policy is None:
             await self.app(scope, receive, send)
             return
-        limits = self.limits_of(policy)
+        plan = self._plans.get(policy)
+        if plan is None:
+            plan = self._plan(policy)
+        limits, has_tokens, request_costs = plan
         dimensions: tuple[LimitKey, ...] = policy.key
         bucket = self._identity(scope, context, dimensions)
         if bucket is None:
@@ -186,7 +206,7 @@ class RateLimitMiddleware(GeminiMiddleware):
                 bucket = identity(scope, dimensions, trusted=self.trusted)
         assert bucket is not None
         charges_tokens = (
-            any(limit.kind == "tokens" for limit in limits)
+            has_tokens
             and scope["method"] == "POST"
             and scope["path"].endswith(self.token_methods)
         )
@@ -202,7 +222,11 @@ class RateLimitMiddleware(GeminiMiddleware):
                 default_output_tokens=self.default_output_tokens,
                 method=scope["path"].rpartition(":")[2],
             )
-        costs = [1 if limit.kind == "requests" else estimate for limit in limits]
+        costs: Sequence[int] = (
+            [1 if limit.kind == "requests" else estimate for limit in limits]
+            if estimate
+            else request_costs
+        )
         try:
             decision = await self.limiter.acquire(
                 bucket.tag, limits, costs, scope=self._budget(policy, context)

@@ -29,15 +29,19 @@ def _acquire(state: LocalState, keys: list[str], args: list[Any], now: float) ->
     now_ms = math.floor(now * 1000)
     allowed = 1
     rows: list[tuple[int, int, int, int, int]] = []
-    for i, key in enumerate(keys):
-        limit, window, cost = int(args[3 * i]), int(args[3 * i + 1]), int(args[3 * i + 2])
+    get = state.get
+    j = 0
+    for key in keys:
+        limit, window, cost = int(args[j]), int(args[j + 1]), int(args[j + 2])
+        j += 3
         index = now_ms // window
-        stored = _window(state, key)
+        stored = get(key)
         cur = prev = 0
-        if stored is not None and stored[0] == index:
-            cur, prev = stored[1], stored[2]
-        elif stored is not None and stored[0] == index - 1:
-            prev = stored[1]
+        if isinstance(stored, tuple):
+            if stored[0] == index:
+                cur, prev = stored[1], stored[2]
+            elif stored[0] == index - 1:
+                prev = stored[1]
         weight = (window - (now_ms - index * window)) / window
         if prev * weight + cur + cost > limit:
             allowed = 0
@@ -47,7 +51,7 @@ def _acquire(state: LocalState, keys: list[str], args: list[Any], now: float) ->
         charged = cur + cost if allowed and cost > 0 else cur
         if charged != cur:
             state.put(key, (index, charged, prev), now + 2 * window / 1000)
-        out += [index, charged, prev]
+        out += (index, charged, prev)
     return out
 
 

@@ -190,6 +190,9 @@ def encode_arg(value: object) -> bytes:
     raise TypeError(f"invalid script argument type {type(value).__name__}")
 
 
+_INT_ONLY = {int}
+
+
 def normalize_result(value: Any) -> Any:
     """Convert a script result the way Redis converts a Lua value.
 
@@ -208,10 +211,14 @@ def normalize_result(value: Any) -> Any:
     if isinstance(value, str):
         return value.encode()
     if isinstance(value, list | tuple):
-        items: list[Any] = []
-        for item in value:
-            if item is None:
-                break
-            items.append(normalize_result(item))
+        items: list[Any]
+        if type(value) is list and {*map(type, value)} == _INT_ONLY:
+            items = value.copy()  # already what Redis would answer (the common case)
+        else:
+            items = []
+            for item in value:
+                if item is None:
+                    break
+                items.append(normalize_result(item))
         return items
     raise TypeError(f"a script cannot return {type(value).__name__}")

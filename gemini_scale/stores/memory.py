@@ -187,9 +187,15 @@ class MemoryStore(ScriptedOperations):
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
         """Run ``script.local`` on the prefixed ``keys``, without yielding."""
-        state = self._begin()
+        return self.run_now(script, keys, args)
+
+    def run_now(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
+        """:meth:`run`, synchronously (nothing here ever awaits)."""
+        state = self._state
+        state.now = now = self._clock.time()
+        head = self._head
         try:
-            result = script.local(state, [self._head + key for key in keys], list(args), state.now)
+            result = script.local(state, [head + key for key in keys], list(args), now)
         finally:
             self._end(state)
         return normalize_result(result)
