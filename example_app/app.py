@@ -132,6 +132,7 @@ def create_app(settings: GeminiScaleSettings, *, standin: ASGIApp | None = None)
         store=store,
         on_store_error=settings.on_store_error,
         trusted_proxies=settings.trusted_proxy_list,
+        max_body_bytes=settings.max_body_bytes,
         default=RateLimitPolicy.parse(
             settings.rate_limit, tokens=settings.token_limit, key=("principal", "model")
         ),

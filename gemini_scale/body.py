@@ -7,7 +7,7 @@ from collections.abc import Collection
 from typing import Any
 
 from gemini_scale.errors import send_error
-from gemini_scale.routing import GeminiMiddleware, RequestContext
+from gemini_scale.routing import GeminiMiddleware, RequestContext, route_path
 from gemini_scale.types import ASGIApp, Message, Receive, Scope, Send
 
 #: ``RequestContext.extras`` key of the raw request body (bytes).
@@ -76,7 +76,8 @@ class JSONBodyMiddleware(GeminiMiddleware):
     async def handle(
         self, scope: Scope, receive: Receive, send: Send, context: RequestContext
     ) -> None:
-        if scope["method"] not in self.methods or not scope["path"].startswith(self.path_prefixes):
+        path = route_path(scope)
+        if scope["method"] not in self.methods or not path.startswith(self.path_prefixes):
             await self.app(scope, receive, send)
             return
         try:

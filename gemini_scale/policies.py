@@ -85,6 +85,12 @@ class RateLimitPolicy(Policy):
             )
         if not self.requests and not self.tokens:
             raise ConfigurationError("a rate limit policy needs request or token limits")
+        for kind, items in (("request", self.requests), ("token", self.tokens)):
+            windows = [item.get_expiry() for item in items]
+            if len(set(windows)) != len(windows):
+                raise ConfigurationError(
+                    f"two {kind} limits with the same window: keep the stricter one"
+                )
 
     @classmethod
     def parse(
@@ -138,9 +144,12 @@ def parse_limits(text: str | None) -> tuple[RateLimitItem, ...]:
     from limits import parse_many  # deferred: only services with limits pay for the import
 
     try:
-        return tuple(parse_many(text))
+        items = tuple(parse_many(text))
     except ValueError as exc:
         raise ConfigurationError(f"invalid rate limit {text!r}: {exc}") from exc
+    if any(item.amount <= 0 for item in items):
+        raise ConfigurationError(f"invalid rate limit {text!r}: amounts must be positive")
+    return items
 
 
 def policies_of(endpoint: object) -> Mapping[type[Policy], Policy]:

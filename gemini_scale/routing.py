@@ -59,6 +59,7 @@ class _Entry:
     policies: Mapping[type[Policy], Policy]
     enforced_by_mount: frozenset[type[Policy]]
     endpoint_name: str
+    under_host: bool = False
 
     def match(self, method: str, path: str) -> RouteMatch | None:
         if self.methods is not None and method not in self.methods:
@@ -75,6 +76,9 @@ def _first_match(entries: Sequence[_Entry], method: str, path: str) -> RouteMatc
         if found is not None:
             return found
     return None
+
+
+_NEVER = re.compile(r"(?!)")  # matches nothing
 
 
 def _compile(template: str) -> re.Pattern[str]:
@@ -130,7 +134,24 @@ def _flatten(
             _flatten(getattr(route, "routes", ()) or (), prefix + mount_path, sub_enforced, out)
             continue
         if isinstance(inner, Host):
-            continue  # host-based routing is matched by the framework only; use rules there
+            # Host routes are matched by the framework only, so their marks could never be
+            # found before routing: record them as unreachable, and the audit refuses them.
+            hosted: list[_Entry] = []
+            _flatten(getattr(inner, "routes", ()) or (), prefix, enforced, hosted)
+            out.extend(
+                _Entry(
+                    _NEVER,
+                    f"{inner.host}{e.template}",
+                    e.methods,
+                    e.policies,
+                    frozenset(),
+                    e.endpoint_name,
+                    under_host=True,
+                )
+                for e in hosted
+                if e.policies
+            )
+            continue
         path = getattr(route, "path", None)
         if not isinstance(path, str):
             continue
@@ -173,6 +194,12 @@ class RouteTable:
         """Raise :class:`PolicyNotEnforcedError` if a marked route has an unenforced policy."""
         problems = []
         for entry in self._entries:
+            if entry.under_host:
+                problems.append(
+                    f"{entry.template} ({entry.endpoint_name}): marks under Host(...) cannot "
+                    "be found before routing; use central rules"
+                )
+                continue
             missing = set(entry.policies) - enforced - entry.enforced_by_mount
             if missing:
                 kinds = ", ".join(sorted(k.kind for k in missing))

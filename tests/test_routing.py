@@ -352,3 +352,24 @@ async def test_a_well_configured_app_starts() -> None:
     )
     sent = await run_lifespan(app)
     assert [m["type"] for m in sent] == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+
+async def test_marks_under_host_routes_fail_the_audit() -> None:
+    """Host routing is the framework's alone: a mark there could never be enforced."""
+    from starlette.routing import Host
+
+    app = Starlette(
+        routes=[
+            Host("api.example", app=Router(routes=[Route("/c", cache(ttl=4)(endpoint("hosted")))]))
+        ],
+        middleware=[Middleware(CacheEnforcer)],
+    )
+    sent = await run_lifespan(app)
+    assert sent[0]["type"] == "lifespan.startup.failed"
+    assert "Host" in sent[0]["message"]
+
+
+@pytest.mark.parametrize("limits", ["0/minute", "2/minute;5/minute", "1/second;2/1 second"])
+def test_ambiguous_or_empty_limits_are_configuration_errors(limits: str) -> None:
+    with pytest.raises(ConfigurationError):
+        rate_limit(limits)

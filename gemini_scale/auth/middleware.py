@@ -187,7 +187,7 @@ class OAuth2Middleware(GeminiMiddleware):
         while True:
             message = await receive()
             if message["type"] != "http.request":
-                break
+                raise InvalidRequestError("The client disconnected while sending the body.")
             chunk: bytes = message.get("body", b"")
             size += len(chunk)
             if size > MAX_FORM_BYTES:

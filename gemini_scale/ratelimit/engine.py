@@ -282,7 +282,7 @@ class RateLimiter:
         try:
             await store.run(SETTLE, keys, args)
         except StoreError as exc:
-            self._breaker.failed()
+            self._breaker.failures += 1  # counts toward opening; a probe in flight stays its own
             self._warn(exc)
 
     def _decision(
