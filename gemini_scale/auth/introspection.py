@@ -44,17 +44,17 @@ import json
 import logging
 import math
 import re
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Any, Generic, Literal, NoReturn, TypeVar
+from typing import Any, Literal, NoReturn, TypeVar
 from urllib.parse import quote_plus
 
 import anyio
 import httpx
 
 from gemini_scale.auth.errors import IdentityProviderUnavailableError, InvalidTokenError
+from gemini_scale.auth.token_cache import BoundedLRU
 from gemini_scale.errors import ConfigurationError
 from gemini_scale.principal import Principal
 from gemini_scale.types import SYSTEM_CLOCK, Clock
@@ -206,33 +206,13 @@ class _Refused:
 _Entry = TypeVar("_Entry", _Active, _Refused)
 
 
-class _LRU(Generic[_Entry]):
-    """A bounded map from token hash to entry; entries past ``until`` are dropped on read."""
-
-    def __init__(self, size: int) -> None:
-        self._size = size
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()
-
-    def get(self, key: str, now: float) -> _Entry | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if now >= entry.until:
-            del self._entries[key]
-            return None
-        self._entries.move_to_end(key)
-        return entry
-
-    def put(self, key: str, entry: _Entry) -> None:
-        if self._size <= 0:
-            return
-        self._entries[key] = entry
-        self._entries.move_to_end(key)
-        while len(self._entries) > self._size:
-            self._entries.popitem(last=False)
-
-    def discard(self, key: str) -> None:
-        self._entries.pop(key, None)
+def _unlapsed(cache: BoundedLRU[str, _Entry], key: str, now: float) -> _Entry | None:
+    """The entry for ``key`` unless it lapsed (``now >= until``: then it is dropped)."""
+    entry = cache.get(key)
+    if entry is not None and now >= entry.until:
+        cache.discard(key)
+        return None
+    return entry
 
 
 class _Flight:
@@ -334,8 +314,8 @@ class IntrospectionValidator:
         self._positive_ttl = positive_ttl
         self._negative_ttl = negative_ttl
         self._tenant_claim = tenant_claim
-        self._active: _LRU[_Active] = _LRU(cache_size)
-        self._refused: _LRU[_Refused] = _LRU(cache_size)
+        self._active: BoundedLRU[str, _Active] = BoundedLRU(cache_size)
+        self._refused: BoundedLRU[str, _Refused] = BoundedLRU(cache_size)
         self._flights: dict[str, _Flight] = {}
 
     def __repr__(self) -> str:
@@ -386,10 +366,10 @@ class IntrospectionValidator:
     def _cached(self, key: str) -> Principal | None:
         """A cached principal, ``None`` on a miss; raises for a cached or lapsed refusal."""
         now = self._clock.monotonic()
-        refused = self._refused.get(key, now)
+        refused = _unlapsed(self._refused, key, now)
         if refused is not None:
             raise InvalidTokenError(refused.description)
-        active = self._active.get(key, now)
+        active = _unlapsed(self._active, key, now)
         if active is None:
             return None
         if active.exp is not None and active.exp <= self._clock.time():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Generic, NamedTuple, TypeVar
 
 from gemini_scale.errors import ConfigurationError
 from gemini_scale.principal import Principal
@@ -18,7 +18,16 @@ from gemini_scale.principal import Principal
 if TYPE_CHECKING:
     from gemini_scale.auth.jwks import JWKSCache
 
-__all__ = ["CachedToken", "TokenCache", "token_digest", "token_digest_of_bytes"]
+__all__ = [
+    "BoundedLRU",
+    "CachedToken",
+    "TokenCache",
+    "token_digest",
+    "token_digest_of_bytes",
+]
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 
 def token_digest(token: str) -> bytes:
@@ -48,10 +57,11 @@ class CachedToken(NamedTuple):
     again, so a key the IdP withdrew stops working for cached tokens too."""
 
 
-class TokenCache:
-    """Least-recently-used map ``token_digest -> CachedToken`` holding at most ``maxsize``.
+class BoundedLRU(Generic[K, V]):
+    """A least-recently-used map holding at most ``maxsize`` entries (``0``: holds nothing).
 
-    ``maxsize=0`` disables caching. Not thread-safe: one instance belongs to one event loop.
+    Not thread-safe: one instance belongs to one event loop. Shared by the verified-token
+    cache and the introspection caches.
     """
 
     __slots__ = ("_entries", "maxsize")
@@ -60,31 +70,35 @@ class TokenCache:
         if maxsize < 0:
             raise ConfigurationError("cache_size must be >= 0")
         self.maxsize = maxsize
-        self._entries: OrderedDict[bytes, CachedToken] = OrderedDict()
+        self._entries: OrderedDict[K, V] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, digest: bytes) -> CachedToken | None:
-        """The entry for ``digest`` (now the most recently used), or ``None``."""
-        entry = self._entries.get(digest)
+    def get(self, key: K) -> V | None:
+        """The entry for ``key`` (now the most recently used), or ``None``."""
+        entry = self._entries.get(key)
         if entry is not None:
-            self._entries.move_to_end(digest)
+            self._entries.move_to_end(key)
         return entry
 
-    def put(self, digest: bytes, entry: CachedToken) -> None:
+    def put(self, key: K, entry: V) -> None:
         """Store ``entry``, evicting the least recently used one when full."""
         if self.maxsize == 0:
             return
-        self._entries[digest] = entry
-        self._entries.move_to_end(digest)
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
         if len(self._entries) > self.maxsize:
             self._entries.popitem(last=False)
 
-    def discard(self, digest: bytes) -> None:
-        """Forget ``digest`` if present."""
-        self._entries.pop(digest, None)
+    def discard(self, key: K) -> None:
+        """Forget ``key`` if present."""
+        self._entries.pop(key, None)
 
     def clear(self) -> None:
         """Forget everything."""
         self._entries.clear()
+
+
+TokenCache = BoundedLRU[bytes, CachedToken]
+"""The verified-token cache: ``token_digest -> CachedToken``."""
