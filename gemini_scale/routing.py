@@ -22,6 +22,7 @@ import sys
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
 from starlette.routing import Host, Mount, Route, compile_path
@@ -37,6 +38,8 @@ CONTEXT_KEY = "gemini_scale"
 _LIFESPAN_KEY = "gemini_scale.lifespan"
 
 _EMPTY: Mapping[type[Policy], Policy] = {}
+_MEMO_SIZE = 4096
+_MEMO_PATH_MAX = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +70,7 @@ class _Entry:
         found = self.regex.match(path)
         if found is None:
             return None
-        return RouteMatch(self.template, found.groupdict(), self.policies)
+        return RouteMatch(self.template, MappingProxyType(found.groupdict()), self.policies)
 
 
 def _first_match(entries: Sequence[_Entry], method: str, path: str) -> RouteMatch | None:
@@ -172,10 +175,13 @@ def _flatten(
 class RouteTable:
     """The flattened, compiled routes of one app, built once per app."""
 
-    __slots__ = ("__weakref__", "_entries")
+    __slots__ = ("__weakref__", "_entries", "_memo")
 
     def __init__(self, entries: Sequence[_Entry]) -> None:
         self._entries = tuple(entries)
+        # (method, path) -> match: requests repeat a few paths, and a regex scan of every
+        # route costs more than the rest of a limiter. Bounded; long paths are not kept.
+        self._memo: dict[tuple[str, str], RouteMatch | None] = {}
 
     @classmethod
     def of(cls, app: Any) -> RouteTable:
@@ -188,7 +194,18 @@ class RouteTable:
 
     def match(self, method: str, path: str) -> RouteMatch | None:
         """The first route that matches both ``method`` and ``path``."""
-        return _first_match(self._entries, method, path)
+        memo = self._memo
+        key = (method, path)
+        try:
+            return memo[key]
+        except KeyError:
+            pass
+        found = _first_match(self._entries, method, path)
+        if len(path) <= _MEMO_PATH_MAX:
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            memo[key] = found
+        return found
 
     def audit(self, enforced: frozenset[type[Policy]]) -> None:
         """Raise :class:`PolicyNotEnforcedError` if a marked route has an unenforced policy."""
@@ -308,6 +325,10 @@ class GeminiMiddleware:
         self._audits: weakref.WeakKeyDictionary[Any, PolicyNotEnforcedError | None] = (
             weakref.WeakKeyDictionary()
         )
+        # The last app served and its (table, audit outcome): nearly always the same app, and
+        # two weak-dictionary lookups per request would cost more than the route match.
+        self._last_app: Any = None
+        self._last_resolution: tuple[RouteTable, PolicyNotEnforcedError | None] | None = None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -322,8 +343,14 @@ class GeminiMiddleware:
         if context is None:
             # Outermost gemini-scale middleware: resolve the route once for all layers.
             app = scope.get("app") or self._wrapped_router()
-            table = route_table(app) if app is not None else _NO_ROUTES
-            if app is not None and self._audit(app, table) is not None:
+            resolution = self._last_resolution
+            if app is not self._last_app or resolution is None:
+                table = route_table(app) if app is not None else _NO_ROUTES
+                problem = self._audit(app, table) if app is not None else None
+                resolution = (table, problem)
+                self._last_app, self._last_resolution = app, resolution
+            table, problem = resolution
+            if problem is not None:
                 await send_error(send, 500, "The service is misconfigured; see its logs.")
                 return
             context = RequestContext(table.match(scope["method"], route_path(scope)))

@@ -19,22 +19,28 @@ def limit_names(limits: Sequence[Limit], prefix: str = "") -> dict[Limit, str]:
     }
 
 
-#: (prefix, limits) -> (names, RateLimit-Policy items); limits are per-policy constants.
-_POLICY_CACHE: dict[tuple[str, tuple[Limit, ...]], tuple[dict[Limit, str], list[str]]] = {}
+#: (prefix, id(limits)) -> (limits, names in order, RateLimit-Policy items joined); limits
+#: are per-policy constants, held in the entry so their id cannot be reused meanwhile.
+_POLICY_CACHE: dict[tuple[str, int], tuple[Sequence[Limit], list[str], bytes]] = {}
 _POLICY_CACHE_SIZE = 1024
 
 
-def _policy_items(prefix: str, limits: Sequence[Limit]) -> tuple[dict[Limit, str], list[str]]:
-    key = (prefix, limits) if type(limits) is tuple else None
-    found = _POLICY_CACHE.get(key) if key is not None else None
-    if found is None:
-        names = limit_names(limits, prefix)
-        found = (names, [f'"{names[lim]}";q={lim.amount};w={lim.window}' for lim in limits])
-        if key is not None:
-            if len(_POLICY_CACHE) >= _POLICY_CACHE_SIZE:
-                _POLICY_CACHE.clear()
-            _POLICY_CACHE[key] = found
-    return found
+def _policy_items(prefix: str, limits: Sequence[Limit]) -> tuple[list[str], bytes]:
+    key = (prefix, id(limits))
+    found = _POLICY_CACHE.get(key)
+    if found is not None and found[0] is limits:
+        return found[1], found[2]
+    by_limit = limit_names(limits, prefix)
+    names = [by_limit[limit] for limit in limits]
+    items = ", ".join(
+        f'"{name}";q={limit.amount};w={limit.window}'
+        for name, limit in zip(names, limits, strict=True)
+    ).encode()
+    if type(limits) is tuple:
+        if len(_POLICY_CACHE) >= _POLICY_CACHE_SIZE:
+            _POLICY_CACHE.clear()
+        _POLICY_CACHE[key] = (limits, names, items)
+    return names, items
 
 
 def rate_limit_headers(
@@ -44,29 +50,26 @@ def rate_limit_headers(
     ``"requests";q=60;w=60, "tokens";q=1000000;w=60``) and ``RateLimit`` for the most
     constrained one (``"requests";r=41;t=17``). Nothing when no limit was checked (a store
     failure under ``on_store_error="open"``)."""
-    policies: list[str] = []
-    tightest: tuple[float, float, int, str] | None = None
-    floor, ceil = math.floor, math.ceil
+    policies: list[bytes] = []
+    best_share = best_reset = math.inf
+    best: tuple[str, int, float] | None = None
     for prefix, limits, decision in decisions:
-        if not decision.states:
+        found = decision.tightest()
+        if found is None:
             continue
         names, items = _policy_items(prefix, limits)
-        policies += items
-        for state in decision.states:
-            limit = state.limit
-            amount = limit.amount
-            remaining = max(0, floor(amount - state.used + 1e-9))  # LimitState.remaining
-            share = remaining / amount
-            reset_after = state.reset_after
-            if tightest is None or (share, reset_after) < (tightest[0], tightest[1]):
-                reset = max(0, ceil(reset_after))
-                item = f'"{names[limit]}";r={remaining};t={reset}'
-                tightest = (share, reset_after, remaining, item)
-    if tightest is None:
+        policies.append(items)
+        position, remaining, reset_after = found
+        share = remaining / limits[position].amount
+        if share < best_share or (share == best_share and reset_after < best_reset):
+            best_share, best_reset = share, reset_after
+            best = (names[position], remaining, reset_after)
+    if best is None:
         return []
+    name, remaining, reset_after = best
     return [
-        (b"ratelimit-policy", ", ".join(policies).encode()),
-        (b"ratelimit", tightest[3].encode()),
+        (b"ratelimit-policy", policies[0] if len(policies) == 1 else b", ".join(policies)),
+        (b"ratelimit", f'"{name}";r={remaining};t={max(0, math.ceil(reset_after))}'.encode()),
     ]
 
 

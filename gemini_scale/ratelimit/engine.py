@@ -18,9 +18,9 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from gemini_scale.errors import StoreError
 from gemini_scale.ratelimit.metrics import record_degraded, record_recovered
@@ -58,9 +58,8 @@ class Limit:
         return f"{self.kind}-{self.window}s"
 
 
-@dataclass(frozen=True, slots=True)
-class LimitState:
-    """One limit after a decision."""
+class LimitState(NamedTuple):
+    """One limit after a decision (a named tuple: built on every request, so it is cheap)."""
 
     limit: Limit
     used: float
@@ -76,8 +75,7 @@ class LimitState:
         return max(0, math.floor(self.limit.amount - self.used + 1e-9))
 
 
-@dataclass(frozen=True, slots=True)
-class Reservation:
+class Reservation(NamedTuple):
     """What a decision charged, so it can be settled or refunded later."""
 
     keys: tuple[str, ...]
@@ -87,15 +85,133 @@ class Reservation:
     """Charged on the replica's local fallback store, not the shared one."""
 
 
-@dataclass(frozen=True, slots=True)
 class Decision:
-    """The outcome of :meth:`RateLimiter.acquire`."""
+    """The outcome of :meth:`RateLimiter.acquire`.
+
+    Built straight from the store's reply; the per-limit :attr:`states` and the
+    :attr:`reservation` are worked out only when asked for (most requests need neither
+    object, only :meth:`tightest` for the ``RateLimit`` header).
+    """
+
+    __slots__ = ("_costs", "_keys", "_limits", "_local", "_raw", "_reservation", "_states",
+                 "allowed", "degraded")
 
     allowed: bool
-    states: tuple[LimitState, ...]
-    reservation: Reservation | None
-    degraded: bool = False
+    degraded: bool
     """The shared store failed: the decision was made locally (``local``) or skipped (``open``)."""
+
+    def __init__(
+        self,
+        allowed: bool,
+        states: Sequence[LimitState] = (),
+        reservation: Reservation | None = None,
+        degraded: bool = False,
+    ) -> None:
+        self.allowed = allowed
+        self.degraded = degraded
+        self._states: tuple[LimitState, ...] | None = tuple(states)
+        self._reservation = reservation
+        self._raw: Sequence[int] = ()
+        self._limits: Sequence[Limit] = ()
+        self._keys: tuple[str, ...] = ()
+        self._costs: Sequence[int] = ()
+        self._local = False
+
+    @classmethod
+    def from_reply(
+        cls,
+        raw: Sequence[int],
+        limits: Sequence[Limit],
+        keys: tuple[str, ...],
+        costs: Sequence[int],
+        local: bool,
+        *,
+        degraded: bool = False,
+    ) -> Decision:
+        """From the acquire script's reply: ``[allowed, now_ms, (index, current, previous)
+        per limit]``."""
+        decision = cls.__new__(cls)
+        decision.allowed = raw[0] == 1
+        decision.degraded = degraded
+        decision._raw = raw
+        decision._limits = limits
+        decision._keys = keys
+        decision._costs = costs
+        decision._local = local
+        decision._states = None
+        decision._reservation = None
+        return decision
+
+    def __repr__(self) -> str:
+        return (
+            f"Decision(allowed={self.allowed}, states={self.states!r}, "
+            f"reservation={self.reservation!r}, degraded={self.degraded})"
+        )
+
+    @property
+    def states(self) -> tuple[LimitState, ...]:
+        """Each limit after the decision, in the order of the limits."""
+        states = self._states
+        if states is None:
+            states = self._states = tuple(self._iter_states())
+        return states
+
+    def _iter_states(self) -> Iterator[LimitState]:
+        raw, allowed = self._raw, self.allowed
+        now_ms = raw[1]
+        i = 2
+        for limit, cost in zip(self._limits, self._costs, strict=True):
+            cur, prev = raw[i + 1], raw[i + 2]
+            used, left_ms = _weighted(limit.window * 1000, now_ms, raw[i], cur, prev)
+            i += 3
+            retry = None
+            if not allowed and used + cost > limit.amount:
+                elapsed = limit.window - left_ms / 1000
+                retry = _retry_after(limit, cur, prev, cost, elapsed)
+            yield LimitState(limit, used, left_ms / 1000, retry)
+
+    @property
+    def reservation(self) -> Reservation | None:
+        """What was charged (``None`` when refused, or when no limit was checked)."""
+        reservation = self._reservation
+        if reservation is None and self.allowed and self._raw:
+            raw = self._raw
+            costs = self._costs
+            reservation = self._reservation = Reservation(
+                self._keys,
+                tuple(raw[2::3]),
+                costs if type(costs) is tuple else tuple(costs),
+                self._local,
+            )
+        return reservation
+
+    def tightest(self) -> tuple[int, int, float] | None:
+        """``(position, remaining, reset_after)`` of the limit closest to exhaustion (the
+        smallest remaining share; the sooner reset on a tie), or ``None`` with no limits."""
+        raw = self._raw
+        best: tuple[int, int, float] | None = None
+        if not raw:
+            best_key = (math.inf, math.inf)
+            for position, state in enumerate(self.states):
+                key = (state.remaining / state.limit.amount, state.reset_after)
+                if key < best_key:
+                    best_key, best = key, (position, state.remaining, state.reset_after)
+            return best
+        now_ms = raw[1]
+        best_share = best_reset = math.inf
+        i = 2
+        floor = math.floor
+        for position, limit in enumerate(self._limits):
+            used, left_ms = _weighted(limit.window * 1000, now_ms, raw[i], raw[i + 1], raw[i + 2])
+            i += 3
+            amount = limit.amount
+            remaining = max(0, floor(amount - used + 1e-9))
+            share = remaining / amount
+            reset_after = left_ms / 1000
+            if share < best_share or (share == best_share and reset_after < best_reset):
+                best_share, best_reset = share, reset_after
+                best = (position, remaining, reset_after)
+        return best
 
     @property
     def violated(self) -> tuple[LimitState, ...]:
@@ -112,9 +228,8 @@ class Decision:
 
     def most_constrained(self) -> LimitState | None:
         """The limit closest to exhaustion (for the ``RateLimit`` header)."""
-        if not self.states:
-            return None
-        return min(self.states, key=lambda s: (s.remaining / s.limit.amount, s.reset_after))
+        found = self.tightest()
+        return None if found is None else self.states[found[0]]
 
 
 class StoreFailureError(StoreError):
@@ -194,7 +309,8 @@ class RateLimiter:
         )
         # A plain MemoryStore (not a subclass that may override ``run``) is run synchronously.
         self._run_now = self._local.run_now if type(self._local) is MemoryStore else None
-        self._keys: dict[tuple[str, tuple[Limit, ...], str], tuple[str, ...]] = {}
+        self._keys: dict[tuple[str, int, str], tuple[Sequence[Limit], tuple[str, ...]]] = {}
+        self._arg_cache: dict[int, tuple[Sequence[int], Sequence[Limit], list[int]]] = {}
         self._breaker = _Breaker(breaker_threshold, breaker_cooldown, clock)
         self._clock = clock
         self._last_warning = -math.inf
@@ -206,17 +322,36 @@ class RateLimiter:
         return tuple(f"{self.namespace}:{{{tag}}}:{middle}{limit.name}" for limit in limits)
 
     def _cached_keys(self, tag: str, limits: Sequence[Limit], scope: str) -> tuple[str, ...]:
-        """:meth:`keys`, memoised for a policy's (constant) tuple of limits (bounded)."""
+        """:meth:`keys`, memoised for a policy's (constant) tuple of limits (bounded). Keyed
+        by the tuple's identity (held in the entry, so the id cannot be reused meanwhile):
+        hashing the limits themselves would cost more than building the keys."""
         if type(limits) is not tuple:
             return self.keys(tag, limits, scope)
-        cache_key = (tag, limits, scope)
-        keys = self._keys.get(cache_key)
-        if keys is None:
-            keys = self.keys(tag, limits, scope)
-            if len(self._keys) >= _KEYS_CACHE_SIZE:
-                self._keys.clear()
-            self._keys[cache_key] = keys
+        cache_key = (tag, id(limits), scope)
+        found = self._keys.get(cache_key)
+        if found is not None and found[0] is limits:
+            return found[1]
+        keys = self.keys(tag, limits, scope)
+        if len(self._keys) >= _KEYS_CACHE_SIZE:
+            self._keys.clear()
+        self._keys[cache_key] = (limits, keys)
         return keys
+
+    def _args(self, limits: Sequence[Limit], costs: Sequence[int]) -> list[int]:
+        """The script's arguments: (limit, window in ms, cost) per limit; memoised when both
+        are constant tuples (a policy's request-only costs)."""
+        if type(costs) is tuple and type(limits) is tuple:
+            found = self._arg_cache.get(id(costs))
+            if found is not None and found[0] is costs and found[1] is limits:
+                return found[2]
+        args: list[int] = []
+        for limit, cost in zip(limits, costs, strict=True):
+            args += (limit.amount, limit.window * 1000, max(0, int(cost)))
+        if type(costs) is tuple and type(limits) is tuple:
+            if len(self._arg_cache) >= _KEYS_CACHE_SIZE:
+                self._arg_cache.clear()
+            self._arg_cache[id(costs)] = (costs, limits, args)
+        return args
 
     async def acquire(
         self, tag: str, limits: Sequence[Limit], costs: Sequence[int], *, scope: str = ""
@@ -226,40 +361,42 @@ class RateLimiter:
         A cost larger than its whole limit can never fit: refused, nothing charged.
         """
         keys = self._cached_keys(tag, limits, scope)
-        args: list[int] = []
-        for limit, cost in zip(limits, costs, strict=True):
-            args += (limit.amount, limit.window * 1000, max(0, int(cost)))
-        degraded = False
-        if not self._shared_is_local:
-            if self._breaker.allows():
-                try:
-                    raw = await self.store.run(ACQUIRE, keys, args)
-                except StoreError as exc:
-                    self._breaker.failed()
-                    self._warn(exc)
-                except BaseException:
-                    self._breaker.probing = False  # cancelled mid-probe: let another probe
-                    raise
-                else:
-                    self._breaker.succeeded()
-                    return self._decision(raw, limits, keys, costs, local=False)
-            # The shared store failed, or the breaker keeps us off it for now.
-            degraded = True
-            record_degraded(self.on_store_error)
-            if self.on_store_error == "closed":
-                raise StoreFailureError("the rate-limit store is unavailable")
-            if self.on_store_error == "open":
-                return Decision(True, (), None, degraded=True)
+        args = self._args(limits, costs)
+        if self._shared_is_local:
+            run_now = self._run_now
+            raw = (
+                run_now(ACQUIRE, keys, args)
+                if run_now is not None
+                else await self._local.run(ACQUIRE, keys, args)
+            )
+            return Decision.from_reply(raw, limits, keys, costs, False)
+        breaker = self._breaker
+        if breaker.failures == 0 or breaker.allows():
+            try:
+                raw = await self.store.run(ACQUIRE, keys, args)
+            except StoreError as exc:
+                breaker.failed()
+                self._warn(exc)
+            except BaseException:
+                breaker.probing = False  # cancelled mid-probe: let another probe
+                raise
+            else:
+                if breaker.failures:
+                    breaker.succeeded()
+                return Decision.from_reply(raw, limits, keys, costs, False)
+        # The shared store failed, or the breaker keeps us off it for now.
+        record_degraded(self.on_store_error)
+        if self.on_store_error == "closed":
+            raise StoreFailureError("the rate-limit store is unavailable")
+        if self.on_store_error == "open":
+            return Decision(True, (), None, degraded=True)
         run_now = self._run_now
         raw = (
             run_now(ACQUIRE, keys, args)
             if run_now is not None
             else await self._local.run(ACQUIRE, keys, args)
         )
-        decision = self._decision(raw, limits, keys, costs, local=not self._shared_is_local)
-        if degraded:
-            return Decision(decision.allowed, decision.states, decision.reservation, degraded=True)
-        return decision
+        return Decision.from_reply(raw, limits, keys, costs, True, degraded=True)
 
     async def settle(self, reservation: Reservation | None, deltas: Sequence[int]) -> None:
         """Move each charged limit by its delta (``actual - reserved``; ``-reserved`` refunds).
@@ -285,39 +422,6 @@ class RateLimiter:
             self._breaker.failures += 1  # counts toward opening; a probe in flight stays its own
             self._warn(exc)
 
-    def _decision(
-        self,
-        raw: Sequence[int],
-        limits: Sequence[Limit],
-        keys: tuple[str, ...],
-        costs: Sequence[int],
-        *,
-        local: bool,
-    ) -> Decision:
-        allowed = bool(raw[0])
-        now_ms = int(raw[1])
-        states: list[LimitState] = []
-        indexes: list[int] = []
-        i = 2
-        for limit, cost in zip(limits, costs, strict=True):
-            index, cur, prev = int(raw[i]), int(raw[i + 1]), int(raw[i + 2])
-            i += 3
-            window_ms = limit.window * 1000
-            elapsed = now_ms - index * window_ms
-            left_ms = window_ms - elapsed
-            used = prev * (left_ms / window_ms) + cur
-            retry = None
-            if not allowed and used + cost > limit.amount:
-                retry = _retry_after(limit, cur, prev, cost, elapsed / 1000)
-            states.append(LimitState(limit, used, left_ms / 1000, retry))
-            indexes.append(index)
-        reservation = (
-            Reservation(keys, tuple(indexes), tuple([int(c) for c in costs]), local)
-            if allowed
-            else None
-        )
-        return Decision(allowed, tuple(states), reservation)
-
     def _warn(self, exc: Exception) -> None:
         now = time.monotonic()
         if now - self._last_warning >= 10.0:  # once per interval, not per request (B15)
@@ -327,6 +431,12 @@ class RateLimiter:
                 type(exc).__name__,
                 self.on_store_error,
             )
+
+
+def _weighted(window_ms: int, now_ms: int, index: int, cur: int, prev: int) -> tuple[float, int]:
+    """(units in the sliding window, milliseconds left in the current fixed window)."""
+    left_ms = window_ms - (now_ms - index * window_ms)
+    return (prev * (left_ms / window_ms) + cur if prev else cur), left_ms
 
 
 def _retry_after(limit: Limit, cur: int, prev: int, cost: int, elapsed: float) -> float:

@@ -42,6 +42,8 @@ CACHE_HIT_KEY = "cache_hit"
 _IDENTITY_CACHE_SIZE = 10_000
 #: ``RequestContext.extras`` key of the decisions made for a request, outermost first.
 DECISIONS_KEY = "rate_limits"
+#: A policy's limits, whether any counts tokens, and the costs of a request-only charge.
+_Plan = tuple[tuple[Limit, ...], bool, tuple[int, ...]]
 
 
 class RateLimitMiddleware(GeminiMiddleware):
@@ -112,8 +114,8 @@ class RateLimitMiddleware(GeminiMiddleware):
         self.token_methods = tuple(token_methods)
         self.headers = headers
         self._limits: dict[RateLimitPolicy, tuple[Limit, ...]] = {}
-        self._identities: dict[tuple[Any, ...], Identity | None] = {}
-        self._plans: dict[RateLimitPolicy, tuple[tuple[Limit, ...], bool, tuple[int, ...]]] = {}
+        self._identities: dict[tuple[Any, ...], tuple[Principal, Identity | None]] = {}
+        self._plans: dict[int, tuple[RateLimitPolicy, _Plan]] = {}
 
     def limits_of(self, policy: RateLimitPolicy) -> tuple[Limit, ...]:
         """The engine's limits for a policy (computed once per policy)."""
@@ -126,16 +128,20 @@ class RateLimitMiddleware(GeminiMiddleware):
             self._limits[policy] = found
         return found
 
-    def _plan(self, policy: RateLimitPolicy) -> tuple[tuple[Limit, ...], bool, tuple[int, ...]]:
+    def _plan(self, policy: RateLimitPolicy) -> _Plan:
         """Per-policy constants: its limits, whether any counts tokens, and the costs of a
-        request that charges no tokens."""
+        request that charges no tokens. Memoised by the policy's identity (held in the
+        entry): hashing a policy's parsed limits would cost more than the lookup saves."""
+        found = self._plans.get(id(policy))
+        if found is not None and found[0] is policy:
+            return found[1]
         limits = self.limits_of(policy)
         plan = (
             limits,
             any(limit.kind == "tokens" for limit in limits),
             tuple(1 if limit.kind == "requests" else 0 for limit in limits),
         )
-        self._plans[policy] = plan
+        self._plans[id(policy)] = (policy, plan)
         return plan
 
     def _identity(
@@ -143,7 +149,9 @@ class RateLimitMiddleware(GeminiMiddleware):
     ) -> Identity | None:
         """:func:`~gemini_scale.keys.identity`, memoised for verified principals: hashing the
         canonical encoding is most of a memory limiter's cost, and a principal's bucket does
-        not change between its requests (bounded; the client address is never memoised)."""
+        not change between its requests (bounded; the client address is never memoised).
+        Keyed by the principal object's identity, held in the entry so the id cannot be
+        reused meanwhile (a verified token's principal is one cached object)."""
         principal = context.principal
         if not isinstance(principal, Principal):
             principal = principal_of(scope)  # what identity() falls back to
@@ -151,18 +159,19 @@ class RateLimitMiddleware(GeminiMiddleware):
             return identity(scope, dimensions, trusted=self.trusted)
         route = context.route
         key = (
-            principal,
+            id(principal),
             dimensions,
             route.template if route is not None else None,
             route.params.get("model") if route is not None else None,
         )
         found = self._identities.get(key)
-        if found is None:
-            found = identity(scope, dimensions, trusted=self.trusted)
-            if len(self._identities) >= _IDENTITY_CACHE_SIZE:
-                self._identities.clear()
-            self._identities[key] = found
-        return found
+        if found is not None and found[0] is principal:
+            return found[1]
+        bucket = identity(scope, dimensions, trusted=self.trusted)
+        if len(self._identities) >= _IDENTITY_CACHE_SIZE:
+            self._identities.clear()
+        self._identities[key] = (principal, bucket)
+        return bucket
 
     def _budget(self, policy: RateLimitPolicy, context: RequestContext) -> str:
         """Which budget a policy's counters belong to: the default policy's are shared by
@@ -187,10 +196,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         if policy is None:
             await self.app(scope, receive, send)
             return
-        plan = self._plans.get(policy)
-        if plan is None:
-            plan = self._plan(policy)
-        limits, has_tokens, request_costs = plan
+        limits, has_tokens, request_costs = self._plan(policy)
         dimensions: tuple[LimitKey, ...] = policy.key
         bucket = self._identity(scope, context, dimensions)
         if bucket is None:
@@ -269,6 +275,7 @@ class RateLimitMiddleware(GeminiMiddleware):
             send=send,
             context=context,
             decision=decision,
+            limits=limits,
             costs=costs,
         )
 
@@ -280,6 +287,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         send: Send,
         context: RequestContext,
         decision: Decision,
+        limits: Sequence[Limit],
         costs: Sequence[int],
     ) -> None:
         observer = UsageObserver(count=self.count)
@@ -300,7 +308,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.limiter.settle(
-                    decision.reservation, _deltas(decision, costs, status, observer, context)
+                    decision.reservation, _deltas(limits, costs, status, observer, context)
                 )
 
 
@@ -362,7 +370,7 @@ def _content_type(message: Message) -> str | None:
 
 
 def _deltas(
-    decision: Decision,
+    limits: Sequence[Limit],
     costs: Sequence[int],
     status: list[int],
     observer: UsageObserver,
@@ -370,8 +378,8 @@ def _deltas(
 ) -> list[int]:
     """``actual - reserved`` per limit: settle tokens to the real usage (DESIGN.md §3)."""
     deltas = []
-    for state, cost in zip(decision.states, costs, strict=True):
-        if state.limit.kind != "tokens":
+    for limit, cost in zip(limits, costs, strict=True):
+        if limit.kind != "tokens":
             deltas.append(0)
             continue
         if context.extras.get(CACHE_HIT_KEY) or not status or status[0] >= 400:

@@ -27,8 +27,7 @@ def _window(state: LocalState, key: str) -> _Window | None:
 
 def _acquire(state: LocalState, keys: list[str], args: list[Any], now: float) -> list[int]:
     now_ms = math.floor(now * 1000)
-    allowed = 1
-    rows: list[tuple[int, int, int, int, int]] = []
+    out = [1, now_ms]
     get = state.get
     j = 0
     for key in keys:
@@ -42,16 +41,17 @@ def _acquire(state: LocalState, keys: list[str], args: list[Any], now: float) ->
                 cur, prev = stored[1], stored[2]
             elif stored[0] == index - 1:
                 prev = stored[1]
-        weight = (window - (now_ms - index * window)) / window
-        if prev * weight + cur + cost > limit:
-            allowed = 0
-        rows.append((index, cur, prev, window, cost))
-    out = [allowed, now_ms]
-    for key, (index, cur, prev, window, cost) in zip(keys, rows, strict=True):
-        charged = cur + cost if allowed and cost > 0 else cur
-        if charged != cur:
-            state.put(key, (index, charged, prev), now + 2 * window / 1000)
-        out += (index, charged, prev)
+        if prev * (window - (now_ms - index * window)) / window + cur + cost > limit:
+            out[0] = 0
+        out += (index, cur, prev)
+    if out[0]:
+        for position, key in enumerate(keys):
+            cost = int(args[3 * position + 2])
+            if cost > 0:
+                at = 3 * position + 2
+                index, charged, prev = out[at], out[at + 1] + cost, out[at + 2]
+                out[at + 1] = charged
+                state.put(key, (index, charged, prev), now + 2 * int(args[3 * position + 1]) / 1000)
     return out
 
 

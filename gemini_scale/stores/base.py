@@ -200,6 +200,12 @@ def normalize_result(value: Any) -> Any:
     ``None`` are ``None``. Sequences become lists that end at the first ``None`` (a Lua array
     ends at its first nil) while a ``False`` item becomes a ``None`` item, as in Redis.
     """
+    if type(value) is list and {*map(type, value)} == _INT_ONLY:
+        return value.copy()  # already what Redis would answer (the common case)
+    return _normalize(value)
+
+
+def _normalize(value: Any) -> Any:
     if value is None or value is False:
         return None
     if value is True:
@@ -211,14 +217,10 @@ def normalize_result(value: Any) -> Any:
     if isinstance(value, str):
         return value.encode()
     if isinstance(value, list | tuple):
-        items: list[Any]
-        if type(value) is list and {*map(type, value)} == _INT_ONLY:
-            items = value.copy()  # already what Redis would answer (the common case)
-        else:
-            items = []
-            for item in value:
-                if item is None:
-                    break
-                items.append(normalize_result(item))
+        items: list[Any] = []
+        for item in value:
+            if item is None:
+                break
+            items.append(_normalize(item))
         return items
     raise TypeError(f"a script cannot return {type(value).__name__}")

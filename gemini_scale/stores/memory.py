@@ -46,11 +46,15 @@ class _State:
         return entry
 
     def get(self, key: str) -> Any | None:
-        entry = self._live(key)
+        data = self.data
+        entry = data.get(key)
         if entry is None:
             return None
-        del self.data[key]
-        self.data[key] = entry
+        expires_at = entry[1]
+        del data[key]
+        if expires_at is not None and expires_at <= self.now:
+            return None
+        data[key] = entry  # now the most recently used
         return entry[0]
 
     def put(self, key: str, value: Any, expires_at: float | None) -> None:

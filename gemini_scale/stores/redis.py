@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, TypeVar
 
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis
@@ -32,6 +31,8 @@ from gemini_scale.stores.base import (
     value_bytes,
 )
 from gemini_scale.stores.scripted import ScriptedOperations
+
+_T = TypeVar("_T")
 
 RedisClient = Redis | RedisCluster
 """The clients :class:`RedisStore` accepts."""
@@ -176,8 +177,10 @@ class RedisStore(ScriptedOperations):
         store._owned = owned
         return store
 
-    @asynccontextmanager
-    async def _op(self) -> AsyncIterator[None]:
+    async def _do(self, operation: Callable[..., Awaitable[_T]], *args: Any, **kwargs: Any) -> _T:
+        """Await ``operation(*args, **kwargs)`` within the concurrency gate, translating
+        failures to :class:`StoreError` (a plain method: a generator-based context manager
+        would cost more than the rest of a script call's Python work)."""
         gate = self._gate
         if gate is not None:
             if not gate.locked():
@@ -195,7 +198,7 @@ class RedisStore(ScriptedOperations):
                 async with self._cluster_lock:
                     if _needs_initialize(self._cluster):
                         await self._cluster.initialize()
-            yield
+            return await operation(*args, **kwargs)
         except _REDIS_ERRORS as exc:
             raise _translate(exc) from exc
         except (OSError, RuntimeError, AttributeError) as exc:
@@ -212,35 +215,30 @@ class RedisStore(ScriptedOperations):
 
     async def get(self, key: str) -> bytes | None:
         """The value of ``key``, or ``None`` when absent or expired."""
-        async with self._op():
-            value = await self.client.get(self._head + key)
+        value = await self._do(self.client.get, self._head + key)
         return None if value is None else _bytes(value)
 
     async def set(self, key: str, value: bytes, *, ttl: float) -> None:
         """Store ``value`` under ``key`` for ``ttl`` seconds (``SET PX``)."""
         data, ms = value_bytes(value), ttl_ms(ttl)
-        async with self._op():
-            await self.client.set(self._head + key, data, px=ms)
+        await self._do(self.client.set, self._head + key, data, px=ms)
 
     async def set_if_absent(self, key: str, value: bytes, *, ttl: float) -> bool:
         """Store ``value`` only if ``key`` is absent (``SET NX PX``); whether it was stored."""
         data, ms = value_bytes(value), ttl_ms(ttl)
-        async with self._op():
-            stored = await self.client.set(self._head + key, data, px=ms, nx=True)
+        stored = await self._do(self.client.set, self._head + key, data, px=ms, nx=True)
         return bool(stored)
 
     async def delete(self, *keys: str) -> int:
         """Remove ``keys``; how many existed. On a cluster, keys may span slots."""
         if not keys:
             return 0
-        async with self._op():
-            removed = await self.client.delete(*(self._head + key for key in keys))
+        removed = await self._do(self.client.delete, *[self._head + key for key in keys])
         return int(removed)
 
     async def set_members(self, key: str) -> frozenset[str]:
         """The members of a set (empty when absent)."""
-        async with self._op():
-            members = await self.client.smembers(self._head + key)
+        members = await self._do(self.client.smembers, self._head + key)
         return frozenset(_bytes(member).decode() for member in members)
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
@@ -248,15 +246,14 @@ class RedisStore(ScriptedOperations):
         registered = self._scripts.get(script.lua)
         if registered is None:
             registered = self._scripts[script.lua] = self.client.register_script(script.lua)
-        async with self._op():
-            result = await registered(keys=[self._head + key for key in keys], args=list(args))
+        head = self._head
+        result = await self._do(registered, [head + key for key in keys], list(args))
         return _from_reply(result)
 
     async def ping(self) -> None:
         """Round-trip to Redis; raises ``StoreUnavailableError`` on any failure."""
         try:
-            async with self._op():
-                await self.client.ping()
+            await self._do(self.client.ping)
         except StoreUnavailableError:
             raise
         except StoreError as exc:
@@ -394,12 +391,17 @@ def _redact(url: str) -> str:
     return f"{scheme}{sep}***@{tail}" if at else url
 
 
+_INT_ONLY = {int}
+
+
 def _from_reply(value: Any) -> Any:
     """A script reply in the form :func:`~gemini_scale.stores.base.normalize_result` gives.
 
     Redis already turned the Lua value into a reply (nil-terminated arrays included); only
     RESP3 booleans and doubles, and strings from a decoding client, need converting.
     """
+    if type(value) is list and {*map(type, value)} == _INT_ONLY:
+        return value  # already in normalized form (the common case: counters)
     if isinstance(value, bool):
         return 1 if value else None
     if isinstance(value, list):
