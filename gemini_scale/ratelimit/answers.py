@@ -19,22 +19,21 @@ def limit_names(limits: Sequence[Limit], prefix: str = "") -> dict[Limit, str]:
     }
 
 
-#: (prefix, id(limits)) -> (limits, names in order, RateLimit-Policy items joined); limits
-#: are per-policy constants, held in the entry so their id cannot be reused meanwhile.
-_POLICY_CACHE: dict[tuple[str, int], tuple[Sequence[Limit], list[str], bytes]] = {}
+#: (prefix, id(limits)) -> (limits, {id(limit): name}, RateLimit-Policy items); limits
+#: are per-policy constants, held in the entry so their ids cannot be reused meanwhile.
+_POLICY_CACHE: dict[tuple[str, int], tuple[Sequence[Limit], dict[int, str], bytes]] = {}
 _POLICY_CACHE_SIZE = 1024
 
 
-def _policy_items(prefix: str, limits: Sequence[Limit]) -> tuple[list[str], bytes]:
+def _policy_items(prefix: str, limits: Sequence[Limit]) -> tuple[dict[int, str], bytes]:
     key = (prefix, id(limits))
     found = _POLICY_CACHE.get(key)
     if found is not None and found[0] is limits:
         return found[1], found[2]
     by_limit = limit_names(limits, prefix)
-    names = [by_limit[limit] for limit in limits]
+    names = {id(limit): by_limit[limit] for limit in limits}
     items = ", ".join(
-        f'"{name}";q={limit.amount};w={limit.window}'
-        for name, limit in zip(names, limits, strict=True)
+        f'"{by_limit[limit]}";q={limit.amount};w={limit.window}' for limit in limits
     ).encode()
     if type(limits) is tuple:
         if len(_POLICY_CACHE) >= _POLICY_CACHE_SIZE:
@@ -46,10 +45,11 @@ def _policy_items(prefix: str, limits: Sequence[Limit]) -> tuple[list[str], byte
 def rate_limit_headers(
     decisions: Sequence[tuple[str, Sequence[Limit], Decision]],
 ) -> list[tuple[bytes, bytes]]:
-    """``RateLimit-Policy`` listing every limit that applied (IETF httpapi draft form:
-    ``"requests";q=60;w=60, "tokens";q=1000000;w=60``) and ``RateLimit`` for the most
-    constrained one (``"requests";r=41;t=17``). Nothing when no limit was checked (a store
-    failure under ``on_store_error="open"``)."""
+    """``RateLimit-Policy`` listing every limit of the policies that applied (IETF httpapi
+    draft form: ``"requests";q=60;w=60, "tokens";q=1000000;w=60``) and ``RateLimit`` for the
+    most constrained limit the request was checked against (``"requests";r=41;t=17``).
+    Each entry is (name prefix, the policy's limits, the decision). Nothing when no limit
+    was checked (a store failure under ``on_store_error="open"``)."""
     policies: list[bytes] = []
     best_share = best_reset = math.inf
     best: tuple[str, int, float] | None = None
@@ -59,11 +59,12 @@ def rate_limit_headers(
             continue
         names, items = _policy_items(prefix, limits)
         policies.append(items)
-        position, remaining, reset_after = found
-        share = remaining / limits[position].amount
+        limit, remaining, reset_after = found
+        share = remaining / limit.amount
         if share < best_share or (share == best_share and reset_after < best_reset):
             best_share, best_reset = share, reset_after
-            best = (names[position], remaining, reset_after)
+            name = names.get(id(limit)) or limit_names([limit], prefix)[limit]
+            best = (name, remaining, reset_after)
     if best is None:
         return []
     name, remaining, reset_after = best

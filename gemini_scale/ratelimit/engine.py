@@ -185,23 +185,23 @@ class Decision:
             )
         return reservation
 
-    def tightest(self) -> tuple[int, int, float] | None:
-        """``(position, remaining, reset_after)`` of the limit closest to exhaustion (the
+    def tightest(self) -> tuple[Limit, int, float] | None:
+        """``(limit, remaining, reset_after)`` of the limit closest to exhaustion (the
         smallest remaining share; the sooner reset on a tie), or ``None`` with no limits."""
         raw = self._raw
-        best: tuple[int, int, float] | None = None
+        best: tuple[Limit, int, float] | None = None
         if not raw:
             best_key = (math.inf, math.inf)
-            for position, state in enumerate(self.states):
+            for state in self.states:
                 key = (state.remaining / state.limit.amount, state.reset_after)
                 if key < best_key:
-                    best_key, best = key, (position, state.remaining, state.reset_after)
+                    best_key, best = key, (state.limit, state.remaining, state.reset_after)
             return best
         now_ms = raw[1]
         best_share = best_reset = math.inf
         i = 2
         floor = math.floor
-        for position, limit in enumerate(self._limits):
+        for limit in self._limits:
             used, left_ms = _weighted(limit.window * 1000, now_ms, raw[i], raw[i + 1], raw[i + 2])
             i += 3
             amount = limit.amount
@@ -210,7 +210,7 @@ class Decision:
             reset_after = left_ms / 1000
             if share < best_share or (share == best_share and reset_after < best_reset):
                 best_share, best_reset = share, reset_after
-                best = (position, remaining, reset_after)
+                best = (limit, remaining, reset_after)
         return best
 
     @property
@@ -229,7 +229,9 @@ class Decision:
     def most_constrained(self) -> LimitState | None:
         """The limit closest to exhaustion (for the ``RateLimit`` header)."""
         found = self.tightest()
-        return None if found is None else self.states[found[0]]
+        if found is None:
+            return None
+        return next(state for state in self.states if state.limit is found[0])
 
 
 class StoreFailureError(StoreError):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import anyio
 
@@ -42,8 +42,19 @@ CACHE_HIT_KEY = "cache_hit"
 _IDENTITY_CACHE_SIZE = 10_000
 #: ``RequestContext.extras`` key of the decisions made for a request, outermost first.
 DECISIONS_KEY = "rate_limits"
-#: A policy's limits, whether any counts tokens, and the costs of a request-only charge.
-_Plan = tuple[tuple[Limit, ...], bool, tuple[int, ...]]
+
+
+class _Plan(NamedTuple):
+    """A policy's constants, worked out once."""
+
+    limits: tuple[Limit, ...]
+    has_tokens: bool
+    unestimated_costs: tuple[int, ...]
+    """Costs of a token-charging request whose estimate is 0 (one request, no tokens)."""
+    request_limits: tuple[Limit, ...]
+    """The limits a request that charges no tokens meets: its token budgets are not its
+    business (listing models or counting tokens is not refused for spent tokens)."""
+    request_costs: tuple[int, ...]
 
 
 class RateLimitMiddleware(GeminiMiddleware):
@@ -129,17 +140,19 @@ class RateLimitMiddleware(GeminiMiddleware):
         return found
 
     def _plan(self, policy: RateLimitPolicy) -> _Plan:
-        """Per-policy constants: its limits, whether any counts tokens, and the costs of a
-        request that charges no tokens. Memoised by the policy's identity (held in the
-        entry): hashing a policy's parsed limits would cost more than the lookup saves."""
+        """Per-policy constants. Memoised by the policy's identity (held in the entry):
+        hashing a policy's parsed limits would cost more than the lookup saves."""
         found = self._plans.get(id(policy))
         if found is not None and found[0] is policy:
             return found[1]
         limits = self.limits_of(policy)
-        plan = (
+        request_limits = tuple(limit for limit in limits if limit.kind == "requests")
+        plan = _Plan(
             limits,
             any(limit.kind == "tokens" for limit in limits),
             tuple(1 if limit.kind == "requests" else 0 for limit in limits),
+            request_limits,
+            (1,) * len(request_limits),
         )
         self._plans[id(policy)] = (policy, plan)
         return plan
@@ -196,7 +209,16 @@ class RateLimitMiddleware(GeminiMiddleware):
         if policy is None:
             await self.app(scope, receive, send)
             return
-        limits, has_tokens, request_costs = self._plan(policy)
+        plan = self._plan(policy)
+        charges_tokens = (
+            plan.has_tokens
+            and scope["method"] == "POST"
+            and scope["path"].endswith(self.token_methods)
+        )
+        limits = plan.limits if charges_tokens else plan.request_limits
+        if not limits:
+            await self.app(scope, receive, send)
+            return
         dimensions: tuple[LimitKey, ...] = policy.key
         bucket = self._identity(scope, context, dimensions)
         if bucket is None:
@@ -211,12 +233,7 @@ class RateLimitMiddleware(GeminiMiddleware):
                 dimensions = ("client_ip",)
                 bucket = identity(scope, dimensions, trusted=self.trusted)
         assert bucket is not None
-        charges_tokens = (
-            has_tokens
-            and scope["method"] == "POST"
-            and scope["path"].endswith(self.token_methods)
-        )
-        estimate = 0
+        costs: Sequence[int] = plan.request_costs
         if charges_tokens:
             try:
                 receive = await load_json_body(scope, receive, context, self.max_body_bytes)
@@ -228,11 +245,11 @@ class RateLimitMiddleware(GeminiMiddleware):
                 default_output_tokens=self.default_output_tokens,
                 method=scope["path"].rpartition(":")[2],
             )
-        costs: Sequence[int] = (
-            [1 if limit.kind == "requests" else estimate for limit in limits]
-            if estimate
-            else request_costs
-        )
+            costs = (
+                [1 if limit.kind == "requests" else estimate for limit in limits]
+                if estimate
+                else plan.unestimated_costs
+            )
         try:
             decision = await self.limiter.acquire(
                 bucket.tag, limits, costs, scope=self._budget(policy, context)
@@ -250,7 +267,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         owner = decisions is None
         if decisions is None:
             decisions = context.extras[DECISIONS_KEY] = []
-        decisions.append((self.name_prefix, limits, decision))
+        decisions.append((self.name_prefix, plan.limits, decision))
         if owner and self.headers:
             send = _with_rate_limit_headers(send, decisions)
         if not decision.allowed:

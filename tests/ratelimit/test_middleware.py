@@ -125,6 +125,26 @@ async def test_routes_that_cost_no_tokens_reserve_none() -> None:
         assert await stack.used("alice") == {"requests": 5, "tokens": 0}
 
 
+async def test_spent_tokens_refuse_generation_but_not_requests_that_cost_none() -> None:
+    default = RateLimitPolicy.parse("100/minute", tokens="100/minute")
+    async with limited(default=default, **clocked()) as stack:
+        # Each answer reports 45 tokens against a reservation of 10 + 40: settles to 45.
+        for _ in range(2):
+            response = await stack.client.post(
+                GENERATE, json=body(max_output=40), headers=who("alice")
+            )
+            assert response.status_code == 200
+        assert await stack.used("alice") == {"requests": 2, "tokens": 90}
+        refused = await stack.client.post(GENERATE, json=body(max_output=40), headers=who("alice"))
+        assert refused.status_code == 429
+        assert "tokens" in refused.json()["error"]["message"]
+        # Listing models costs no tokens: still served, its headers name the request limit.
+        listing = await stack.client.get("/v1beta/models", headers=who("alice"))
+        assert listing.status_code == 200
+        assert listing.headers["ratelimit"].startswith('"requests";r=')
+        assert '"tokens";q=100;w=60' in listing.headers["ratelimit-policy"]
+
+
 @pytest.mark.parametrize("path", [GENERATE, STREAM], ids=["json", "sse"])
 async def test_concurrent_reservations_never_exceed_the_budget_and_settle_exactly(
     backend: Backend, path: str
