@@ -14,6 +14,9 @@ given and win over these defaults):
 * ``stack-nolimit``: the same stack without its two limiters, so their share is visible;
 * ``limiter`` / ``limiter-redis``: ``RateLimitMiddleware`` alone on the bare app, with an
   already verified principal in each request's state;
+* ``redis-floor``: a bare pure-ASGI layer sending the same scripts through a raw
+  ``redis.asyncio`` client (the client's own cost inside a request, which the Redis
+  limiter is held against);
 * ``slowapi`` / ``slowapi-redis``: slowapi's documented pattern (``@limiter.limit`` on each
   route plus ``SlowAPIMiddleware``) on the same routes, with ``memory://`` / ``redis://``.
 
@@ -34,7 +37,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.bench import main as bench_main
 
-VARIANTS = "stack-nolimit,stack,stack-redis,limiter,limiter-redis,slowapi,slowapi-redis"
+VARIANTS = ("stack-nolimit,stack,stack-redis,limiter,limiter-redis,redis-floor,slowapi,"
+            "slowapi-redis")
 DEFAULTS = {"--variants": VARIANTS, "--sections": "inprocess,http", "--rounds": "3"}
 
 

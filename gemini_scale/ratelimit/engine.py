@@ -400,6 +400,13 @@ class RateLimiter:
         )
         return Decision.from_reply(raw, limits, keys, costs, True, degraded=True)
 
+    def settles_without_waiting(self, reservation: Reservation | None) -> bool:
+        """Whether :meth:`settle` of ``reservation`` completes without ever suspending (it
+        lives in a plain in-process memory store), so it needs no shield from cancellation."""
+        return reservation is None or (
+            (reservation.local or self._shared_is_local) and self._run_now is not None
+        )
+
     async def settle(self, reservation: Reservation | None, deltas: Sequence[int]) -> None:
         """Move each charged limit by its delta (``actual - reserved``; ``-reserved`` refunds).
 
@@ -415,9 +422,13 @@ class RateLimiter:
                 args += [index, int(delta)]
         if not keys:
             return
-        if not reservation.local and self._breaker.is_open():
+        local = reservation.local or self._shared_is_local
+        if local and self._run_now is not None:
+            self._run_now(SETTLE, keys, args)  # synchronous: nothing to shield or to fail
+            return
+        if not local and self._breaker.is_open():
             return  # the store is known to be down: the reservation stands (logged already)
-        store: Store = self._local if reservation.local else self.store
+        store: Store = self._local if local else self.store
         try:
             await store.run(SETTLE, keys, args)
         except StoreError as exc:

@@ -323,10 +323,13 @@ class RateLimitMiddleware(GeminiMiddleware):
         try:
             await self.app(scope, receive, observing_send)
         finally:
-            with anyio.CancelScope(shield=True):
-                await self.limiter.settle(
-                    decision.reservation, _deltas(limits, costs, status, observer, context)
-                )
+            reservation = decision.reservation
+            deltas = _deltas(limits, costs, status, observer, context)
+            if self.limiter.settles_without_waiting(reservation):
+                await self.limiter.settle(reservation, deltas)  # never suspends
+            else:
+                with anyio.CancelScope(shield=True):
+                    await self.limiter.settle(reservation, deltas)
 
 
 class IPRateLimitMiddleware(RateLimitMiddleware):
