@@ -30,9 +30,12 @@ from gemini_scale.stores.base import (
     ttl_ms,
     value_bytes,
 )
+from gemini_scale.stores.redis_connections import ReusedConnections
 from gemini_scale.stores.scripted import ScriptedOperations
 
 _T = TypeVar("_T")
+#: Idle connections a store made by ``from_url`` keeps for its scripts and GETs.
+_KEEP_IDLE = 16
 
 RedisClient = Redis | RedisCluster
 """The clients :class:`RedisStore` accepts."""
@@ -122,6 +125,7 @@ class RedisStore(ScriptedOperations):
         self._owned: list[Callable[[], Awaitable[None]]] = []
         self._cluster = client if isinstance(client, RedisCluster) else None
         self._cluster_lock = asyncio.Lock()
+        self._reused: ReusedConnections | None = None
 
     def __repr__(self) -> str:
         return f"RedisStore({type(self.client).__name__}, prefix={self.prefix!r})"
@@ -148,9 +152,11 @@ class RedisStore(ScriptedOperations):
           discovered from these startup nodes.
 
         No connection is opened here. Every client gets ``socket_timeout``,
-        ``connect_timeout`` and no retries; ``max_connections`` bounds each connection pool
-        (per node on a cluster) and the operations in flight, which wait up to
-        ``pool_timeout`` seconds for a turn.
+        ``connect_timeout`` and no retries; ``max_connections`` bounds the operations in
+        flight, which wait up to ``pool_timeout`` seconds for a turn, and each connection pool
+        (per node on a cluster). Outside a cluster the pool also keeps up to
+        ``min(16, max_connections)`` idle connections for scripts and ``GET`` between uses,
+        which skips redis-py's per-checkout lock and socket check on the hot path.
 
         :raises ConfigurationError: for a malformed URL or option (the message never
             contains the password).
@@ -170,10 +176,16 @@ class RedisStore(ScriptedOperations):
             "socket_connect_timeout": connect_timeout,
             "retry": _no_retry(),
         }
-        client, owned = _client_from_url(url, options, max_connections)
+        # The pool holds the operations in flight (at most max_connections, the gate) plus
+        # the idle connections kept for scripts and GET (see redis_connections.py).
+        cluster = isinstance(url, str) and url.lower().startswith("redis+cluster://")
+        keep = 0 if cluster else min(_KEEP_IDLE, max_connections)
+        client, owned = _client_from_url(url, options, max_connections + keep)
         store = cls(
             client, prefix=prefix, max_concurrency=max_connections, acquire_timeout=pool_timeout
         )
+        if keep and isinstance(client, Redis):
+            store._reused = ReusedConnections(client.connection_pool, keep=keep)
         store._owned = owned
         return store
 
@@ -215,7 +227,10 @@ class RedisStore(ScriptedOperations):
 
     async def get(self, key: str) -> bytes | None:
         """The value of ``key``, or ``None`` when absent or expired."""
-        value = await self._do(self.client.get, self._head + key)
+        if self._reused is not None:
+            value = await self._do(self._reused.execute, "GET", self._head + key)
+        else:
+            value = await self._do(self.client.get, self._head + key)
         return None if value is None else _bytes(value)
 
     async def set(self, key: str, value: bytes, *, ttl: float) -> None:
@@ -243,11 +258,16 @@ class RedisStore(ScriptedOperations):
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
         """Run ``script`` with ``EVALSHA`` on the prefixed ``keys``; see :class:`Script`."""
-        registered = self._scripts.get(script.lua)
-        if registered is None:
-            registered = self._scripts[script.lua] = self.client.register_script(script.lua)
         head = self._head
-        result = await self._do(registered, [head + key for key in keys], list(args))
+        if self._reused is not None:
+            result = await self._do(
+                self._reused.evalsha, script.lua, [head + key for key in keys], list(args)
+            )
+        else:
+            registered = self._scripts.get(script.lua)
+            if registered is None:
+                registered = self._scripts[script.lua] = self.client.register_script(script.lua)
+            result = await self._do(registered, [head + key for key in keys], list(args))
         return _from_reply(result)
 
     async def ping(self) -> None:
@@ -262,6 +282,8 @@ class RedisStore(ScriptedOperations):
     async def aclose(self) -> None:
         """Close the client if :meth:`from_url` created it; an injected client stays open."""
         owned, self._owned = self._owned, []
+        if self._reused is not None:
+            await self._reused.aclose()
         for close in owned:
             await close()
 

@@ -57,7 +57,8 @@ async def test_redis_url(closing: list[RedisStore]) -> None:
     assert kwargs["password"] == SECRET
     assert kwargs["socket_timeout"] == 0.25
     assert kwargs["socket_connect_timeout"] == 1.0
-    assert client.connection_pool.max_connections == 64
+    # 64 operations in flight, plus up to 16 idle connections kept for scripts and GET.
+    assert client.connection_pool.max_connections == 64 + 16
     retry = client.get_retry()
     assert retry is not None
     assert retry.get_retries() == 0
@@ -71,7 +72,7 @@ async def test_redis_url_options(closing: list[RedisStore]) -> None:
     kwargs = store.client.connection_pool.connection_kwargs
     assert (kwargs["host"], kwargs.get("port", 6379), kwargs.get("db", 0)) == ("h", 6379, 0)
     assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (0.1, 0.2)
-    assert store.client.connection_pool.max_connections == 7
+    assert store.client.connection_pool.max_connections == 7 + 7
 
 
 async def test_rediss_url_uses_tls(closing: list[RedisStore]) -> None:
@@ -442,3 +443,57 @@ def test_empty_memory_store_is_truthy() -> None:
 def test_memory_store_needs_room() -> None:
     with pytest.raises(ConfigurationError):
         MemoryStore(max_keys=0)
+
+
+# -- connections kept between uses (stores made by from_url, outside a cluster) ---------------
+
+
+@pytest.mark.redis
+async def test_a_cancelled_command_never_leaves_its_reply_for_the_next(
+    redis_servers: RedisProcesses, closing: list[RedisStore]
+) -> None:
+    server = redis_servers.server("--enable-debug-command", "local")
+    store = from_url(closing, server.url, socket_timeout=2)
+    await store.set("a", b"value-a", ttl=30)
+    assert await store.get("a") == b"value-a"  # a connection is now kept idle
+    blocker = Redis.from_url(server.url, socket_timeout=5)
+    try:
+        await blocker.ping()
+        sleeping = asyncio.create_task(debug_sleep(blocker, 0.3))
+        await asyncio.sleep(0.05)
+        for operation in (store.run(SERVER_TIME, [], []), store.get("a")):
+            pending = asyncio.ensure_future(operation)
+            await asyncio.sleep(0.05)  # sent; the reply comes after the server wakes up
+            pending.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await pending
+        await sleeping
+    finally:
+        await blocker.aclose()
+    # The replies of the cancelled commands arrive on connections that were dropped: every
+    # later command reads its own reply.
+    for _ in range(5):
+        assert await store.get("a") == b"value-a"
+        assert isinstance(await store.run(SERVER_TIME, [], []), int)
+        assert await store.get("missing") is None
+
+
+@pytest.mark.redis
+async def test_connections_closed_by_the_server_are_replaced_without_an_error(
+    redis_servers: RedisProcesses, closing: list[RedisStore]
+) -> None:
+    server = redis_servers.server()
+    store = from_url(closing, server.url)
+    await store.set("a", b"value-a", ttl=30)
+    # Several operations at once: several connections are kept idle afterwards.
+    assert await gather_all(*(store.get("a") for _ in range(8))) == [b"value-a"] * 8
+    admin = Redis.from_url(server.url)
+    try:
+        killed = await admin.client_kill_filter(_type="normal", skipme=True)
+        assert killed >= 2
+        await asyncio.sleep(0.1)  # the event loop sees the connections close
+        for _ in range(20):  # more than were kept: every one is replaced, none fails
+            assert await store.get("a") == b"value-a"
+            assert isinstance(await store.run(SERVER_TIME, [], []), int)
+    finally:
+        await admin.aclose()

@@ -1,0 +1,129 @@
+"""Reuse of a few redis-py connections for the hot commands (scripts and ``GET``).
+
+Why not the pool alone: redis-py's asyncio pool takes a lock, records observability counters
+and checks the socket for unread data on *every* checkout and release. Measured here, that is
+about a fifth of the client CPU of one ``EVALSHA`` (bench/README.md, "redis-floor"), on the
+path every rate-limited request and every cache hit takes. The connections are redis-py's
+own, from the store's pool, and every command goes through redis-py's public connection API
+(``pack_command``, ``send_packed_command``, ``read_response``); only the per-use checkout is
+skipped, and it is safe to skip because of three rules:
+
+- a connection goes back to the idle list only after its reply was read in full;
+- any failure (including cancellation, and error replies other than ``NOSCRIPT``, such as
+  ``READONLY`` from a demoted master) disconnects it and returns it to the pool, which
+  reconnects it on its next checkout;
+- an idle connection whose peer has closed it (the event loop has already seen the end of
+  its stream, which costs no system call to ask) is dropped, not used; one idle for longer
+  than ``max_idle`` seconds goes back to the pool, whose checkout verifies it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from typing import Any
+
+from redis import exceptions as redis_errors
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+
+
+class ReusedConnections:
+    """Runs single commands on connections kept out of a redis-py pool between uses.
+
+    :param pool: the client's pool; it must allow ``keep`` connections beyond the number of
+        commands that can be in flight at once.
+    :param keep: how many idle connections are kept.
+    :param max_idle: seconds after which an idle connection is handed back to the pool.
+    """
+
+    def __init__(self, pool: ConnectionPool, *, keep: int, max_idle: float = 5.0) -> None:
+        self._pool = pool
+        self._keep = keep
+        self._max_idle = max_idle
+        self._idle: list[tuple[AbstractConnection, float]] = []
+        self._shas: dict[str, str] = {}
+
+    async def execute(self, *args: Any) -> Any:
+        """Send one command and read its reply (redis-py's raw reply: no response callbacks)."""
+        connection = await self._checkout()
+        try:
+            reply = await _round_trip(connection, args)
+        except BaseException:
+            await self._discard(connection)
+            raise
+        await self._checkin(connection)
+        return reply
+
+    async def evalsha(self, lua: str, keys: list[str], args: list[Any]) -> Any:
+        """``EVALSHA`` of ``lua``; on ``NOSCRIPT`` (a flushed or failed-over server) the script
+        is loaded and sent again: the refused call did not run, so this is not a retry."""
+        sha = self._shas.get(lua)
+        if sha is None:
+            sha = self._shas[lua] = hashlib.sha1(lua.encode(), usedforsecurity=False).hexdigest()
+        connection = await self._checkout()
+        try:
+            try:
+                reply = await _round_trip(connection, ("EVALSHA", sha, len(keys), *keys, *args))
+            except redis_errors.NoScriptError:
+                await _round_trip(connection, ("SCRIPT", "LOAD", lua))
+                reply = await _round_trip(connection, ("EVALSHA", sha, len(keys), *keys, *args))
+        except BaseException:
+            await self._discard(connection)
+            raise
+        await self._checkin(connection)
+        return reply
+
+    async def _checkout(self) -> AbstractConnection:
+        idle = self._idle
+        now = time.monotonic()
+        while idle:
+            connection, since = idle.pop()
+            if _closed_by_peer(connection):
+                await self._discard(connection)
+            elif now - since > self._max_idle:
+                await self._pool.release(connection)  # stale: the pool verifies it on checkout
+            else:
+                return connection
+        fresh: AbstractConnection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
+        return fresh
+
+    async def _checkin(self, connection: AbstractConnection) -> None:
+        if len(self._idle) < self._keep:
+            self._idle.append((connection, time.monotonic()))  # no await: the common path
+        else:
+            await self._pool.release(connection)
+
+    async def _discard(self, connection: AbstractConnection) -> None:
+        # Shielded: a cancelled caller must still hand the connection back, or the pool
+        # would count it as in use forever.
+        await asyncio.shield(_disconnect_and_release(self._pool, connection))
+
+    async def aclose(self) -> None:
+        """Hand every idle connection back to the pool (which the client then closes)."""
+        idle, self._idle = self._idle, []
+        for connection, _ in idle:
+            await self._pool.release(connection)
+
+
+def _closed_by_peer(connection: AbstractConnection) -> bool:
+    """Whether the server (or a proxy) closed the connection while it was idle, from what the
+    event loop already knows. redis-py keeps its stream in private attributes: if they are
+    ever missing, the connection is treated as closed and the pool's own checkout takes over."""
+    reader = getattr(connection, "_reader", None)
+    writer = getattr(connection, "_writer", None)
+    if not isinstance(reader, asyncio.StreamReader) or not isinstance(writer, asyncio.StreamWriter):
+        return True
+    return reader.at_eof() or reader.exception() is not None or writer.is_closing()
+
+
+async def _round_trip(connection: AbstractConnection, args: tuple[Any, ...]) -> Any:
+    await connection.send_packed_command(connection.pack_command(*args), check_health=False)
+    return await connection.read_response()
+
+
+async def _disconnect_and_release(pool: ConnectionPool, connection: AbstractConnection) -> None:
+    try:
+        await connection.disconnect(nowait=True)
+    finally:
+        await pool.release(connection)
