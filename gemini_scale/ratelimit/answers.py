@@ -19,27 +19,31 @@ def limit_names(limits: Sequence[Limit], prefix: str = "") -> dict[Limit, str]:
     }
 
 
-#: (prefix, id(limits)) -> (limits, {id(limit): name}, RateLimit-Policy items); limits
-#: are per-policy constants, held in the entry so their ids cannot be reused meanwhile.
-_POLICY_CACHE: dict[tuple[str, int], tuple[Sequence[Limit], dict[int, str], bytes]] = {}
+#: (prefix, id(limits)) -> (limits, {id(limit): b'"name";r='}, RateLimit-Policy items);
+#: limits are per-policy constants, held in the entry so their ids cannot be reused meanwhile.
+_POLICY_CACHE: dict[tuple[str, int], tuple[Sequence[Limit], dict[int, bytes], bytes]] = {}
 _POLICY_CACHE_SIZE = 1024
 
 
-def _policy_items(prefix: str, limits: Sequence[Limit]) -> tuple[dict[int, str], bytes]:
+def _policy_items(prefix: str, limits: Sequence[Limit]) -> tuple[dict[int, bytes], bytes]:
     key = (prefix, id(limits))
     found = _POLICY_CACHE.get(key)
     if found is not None and found[0] is limits:
         return found[1], found[2]
     by_limit = limit_names(limits, prefix)
-    names = {id(limit): by_limit[limit] for limit in limits}
+    heads = {id(limit): _head(by_limit[limit]) for limit in limits}
     items = ", ".join(
         f'"{by_limit[limit]}";q={limit.amount};w={limit.window}' for limit in limits
     ).encode()
     if type(limits) is tuple:
         if len(_POLICY_CACHE) >= _POLICY_CACHE_SIZE:
             _POLICY_CACHE.clear()
-        _POLICY_CACHE[key] = (limits, names, items)
-    return names, items
+        _POLICY_CACHE[key] = (limits, heads, items)
+    return heads, items
+
+
+def _head(name: str) -> bytes:
+    return f'"{name}";r='.encode()
 
 
 def rate_limit_headers(
@@ -52,25 +56,26 @@ def rate_limit_headers(
     was checked (a store failure under ``on_store_error="open"``)."""
     policies: list[bytes] = []
     best_share = best_reset = math.inf
-    best: tuple[str, int, float] | None = None
+    best: tuple[bytes, int, float] | None = None
     for prefix, limits, decision in decisions:
         found = decision.tightest()
         if found is None:
             continue
-        names, items = _policy_items(prefix, limits)
+        heads, items = _policy_items(prefix, limits)
         policies.append(items)
         limit, remaining, reset_after = found
         share = remaining / limit.amount
         if share < best_share or (share == best_share and reset_after < best_reset):
             best_share, best_reset = share, reset_after
-            name = names.get(id(limit)) or limit_names([limit], prefix)[limit]
-            best = (name, remaining, reset_after)
+            head = heads.get(id(limit)) or _head(limit_names([limit], prefix)[limit])
+            best = (head, remaining, reset_after)
     if best is None:
         return []
-    name, remaining, reset_after = best
+    head, remaining, reset_after = best
+    reset = math.ceil(reset_after)
     return [
         (b"ratelimit-policy", policies[0] if len(policies) == 1 else b", ".join(policies)),
-        (b"ratelimit", f'"{name}";r={remaining};t={max(0, math.ceil(reset_after))}'.encode()),
+        (b"ratelimit", b"%s%d;t=%d" % (head, remaining, reset if reset > 0 else 0)),
     ]
 
 

@@ -311,6 +311,9 @@ class RateLimiter:
         )
         # A plain MemoryStore (not a subclass that may override ``run``) is run synchronously.
         self._run_now = self._local.run_now if type(self._local) is MemoryStore else None
+        self.synchronous = self._shared_is_local and self._run_now is not None
+        """Whether decisions never wait (the store is a plain in-process ``MemoryStore``):
+        then :meth:`acquire_now` gives them without a coroutine."""
         self._keys: dict[tuple[str, int, str], tuple[Sequence[Limit], tuple[str, ...]]] = {}
         self._arg_cache: dict[int, tuple[Sequence[int], Sequence[Limit], list[int]]] = {}
         self._breaker = _Breaker(breaker_threshold, breaker_cooldown, clock)
@@ -355,6 +358,18 @@ class RateLimiter:
             self._arg_cache[id(costs)] = (costs, limits, args)
         return args
 
+    def acquire_now(
+        self, tag: str, limits: Sequence[Limit], costs: Sequence[int], *, scope: str = ""
+    ) -> Decision:
+        """:meth:`acquire` without a coroutine, for a limiter whose store is a plain
+        in-process :class:`MemoryStore` (:attr:`synchronous`)."""
+        run_now = self._run_now
+        if not self.synchronous or run_now is None:
+            raise RuntimeError("acquire_now needs a limiter on a plain MemoryStore")
+        keys = self._cached_keys(tag, limits, scope)
+        raw = run_now(ACQUIRE, keys, self._args(limits, costs))
+        return Decision.from_reply(raw, limits, keys, costs, False)
+
     async def acquire(
         self, tag: str, limits: Sequence[Limit], costs: Sequence[int], *, scope: str = ""
     ) -> Decision:
@@ -362,15 +377,12 @@ class RateLimiter:
 
         A cost larger than its whole limit can never fit: refused, nothing charged.
         """
+        if self.synchronous:
+            return self.acquire_now(tag, limits, costs, scope=scope)
         keys = self._cached_keys(tag, limits, scope)
         args = self._args(limits, costs)
         if self._shared_is_local:
-            run_now = self._run_now
-            raw = (
-                run_now(ACQUIRE, keys, args)
-                if run_now is not None
-                else await self._local.run(ACQUIRE, keys, args)
-            )
+            raw = await self._local.run(ACQUIRE, keys, args)
             return Decision.from_reply(raw, limits, keys, costs, False)
         breaker = self._breaker
         if breaker.failures == 0 or breaker.allows():

@@ -127,6 +127,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         self._limits: dict[RateLimitPolicy, tuple[Limit, ...]] = {}
         self._identities: dict[tuple[Any, ...], tuple[Principal, Identity | None]] = {}
         self._plans: dict[int, tuple[RateLimitPolicy, _Plan]] = {}
+        self._budgets: dict[tuple[int, str], tuple[RateLimitPolicy, str]] = {}
 
     def limits_of(self, policy: RateLimitPolicy) -> tuple[Limit, ...]:
         """The engine's limits for a policy (computed once per policy)."""
@@ -193,10 +194,18 @@ class RateLimitMiddleware(GeminiMiddleware):
         if policy is self.default:
             return ""
         template = context.route.template if context.route is not None else ""
+        memo = (id(policy), template)
+        found = self._budgets.get(memo)
+        if found is not None and found[0] is policy:
+            return found[1]
         signature = "|".join(
             [template, *map(str, policy.requests), "/", *map(str, policy.tokens), *policy.key]
         )
-        return hashlib.sha256(signature.encode()).hexdigest()[:12]
+        budget = hashlib.sha256(signature.encode()).hexdigest()[:12]
+        if len(self._budgets) >= _IDENTITY_CACHE_SIZE:
+            self._budgets.clear()
+        self._budgets[memo] = (policy, budget)
+        return budget
 
     async def handle(
         self, scope: Scope, receive: Receive, send: Send, context: RequestContext
@@ -250,9 +259,14 @@ class RateLimitMiddleware(GeminiMiddleware):
                 if estimate
                 else plan.unestimated_costs
             )
+        limiter = self.limiter
         try:
-            decision = await self.limiter.acquire(
-                bucket.tag, limits, costs, scope=self._budget(policy, context)
+            decision = (
+                limiter.acquire_now(bucket.tag, limits, costs, scope=self._budget(policy, context))
+                if limiter.synchronous
+                else await limiter.acquire(
+                    bucket.tag, limits, costs, scope=self._budget(policy, context)
+                )
             )
         except StoreFailureError:
             await send_error(

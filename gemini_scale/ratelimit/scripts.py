@@ -72,8 +72,8 @@ def _settle(state: LocalState, keys: list[str], args: list[Any], now: float) -> 
     return len(keys)
 
 
-ACQUIRE = Script(name="rl_acquire", lua=_load("rl_acquire"), local=_acquire)
+ACQUIRE = Script(name="rl_acquire", lua=_load("rl_acquire"), local=_acquire, exact=True)
 """Check every limit of a request and, only if all fit, charge them all (one round trip)."""
 
-SETTLE = Script(name="rl_settle", lua=_load("rl_settle"), local=_settle)
+SETTLE = Script(name="rl_settle", lua=_load("rl_settle"), local=_settle, exact=True)
 """Move earlier reservations by a delta: settle to real usage, or refund."""

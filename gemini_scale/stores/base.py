@@ -77,6 +77,9 @@ class Script:
     """The Lua source."""
     local: LocalScript
     """The synchronous Python implementation: ``local(state, keys, args, now)``."""
+    exact: bool = False
+    """The twin already returns what Redis would (an ``int`` or a list of ``int``): memory
+    stores skip :func:`normalize_result` (it shows on a rate limiter's hot path)."""
 
     @classmethod
     def from_package(cls, name: str, local: LocalScript) -> Script:

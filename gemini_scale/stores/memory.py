@@ -20,6 +20,7 @@ from gemini_scale.types import SYSTEM_CLOCK, Clock
 
 _Entry = tuple[Any, float | None]
 
+_FULL_KEYS_CACHE_SIZE = 10_000
 _WRONGTYPE = "WRONGTYPE Operation against a key holding the wrong kind of value"
 
 
@@ -113,6 +114,7 @@ class MemoryStore(ScriptedOperations):
         self._sweep_every = max(1024, max_keys // 8)
         self._min_sweep_gap = max(1, max_keys // 16)
         self._writes_at_sweep = 0
+        self._full_keys: dict[tuple[str, ...], list[str]] = {}
 
     def __len__(self) -> int:
         """Keys held, including expired ones not yet removed."""
@@ -197,12 +199,19 @@ class MemoryStore(ScriptedOperations):
         """:meth:`run`, synchronously (nothing here ever awaits)."""
         state = self._state
         state.now = now = self._clock.time()
-        head = self._head
+        full = self._full_keys.get(keys) if type(keys) is tuple else None
+        if full is None:
+            head = self._head
+            full = [head + key for key in keys]
+            if type(keys) is tuple:  # a caller's constant tuple: remember its prefixed form
+                if len(self._full_keys) >= _FULL_KEYS_CACHE_SIZE:
+                    self._full_keys.clear()
+                self._full_keys[keys] = full
         try:
-            result = script.local(state, [head + key for key in keys], list(args), now)
+            result = script.local(state, list(full), list(args), now)
         finally:
             self._end(state)
-        return normalize_result(result)
+        return result if script.exact else normalize_result(result)
 
     async def ping(self) -> None:
         """Always reachable."""
