@@ -10,11 +10,15 @@ from fastapi import FastAPI, Request
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.responses import JSONResponse, Response
 
+from example_app.admin_routes import router as admin_router
 from example_app.dev_issuer import WARNING, DevIssuer
 from example_app.gemini_routes import router
 from example_app.standin import create_standin
 from gemini_scale import (
     APIKeys,
+    CacheEngine,
+    CacheMiddleware,
+    CachePolicy,
     ConfigurationError,
     GeminiScaleSettings,
     GeminiUpstream,
@@ -22,6 +26,7 @@ from gemini_scale import (
     Issuer,
     JSONBodyMiddleware,
     OAuth2Middleware,
+    Policy,
     RateLimitMiddleware,
     RateLimitPolicy,
     StoreError,
@@ -79,6 +84,7 @@ def create_app(settings: GeminiScaleSettings, *, standin: ASGIApp | None = None)
         store = store_from_url(settings.redis_url)  # opens no connection
     except ConfigurationError as exc:
         raise ConfigurationError(f"GEMINI_SCALE_REDIS_URL: {exc}") from None
+    cache_engine = CacheEngine(store) if settings.cache_ttl > 0 else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -99,8 +105,10 @@ def create_app(settings: GeminiScaleSettings, *, standin: ASGIApp | None = None)
     )
     app.state.settings = settings
     app.state.dev_issuer = dev_issuer
+    app.state.cache_engine = cache_engine
     for prefix in API_PREFIXES:
         app.include_router(router, prefix=prefix, tags=[prefix.strip("/")])
+    app.include_router(admin_router, tags=["admin"])
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> Response:
@@ -125,8 +133,16 @@ def create_app(settings: GeminiScaleSettings, *, standin: ASGIApp | None = None)
 
     install_error_handlers(app)
     # Innermost first (DESIGN.md §3): the per-address limit runs before any cryptography,
-    # the body is read only after authentication passed, and the principal's request and
-    # token budgets (per model) are checked on the parsed body.
+    # the body is read only after authentication passed, the principal's request and
+    # token budgets (per model) are checked on the parsed body, and the cache answers
+    # last, so a hit has passed every check and charges its request but no tokens.
+    if cache_engine is not None:
+        app.add_middleware(
+            CacheMiddleware,
+            engine=cache_engine,
+            rules=cache_rules(settings.cache_ttl),
+            generation=settings.cache_generation,
+        )
     app.add_middleware(
         RateLimitMiddleware,
         store=store,
@@ -158,6 +174,23 @@ def create_app(settings: GeminiScaleSettings, *, standin: ASGIApp | None = None)
         trusted_proxies=settings.trusted_proxy_list,
     )
     return app
+
+
+def cache_rules(ttl: float) -> dict[str, Policy]:
+    """What the gateway caches for ``ttl`` seconds: the model list and model details for
+    everyone (they come from the server's own key), token counts and embeddings per caller,
+    and generation per caller as ``GEMINI_SCALE_CACHE_GENERATION`` allows (streams too)."""
+    shared = CachePolicy(ttl=ttl, scope="shared")
+    own = CachePolicy(ttl=ttl, methods=frozenset({"POST"}))
+    streamed = CachePolicy(ttl=ttl, methods=frozenset({"POST"}), streams=True)
+    rules: dict[str, Policy] = {}
+    for prefix in API_PREFIXES:
+        rules[f"GET {prefix}/models"] = shared
+        rules[f"GET {prefix}/models/{{model}}"] = shared
+        for method in ("countTokens", "embedContent", "batchEmbedContents", "generateContent"):
+            rules[f"POST {prefix}/models/{{model}}:{method}"] = own
+        rules[f"POST {prefix}/models/{{model}}:streamGenerateContent"] = streamed
+    return rules
 
 
 def trusted_issuers(settings: GeminiScaleSettings, dev_issuer: DevIssuer | None) -> list[Issuer]:

@@ -25,6 +25,14 @@ if _typing.TYPE_CHECKING:
     from gemini_scale.auth.middleware import OAuth2Middleware, principal_of
     from gemini_scale.auth.user import PrincipalUser
     from gemini_scale.body import JSONBodyMiddleware
+    from gemini_scale.caching import (
+        ALL_TAG,
+        CacheEngine,
+        CacheMiddleware,
+        model_tag,
+        principal_tag,
+        tenant_tag,
+    )
     from gemini_scale.errors import (
         ConfigurationError,
         GeminiScaleError,
@@ -93,9 +101,12 @@ __version__ = "0.1.0"
 # actually uses: a stack without Redis never imports redis-py, one without the upstream
 # client never imports httpx.
 _LAZY: dict[str, str] = {
+    "ALL_TAG": "gemini_scale.caching",
     "APIKeyEntry": "gemini_scale.auth.api_keys",
     "APIKeys": "gemini_scale.auth.api_keys",
     "AuthError": "gemini_scale.auth.errors",
+    "CacheEngine": "gemini_scale.caching",
+    "CacheMiddleware": "gemini_scale.caching",
     "CachePolicy": "gemini_scale.policies",
     "Clock": "gemini_scale.types",
     "ConfigurationError": "gemini_scale.errors",
@@ -161,11 +172,13 @@ _LAZY: dict[str, str] = {
     "load_settings": "gemini_scale.settings",
     "mark": "gemini_scale.policies",
     "model_key": "gemini_scale.keys",
+    "model_tag": "gemini_scale.caching",
     "parse_limits": "gemini_scale.policies",
     "policies_of": "gemini_scale.policies",
     "policy_for": "gemini_scale.routing",
     "principal_key": "gemini_scale.keys",
     "principal_of": "gemini_scale.auth.middleware",
+    "principal_tag": "gemini_scale.caching",
     "public": "gemini_scale.policies",
     "rate_limit": "gemini_scale.policies",
     "requires_scopes": "gemini_scale.policies",
@@ -174,6 +187,7 @@ _LAZY: dict[str, str] = {
     "send_error": "gemini_scale.errors",
     "store_from_url": "gemini_scale.stores.factory",
     "tenant_key": "gemini_scale.keys",
+    "tenant_tag": "gemini_scale.caching",
     "version": "gemini_scale.policies",
 }
 
@@ -192,9 +206,12 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "ALL_TAG",
     "APIKeyEntry",
     "APIKeys",
     "AuthError",
+    "CacheEngine",
+    "CacheMiddleware",
     "CachePolicy",
     "Clock",
     "ConfigurationError",
@@ -261,11 +278,13 @@ __all__ = [
     "load_settings",
     "mark",
     "model_key",
+    "model_tag",
     "parse_limits",
     "policies_of",
     "policy_for",
     "principal_key",
     "principal_of",
+    "principal_tag",
     "public",
     "rate_limit",
     "requires_scopes",
@@ -274,5 +293,6 @@ __all__ = [
     "send_error",
     "store_from_url",
     "tenant_key",
+    "tenant_tag",
     "version",
 ]

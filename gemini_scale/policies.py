@@ -24,6 +24,8 @@ F = TypeVar("F", bound=Callable[..., Any])
 MARK_ATTRIBUTE = "__gemini_scale_policies__"
 
 CacheScope = Literal["principal", "tenant", "shared"]
+GenerationMode = Literal["off", "deterministic", "all"]
+GENERATION_MODES: tuple[GenerationMode, ...] = ("off", "deterministic", "all")
 LimitKey = Literal["principal", "tenant", "api_key", "model", "route", "client_ip"]
 LIMIT_KEYS: tuple[LimitKey, ...] = ("principal", "tenant", "api_key", "model", "route", "client_ip")
 
@@ -48,17 +50,48 @@ class CachePolicy(Policy):
     tags: tuple[str, ...] = ()
     """Extra invalidation tags; the model and the principal are always tags."""
     methods: frozenset[str] = frozenset({"GET", "HEAD"})
-    """Methods that may be served from cache."""
+    """Methods that may be served from cache (``HEAD`` is served from the ``GET`` entry)."""
     vary: tuple[str, ...] = ()
     """Request headers (lower-case) whose values become part of the key."""
+    generation: GenerationMode | None = None
+    """Which ``generateContent`` answers may be cached: ``off``, ``deterministic``
+    (temperature 0, at most one candidate) or ``all``; ``None``: the middleware's setting."""
+    streams: bool | None = None
+    """Whether streamed answers (``streamGenerateContent``, SSE or the JSON array) may be
+    recorded and replayed; ``None``: the middleware's setting (off by default)."""
+    max_bytes: int | None = None
+    """Largest answer stored, in bytes; ``None``: the middleware's ``max_entry_bytes``."""
 
     def __post_init__(self) -> None:
-        if self.ttl <= 0:
-            raise ConfigurationError(f"cache ttl must be positive, got {self.ttl!r}")
+        if isinstance(self.ttl, bool) or not isinstance(self.ttl, int | float):
+            raise ConfigurationError(f"cache ttl must be a number of seconds, got {self.ttl!r}")
+        if not self.ttl > 0 or self.ttl == float("inf"):
+            raise ConfigurationError(f"cache ttl must be positive and finite, got {self.ttl!r}")
         if self.scope not in ("principal", "tenant", "shared"):
             raise ConfigurationError(
                 f"cache scope must be principal, tenant or shared: {self.scope!r}"
             )
+        if not self.methods or not all(
+            isinstance(m, str) and m.isalpha() and m.isupper() for m in self.methods
+        ):
+            raise ConfigurationError(f"cache methods must be upper-case names: {self.methods!r}")
+        if not all(
+            isinstance(h, str) and h and h == h.lower() and h != "*" and h.isprintable()
+            and " " not in h
+            for h in self.vary
+        ):
+            raise ConfigurationError(f"cache vary must be lower-case header names: {self.vary!r}")
+        if not all(isinstance(t, str) and t for t in self.tags):
+            raise ConfigurationError(f"cache tags must be non-empty strings: {self.tags!r}")
+        if self.generation is not None and self.generation not in GENERATION_MODES:
+            raise ConfigurationError(
+                f"cache generation must be off, deterministic or all: {self.generation!r}"
+            )
+        if self.max_bytes is not None and (
+            isinstance(self.max_bytes, bool) or not isinstance(self.max_bytes, int)
+            or self.max_bytes < 1
+        ):
+            raise ConfigurationError(f"cache max_bytes must be a positive int: {self.max_bytes!r}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -190,6 +223,9 @@ def cache(
     tags: tuple[str, ...] = (),
     methods: tuple[str, ...] = ("GET", "HEAD"),
     vary: tuple[str, ...] = (),
+    generation: GenerationMode | None = None,
+    streams: bool | None = None,
+    max_bytes: int | None = None,
 ) -> Callable[[F], F]:
     """Mark a route as cacheable for ``ttl`` seconds (see :class:`CachePolicy`)."""
     return mark(
@@ -199,6 +235,9 @@ def cache(
             tags=tuple(tags),
             methods=frozenset(m.upper() for m in methods),
             vary=tuple(h.lower() for h in vary),
+            generation=generation,
+            streams=streams,
+            max_bytes=max_bytes,
         )
     )
 

@@ -43,7 +43,8 @@ def _tag(key: str) -> str:
 
 async def test_one_script_call_per_limiter(redis_servers: RedisProcesses) -> None:
     server = redis_servers.server()
-    app = build({"GEMINI_SCALE_REDIS_URL": server.url})
+    # The cache is off: this counts the limiters' commands alone.
+    app = build({"GEMINI_SCALE_REDIS_URL": server.url, "GEMINI_SCALE_CACHE_TTL": "0"})
     body = generate_body("count my tokens", max_output_tokens=200)
     generate = f"/v1beta/models/{MODEL}:generateContent"
     async with running(app) as client:

@@ -1,0 +1,465 @@
+"""The cache engine: stored responses in a :class:`~gemini_scale.stores.Store`, tag
+generations, invalidation and single flight. Tested without ASGI.
+
+Store layout (relative keys; the store adds its prefix), every key with a TTL:
+
+- ``cache:{<key>}``: an entry (:class:`~gemini_scale.caching.entry.StoredResponse`);
+- ``cache:{<key>}:lock``: the single-flight lock of a key (same hash slot as the entry, so
+  a follower's poll reads both in one script on Redis Cluster too);
+- ``cache:gen:{<tag digest>}``: the current generation of a tag, absent until the tag is
+  first invalidated.
+
+**Invalidation by generation.** Every key includes the current generation of each of its
+tags (the model, the owner, the policy's tags, and ``*``). Invalidating a tag writes a new
+random generation: every entry made under the old one becomes unreachable at once and
+expires by its own TTL. That is O(1) per tag, with no member sets to grow or to keep
+consistent with evictions, and it works on Redis Cluster (one key per tag). An answer
+being recorded while its tag is invalidated is stored under the old generation, so it is
+never served. Generations are random (never reused), and live ``max_ttl + lock_ttl``
+seconds after their last change, longer than any entry made under an earlier one.
+Each process remembers the generations it read for ``tag_refresh`` seconds: an
+invalidation is immediate on the process that made it and reaches the others within
+that time (``tag_refresh=0``: read on every request, one more store read per tag).
+
+**Single flight.** The first miss for a key in a process leads; later ones in the same
+process wait for it in memory. With a shared store the local leader also takes a
+short-lived lock, in one script that returns the entry instead when a leader elsewhere
+stored it meanwhile; the leader's write stores the entry and releases the lock in one
+script too (a miss costs three round trips: the lookup, the lock, the write). Other
+processes' leaders poll for the entry (one script call per poll, backing off to
+``max_poll_interval``) until it appears, the lock is gone, or ``wait_timeout`` passes.
+Followers only ever receive a complete cacheable 200; when none comes they call upstream
+themselves.
+
+**Failures.** A store error makes the cache step aside (the caller goes upstream and does
+not store); an unreachable store is not asked again for ``retry_after`` seconds, and the
+failure is logged at most once per ``log_interval``. A corrupt entry is a miss, and is
+deleted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import secrets
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+import anyio
+
+from gemini_scale.caching.entry import CorruptEntryError, StoredResponse
+from gemini_scale.caching.keys import ALL_TAG, model_tag, principal_tag, tenant_tag
+from gemini_scale.caching.scripts import FOUND, GONE, LOCK, LOCKED, POLL, STORE
+from gemini_scale.errors import ConfigurationError, StoreError, StoreUnavailableError
+from gemini_scale.stores.base import Store, ttl_ms
+from gemini_scale.stores.memory import MemoryStore
+from gemini_scale.stores.scripts import COMPARE_AND_DELETE
+from gemini_scale.types import SYSTEM_CLOCK, Clock
+
+logger = logging.getLogger("gemini_scale.caching")
+
+T = TypeVar("T")
+
+_MEMO_SIZE: Final = 1024
+_GENERATIONS_SIZE: Final = 10_000
+_KEYS_SIZE: Final = 10_000
+_NO_GENERATION: Final = "0"
+
+
+@dataclass(slots=True)
+class CacheStats:
+    """Counters of what the cache did (for metrics and tests)."""
+
+    hits: int = 0
+    misses: int = 0
+    coalesced: int = 0
+    """Requests answered with another request's response (single flight)."""
+    stored: int = 0
+    bypassed: int = 0
+    store_errors: int = 0
+    corrupt: int = 0
+    waits: int = 0
+    """Misses that waited for another request's answer (in this process or another)."""
+    wait_timeouts: int = 0
+
+
+@dataclass(eq=False, slots=True)
+class Flight:
+    """One key's upstream call in progress in this process."""
+
+    key: str
+    done: asyncio.Event | None = None
+    """Created by the first follower (an uncontended miss needs none)."""
+    response: StoredResponse | None = None
+    token: bytes | None = None
+    """The store lock's value while this process's leader holds it."""
+
+
+def _positive(name: str, value: float, *, zero: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigurationError(f"{name} must be a finite number of seconds, got {value!r}")
+    if value < 0 or (value == 0 and not zero):
+        raise ConfigurationError(f"{name} must be {'>= 0' if zero else '> 0'}, got {value!r}")
+    return float(value)
+
+
+class CacheEngine:
+    """Stored responses, tag invalidation and single flight over one store.
+
+    Options:
+        store: where entries, locks and generations live.
+        clock: wall time for freshness and ``Age``; monotonic time for the generation memo
+            and the store back-off. Waits use the event loop's own clock.
+        namespace: first segment of every key.
+        lock_ttl: lifetime of a single-flight lock (a leader that dies frees it then).
+        wait_timeout: longest a follower waits for the leader's answer.
+        poll_interval, max_poll_interval: a cross-process follower's first and longest
+            pause between polls (doubling).
+        distributed_lock: take the lock in the store; ``None``: unless the store is a
+            ``MemoryStore`` (in-process coordination is then exact already).
+        tag_refresh: seconds a process trusts the tag generations it read.
+        max_ttl: the longest entry lifetime (longer policies are capped).
+        store_timeout: bound on each store call (``None``: the store's own timeouts).
+        retry_after: after the store was unreachable, seconds the cache steps aside
+            without asking it.
+        log_interval: at most one store-failure warning per this many seconds.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        namespace: str = "cache",
+        lock_ttl: float = 30.0,
+        wait_timeout: float = 10.0,
+        poll_interval: float = 0.005,
+        max_poll_interval: float = 0.1,
+        distributed_lock: bool | None = None,
+        tag_refresh: float = 1.0,
+        max_ttl: float = 86_400.0,
+        store_timeout: float | None = None,
+        retry_after: float = 1.0,
+        log_interval: float = 60.0,
+    ) -> None:
+        if not namespace or any(c in namespace for c in "{}:"):
+            raise ConfigurationError(f"namespace must be non-empty without '{{}}:': {namespace!r}")
+        self.store = store
+        self.clock = clock
+        self.namespace = namespace
+        self.lock_ttl = _positive("lock_ttl", lock_ttl)
+        self.wait_timeout = _positive("wait_timeout", wait_timeout, zero=True)
+        self.poll_interval = _positive("poll_interval", poll_interval)
+        self.max_poll_interval = max(_positive("max_poll_interval", max_poll_interval),
+                                     self.poll_interval)
+        self.tag_refresh = _positive("tag_refresh", tag_refresh, zero=True)
+        self.max_ttl = _positive("max_ttl", max_ttl)
+        self.store_timeout = (
+            None if store_timeout is None else _positive("store_timeout", store_timeout)
+        )
+        self.retry_after = _positive("retry_after", retry_after, zero=True)
+        self.log_interval = _positive("log_interval", log_interval, zero=True)
+        in_process = isinstance(store, MemoryStore)
+        self.distributed_lock = not in_process if distributed_lock is None else distributed_lock
+        self.stats = CacheStats()
+        # A MemoryStore hands back the very bytes object it was given, so an entry decoded
+        # once is recognised by identity on every later hit (no re-parsing).
+        self._memo: dict[int, tuple[bytes, StoredResponse]] | None = {} if in_process else None
+        self._flights: dict[str, Flight] = {}
+        self._generations: dict[str, tuple[str, float]] = {}
+        # material -> (key, epoch, fresh until): keys stay valid while no generation changed
+        self._keys: dict[bytes, tuple[str, int, float]] = {}
+        self._epoch = 0
+        self._down_until = -math.inf
+        self._last_warning = -math.inf
+
+    def __repr__(self) -> str:
+        return f"CacheEngine({self.store!r}, namespace={self.namespace!r})"
+
+    # -- tags (for invalidate)
+
+    ALL: Final = ALL_TAG
+    """The tag every entry carries: ``invalidate(tags=[CacheEngine.ALL])`` empties the cache."""
+    model_tag = staticmethod(model_tag)
+    principal_tag = staticmethod(principal_tag)
+    tenant_tag = staticmethod(tenant_tag)
+
+    # -- names
+
+    def entry_name(self, key: str) -> str:
+        """The store key of the entry ``key``."""
+        return f"{self.namespace}:{{{key}}}"
+
+    def _lock_name(self, key: str) -> str:
+        return f"{self.namespace}:{{{key}}}:lock"
+
+    def _generation_name(self, tag: str) -> str:
+        digest = hashlib.sha256(tag.encode("utf-8", "surrogatepass")).hexdigest()[:24]
+        return f"{self.namespace}:gen:{{{digest}}}"
+
+    @staticmethod
+    def key(material: bytes, generations: Sequence[str]) -> str:
+        """An entry key from a request's framed key material and its tags' generations."""
+        joined = ",".join(generations).encode("ascii")
+        return hashlib.sha256(material + b"\x00" + joined).hexdigest()[:32]
+
+    def known_key(self, material: bytes) -> str | None:
+        """The key :meth:`key_for` gave ``material`` if it is still valid, without waiting."""
+        known = self._keys.get(material)
+        if known is not None and known[1] == self._epoch and known[2] > self.clock.monotonic():
+            return known[0]
+        return None
+
+    async def key_for(self, material: bytes, tags: Sequence[str]) -> str:
+        """:meth:`key` with the current generations of ``tags`` (raises ``StoreError``).
+
+        Remembered per ``material`` until one of the tags' generations changes or is due
+        for a refresh, so a repeated request costs one dictionary lookup."""
+        remembered = self.known_key(material)
+        if remembered is not None:
+            return remembered
+        now = self.clock.monotonic()
+        memo = self._generations
+        generations: list[str] = []
+        fresh_until = math.inf
+        for tag in tags:
+            found = memo.get(tag)
+            if found is None or found[1] <= now:
+                found = await self._generation(tag, now)
+            generations.append(found[0])
+            fresh_until = min(fresh_until, found[1])
+        key = self.key(material, generations)
+        if len(self._keys) >= _KEYS_SIZE:
+            self._keys.clear()  # a memo: clearing is O(1) amortised (popping the oldest is not)
+        self._keys[material] = (key, self._epoch, fresh_until)
+        return key
+
+    # -- store calls
+
+    async def _run(self, call: Callable[..., Awaitable[T]], *args: Any, **options: Any) -> T:
+        """``call(*args, **options)`` on the store, bounded by ``store_timeout``; failures
+        become ``StoreError`` (and an unreachable store is not asked for ``retry_after``)."""
+        if self._down_until != -math.inf:
+            if self._down_until > self.clock.monotonic():
+                raise StoreUnavailableError("the cache store failed recently; not asking it yet")
+            self._down_until = -math.inf
+        try:
+            if self.store_timeout is None:
+                return await call(*args, **options)
+            async with asyncio.timeout(self.store_timeout):
+                return await call(*args, **options)
+        except StoreError as exc:
+            raise self._failed(exc) from exc
+        except TimeoutError as exc:
+            failure = StoreUnavailableError(
+                f"the cache store did not answer within {self.store_timeout} s"
+            )
+            raise self._failed(failure) from exc
+
+    def _failed(self, exc: StoreError) -> StoreError:
+        now = self.clock.monotonic()
+        self.stats.store_errors += 1
+        if isinstance(exc, StoreUnavailableError):
+            self._down_until = now + self.retry_after
+        if now - self._last_warning >= self.log_interval:
+            self._last_warning = now
+            logger.warning("cache store failed; the cache steps aside: %s", exc)
+        return exc
+
+    # -- generations and invalidation
+
+    async def _generation(self, tag: str, now: float) -> tuple[str, float]:
+        raw = await self._run(self.store.get, self._generation_name(tag))
+        known = (raw.decode("ascii", "replace") if raw else _NO_GENERATION, now + self.tag_refresh)
+        self._remember_generation(tag, known)
+        return known
+
+    def _remember_generation(self, tag: str, known: tuple[str, float]) -> None:
+        memo = self._generations
+        previous = memo.get(tag)
+        if previous is not None and previous[0] != known[0]:
+            self._epoch += 1  # remembered keys that used the old generation are stale
+        if previous is None and len(memo) >= _GENERATIONS_SIZE:
+            memo.clear()
+            self._epoch += 1
+        memo[tag] = known
+
+    async def invalidate(self, *, tags: Iterable[str] = (), keys: Iterable[str] = ()) -> int:
+        """Make entries unreachable: all entries carrying any of ``tags`` (see
+        :mod:`gemini_scale.caching.keys` for ``model_tag``, ``principal_tag``,
+        ``tenant_tag`` and ``ALL_TAG``) and the entries ``keys`` (as shown by
+        ``Cache-Status`` ``key`` or ``RequestContext.extras["cache_key"]``).
+
+        Returns the number of tags renewed plus entries deleted. Raises ``StoreError``
+        when the store fails (the invalidation may then be partial).
+        """
+        count = 0
+        for tag in tags:
+            generation = secrets.token_hex(8)
+            await self.store.set(
+                self._generation_name(tag), generation.encode(), ttl=self.max_ttl + self.lock_ttl
+            )
+            self._remember_generation(tag, (generation, self.clock.monotonic() + self.tag_refresh))
+            self._epoch += 1
+            count += 1
+        names = [self.entry_name(key) for key in keys]
+        if names:
+            count += await self.store.delete(*names)
+        return count
+
+    # -- entries
+
+    async def get(self, key: str) -> StoredResponse | None:
+        """The fresh entry ``key``, or ``None``. Raises ``StoreError`` when the store fails."""
+        name = f"{self.namespace}:{{{key}}}"
+        raw = await self._run(self.store.get, name)
+        if raw is None:
+            return None
+        return await self._fresh(name, raw)
+
+    async def _fresh(self, name: str, raw: bytes) -> StoredResponse | None:
+        memo = self._memo
+        known = memo.get(id(raw)) if memo is not None else None
+        if known is not None and known[0] is raw:
+            response = known[1]
+        else:
+            try:
+                response = StoredResponse.decode(raw)
+            except CorruptEntryError as exc:
+                self.stats.corrupt += 1
+                logger.warning("cache entry %s is corrupt (%s); deleted", name, exc)
+                with contextlib.suppress(StoreError):  # else it expires by its TTL
+                    await self._run(self.store.delete, name)
+                return None
+            self._remember(raw, response)
+        return response if response.expires > self.clock.time() else None
+
+    def _remember(self, raw: bytes, response: StoredResponse) -> None:
+        memo = self._memo
+        if memo is not None:
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            memo[id(raw)] = (raw, response)
+
+    async def put(
+        self, key: str, response: StoredResponse, flight: Flight | None = None
+    ) -> bool:
+        """Store ``response`` under ``key`` until it expires (at most ``max_ttl``); whether
+        it was stored (a store failure is logged, never raised). A leader passes its
+        ``flight``: the store lock is released in the same round trip."""
+        ttl = min(response.expires - response.created, self.max_ttl)
+        if ttl <= 0:
+            return False
+        raw = response.encode()
+        name = self.entry_name(key)
+        try:
+            if flight is None or flight.token is None:
+                await self._run(self.store.set, name, raw, ttl=ttl)
+            else:
+                keys = [name, self._lock_name(key)]
+                await self._run(self.store.run, STORE, keys, [raw, ttl_ms(ttl), flight.token])
+                flight.token = None
+        except StoreError:
+            return False
+        self._remember(raw, response)
+        self.stats.stored += 1
+        return True
+
+    # -- single flight
+
+    async def join(self, key: str) -> tuple[Flight | None, StoredResponse | None]:
+        """Join the single flight of ``key`` after a miss.
+
+        ``(flight, None)``: this request leads; call upstream, store a cacheable answer,
+        then always :meth:`land` the flight. ``(None, response)``: the answer another
+        request got. ``(None, None)``: no usable answer came (the leader failed, its answer
+        was not cacheable, or the wait timed out): call upstream alone.
+        """
+        flight = self._flights.get(key)
+        if flight is not None:
+            done = flight.done
+            if done is None:
+                done = flight.done = asyncio.Event()
+            self.stats.waits += 1
+            try:
+                async with asyncio.timeout(self.wait_timeout):
+                    await done.wait()
+            except TimeoutError:
+                self.stats.wait_timeouts += 1
+                return None, None
+            return None, flight.response
+        flight = self._flights[key] = Flight(key)
+        if not self.distributed_lock:
+            return flight, None
+        try:
+            leads, response = await self._lock_or_wait(flight)
+        except BaseException:
+            self._release(flight, None)
+            raise
+        if leads:
+            return flight, None
+        self._release(flight, response)
+        return None, response
+
+    async def _lock_or_wait(self, flight: Flight) -> tuple[bool, StoredResponse | None]:
+        token = secrets.token_hex(8).encode()
+        keys = [self.entry_name(flight.key), self._lock_name(flight.key)]
+        try:
+            state = await self._run(self.store.run, LOCK, keys, [token, ttl_ms(self.lock_ttl)])
+        except StoreError:
+            return True, None  # no coordination possible: go upstream (and store nothing)
+        if state[0] == LOCKED:
+            flight.token = token
+            return True, None
+        if state[0] == FOUND:  # a leader elsewhere stored it just before we asked
+            found = await self._fresh(keys[0], state[1])
+            return found is None, found
+        return False, await self._wait_in_store(flight.key)
+
+    async def _wait_in_store(self, key: str) -> StoredResponse | None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.wait_timeout
+        delay = self.poll_interval
+        keys = [self.entry_name(key), self._lock_name(key)]
+        self.stats.waits += 1
+        while (left := deadline - loop.time()) > 0:
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, self.max_poll_interval)
+            try:
+                state = await self._run(self.store.run, POLL, keys, [])
+            except StoreError:
+                return None
+            if state[0] == FOUND:
+                return await self._fresh(keys[0], state[1])
+            if state[0] == GONE:
+                return None
+        self.stats.wait_timeouts += 1
+        return None
+
+    async def land(self, flight: Flight, response: StoredResponse | None) -> None:
+        """End a flight this request led: its local followers get ``response`` (a complete
+        cacheable answer, or ``None``), and the store lock is released."""
+        self._release(flight, response)
+        if flight.token is not None:
+            with anyio.CancelScope(shield=True):
+                await self._unlock(flight)
+
+    def _release(self, flight: Flight, response: StoredResponse | None) -> None:
+        flight.response = response
+        if flight.done is not None:
+            flight.done.set()
+        if self._flights.get(flight.key) is flight:
+            del self._flights[flight.key]
+
+    async def _unlock(self, flight: Flight) -> None:
+        token, flight.token = flight.token, None
+        if token is None:
+            return
+        with contextlib.suppress(StoreError):  # else the lock expires by its TTL
+            await self._run(
+                self.store.run, COMPARE_AND_DELETE, [self._lock_name(flight.key)], [token]
+            )

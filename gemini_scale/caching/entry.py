@@ -1,0 +1,108 @@
+"""A stored response: the replay headers, prebuilt, and the body, in one byte string.
+
+Layout (network byte order): ``b"GSC1"``, created and expires (wall-clock seconds, doubles),
+the lengths of the entity tag, the header block and the body (``H I I``), then the tag, the
+header block (names and values separated by NUL, which no header field may contain) and
+the body. Decoding is a ``struct`` unpack and one ``split``; a truncated entry, another
+format version or a malformed block is refused with :class:`CorruptEntryError`.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from itertools import chain
+
+from gemini_scale.caching.semantics import HIT, Header, etag_of, replayable
+from gemini_scale.errors import GeminiScaleError
+
+MAGIC = b"GSC1"
+_HEAD = struct.Struct("!4sddHII")
+
+
+class CorruptEntryError(GeminiScaleError):
+    """A stored entry cannot be decoded (truncated, another format, or not ours)."""
+
+
+class StoredResponse:
+    """A complete 200 answer, ready to replay (immutable by convention: it is shared)."""
+
+    __slots__ = ("body", "created", "etag", "expires", "headers", "hit_headers")
+
+    def __init__(
+        self,
+        headers: tuple[Header, ...],
+        body: bytes,
+        etag: bytes,
+        created: float,
+        expires: float,
+    ) -> None:
+        self.headers = headers
+        """Replay headers: the answer's own (sanitised), its ``etag`` and ``content-length``."""
+        self.body = body
+        """The body exactly as the first client received it (SSE framing included)."""
+        self.etag = etag
+        """The strong entity tag of :attr:`body`, quoted."""
+        self.created = created
+        """When it was recorded (wall-clock seconds): ``Age`` counts from here."""
+        self.expires = expires
+        """When it stops being fresh (wall-clock seconds)."""
+        self.hit_headers = (*headers, (b"cache-status", HIT))
+        """:attr:`headers` plus ``Cache-Status: gemini-scale; hit``, built once."""
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, StoredResponse):
+            return NotImplemented
+        return (self.headers, self.body, self.etag, self.created, self.expires) == (
+            other.headers, other.body, other.etag, other.created, other.expires
+        )
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"StoredResponse(etag={self.etag!r}, bytes={len(self.body)})"
+
+    @classmethod
+    def build(
+        cls,
+        headers: Sequence[Header],
+        body: bytes,
+        *,
+        created: float,
+        ttl: float,
+        etag: bytes | None = None,
+    ) -> StoredResponse:
+        """An entry from a recorded answer: headers sanitised, ETag (unless given) and
+        length computed."""
+        etag = etag or etag_of(body)
+        kept = (
+            *replayable(headers),
+            (b"etag", etag),
+            (b"content-length", str(len(body)).encode()),
+        )
+        return cls(kept, body, etag, created, created + ttl)
+
+    def encode(self) -> bytes:
+        """The entry as one byte string (see the module docstring)."""
+        block = b"\x00".join(chain.from_iterable(self.headers))
+        head = _HEAD.pack(
+            MAGIC, self.created, self.expires, len(self.etag), len(block), len(self.body)
+        )
+        return b"".join((head, self.etag, block, self.body))
+
+    @classmethod
+    def decode(cls, raw: bytes) -> StoredResponse:
+        """The entry :meth:`encode` wrote; :class:`CorruptEntryError` for anything else."""
+        try:
+            magic, created, expires, tag_len, block_len, body_len = _HEAD.unpack_from(raw)
+        except struct.error:
+            raise CorruptEntryError("the entry is shorter than its header") from None
+        start = _HEAD.size
+        body_at = start + tag_len + block_len
+        if magic != MAGIC or len(raw) != body_at + body_len:
+            raise CorruptEntryError("the entry has another format or was truncated")
+        parts = raw[start + tag_len : body_at].split(b"\x00") if block_len else []
+        if len(parts) % 2:
+            raise CorruptEntryError("the entry's header block is malformed")
+        headers = tuple(zip(parts[::2], parts[1::2], strict=True))
+        return cls(headers, raw[body_at:], raw[start : start + tag_len], created, expires)

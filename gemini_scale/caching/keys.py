@@ -1,0 +1,246 @@
+"""Canonical cache keys: who an entry belongs to, the request's canonical parts, and tags.
+
+A key is a SHA-256 digest over length-framed parts (so no part can forge another's
+boundary), stable across processes and restarts:
+
+1. a schema version;
+2. the owner: the verified principal (issuer, tenant, subject) by default, the tenant, or
+   ``*`` for shared entries; a request without a principal has no owner under a
+   non-shared policy and is never cached (research/security.md C01-C03);
+3. the method (``HEAD`` looks up the ``GET`` entry), and the path the router matched
+   (after the version layer rewrote it to the head version: DESIGN.md §3);
+4. the query parameters that matter, sorted (see :func:`canonical_query`);
+5. a digest of the canonical JSON body (see :func:`canonical_json`);
+6. the values of the allow-listed ``Vary`` request headers;
+7. the request's tags (``*``, the owner, the model, the policy's tags) and the current
+   generation of each (appended by the engine): bumping a tag's generation makes every key
+   that included it unreachable (O(1) invalidation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Collection, Sequence
+from typing import Any, Final
+from urllib.parse import parse_qsl, urlencode
+
+from gemini_scale.policies import CacheScope
+from gemini_scale.principal import Principal
+
+KEY_SCHEMA: Final = b"gemini-scale:cache:v1"
+
+#: Query parameters that are part of the key by default: those the Gemini surface reads
+#: (``alt`` switches SSE and JSON; paging). A request with any other parameter, apart
+#: from the ignored ones, is not cached: busters cannot grow the key space (C11).
+DEFAULT_QUERY_PARAMS: Final = frozenset({"alt", "pageSize", "pageToken"})
+#: Query parameters never keyed, stored or shown: ``key`` is a credential (C11).
+IGNORED_QUERY_PARAMS: Final = frozenset({"key"})
+_IGNORED: Final = frozenset(name.encode() for name in IGNORED_QUERY_PARAMS)
+
+#: JSON members whose contents are user-named (JSON Schema ``properties``, function-call
+#: ``args`` and responses, ``labels`` maps, raw JSON Schemas): below them keys keep their
+#: spelling. Treating a subtree as opaque can only split keys, never merge two requests.
+OPAQUE_MEMBERS: Final = frozenset(
+    {
+        "args",
+        "response",
+        "properties",
+        "labels",
+        "responseJsonSchema",
+        "_responseJsonSchema",
+        "parametersJsonSchema",
+        "responseJsonSchemaOrdered",
+    }
+)
+
+_INT_LIMIT: Final = 2**53
+_MEMO_SIZE: Final = 4096
+
+
+class _AmbiguousError(Exception):
+    """Both spellings of one member are present: the body is keyed as written."""
+
+
+_LENGTHS: dict[int, struct.Struct] = {}
+
+
+def frame(parts: Sequence[bytes]) -> bytes:
+    """The parts' lengths, then the parts: no part can spill into the next."""
+    count = len(parts)
+    lengths = _LENGTHS.get(count)
+    if lengths is None:
+        lengths = _LENGTHS.setdefault(count, struct.Struct(f"!{count}I"))
+    return lengths.pack(*map(len, parts)) + b"".join(parts)
+
+
+def text(value: str) -> bytes:
+    """A string's bytes for a key (lone surrogates from JSON or paths survive)."""
+    return value.encode("utf-8", "surrogatepass")
+
+
+# -- owners and tags ----------------------------------------------------------------------
+
+
+_JSON: Final = json.JSONEncoder(separators=(",", ":"))
+_SORTED_JSON: Final = json.JSONEncoder(separators=(",", ":"), sort_keys=True)
+
+
+def _encode(*values: str | None) -> str:
+    return _JSON.encode(values)
+
+
+def principal_tag(principal: Principal) -> str:
+    """The tag of every entry owned by ``principal`` (issuer, tenant and subject)."""
+    return "principal:" + _encode(principal.issuer, principal.tenant or None, principal.subject)
+
+
+def tenant_tag(tenant: str) -> str:
+    """The tag of every entry owned by ``tenant`` (policies with ``scope="tenant"``)."""
+    return "tenant:" + tenant
+
+
+def model_tag(model: str) -> str:
+    """The tag of every entry of a route whose ``{model}`` parameter is ``model``."""
+    return "model:" + model.removeprefix("models/").lower()
+
+
+#: The tag every entry carries: invalidating it empties the whole cache.
+ALL_TAG: Final = "*"
+
+
+def owner_tag(scope: CacheScope, principal: Principal | None) -> str | None:
+    """Who an entry belongs to, as a tag; ``None``: nobody may own it (do not cache).
+
+    ``shared`` entries belong to everyone (``*``); ``tenant`` entries to the principal's
+    tenant, or to the principal alone when it has none (never one entry for every
+    tenant-less caller); ``principal`` entries to the verified principal.
+    """
+    if scope == "shared":
+        return ALL_TAG
+    if principal is None:
+        return None
+    if scope == "tenant" and principal.tenant:
+        return tenant_tag(principal.tenant)
+    return principal_tag(principal)
+
+
+# -- query --------------------------------------------------------------------------------
+
+
+def _name(part: bytes) -> bytes:
+    return part.partition(b"=")[0]
+
+
+def canonical_query(query_string: bytes, allowed: Collection[bytes] | None) -> bytes | None:
+    """The keyed query: its parameters ordered by name (the order of one name's values is
+    kept: it is meaningful), ``key`` dropped. ``None`` when a parameter outside
+    ``allowed`` (names as the app decodes them, Latin-1 bytes) is present: the request is
+    not cached. ``allowed=None`` keys every parameter. Values stay as sent: two spellings
+    of one value are two keys, never one key for two values."""
+    if not query_string:
+        return b""
+    kept: list[bytes] = []
+    for part in query_string.split(b"&"):
+        if not part:
+            continue  # parse_qsl skips empty members too
+        name = _name(part)
+        if b"%" in name or b"+" in name:
+            return _decoded_query(query_string, allowed)
+        if name in _IGNORED:
+            continue
+        if allowed is not None and name not in allowed:
+            return None
+        kept.append(part)
+    if len(kept) > 1:
+        kept.sort(key=_name)
+    return b"&".join(kept)
+
+
+def _decoded_query(query_string: bytes, allowed: Collection[bytes] | None) -> bytes | None:
+    """:func:`canonical_query` for escaped names: decoded as Starlette does (``parse_qsl``)."""
+    pairs = parse_qsl(query_string.decode("latin-1"), keep_blank_values=True)
+    kept = []
+    for name, value in pairs:
+        raw = name.encode("utf-8", "surrogatepass")
+        if name in IGNORED_QUERY_PARAMS:
+            continue
+        if allowed is not None and name.encode("latin-1", "replace") not in allowed:
+            return None
+        kept.append((raw, value))
+    kept.sort(key=lambda pair: pair[0])
+    return b"\x00" + urlencode(kept).encode("ascii")  # its own domain: never a raw query
+
+
+# -- body ---------------------------------------------------------------------------------
+
+_camel_memo: dict[str, str] = {}
+
+
+def _camel(name: str) -> str:
+    found = _camel_memo.get(name)
+    if found is None:
+        head, *rest = name.split("_")
+        found = head + "".join(part[:1].upper() + part[1:] for part in rest)
+        if len(_camel_memo) >= _MEMO_SIZE:
+            _camel_memo.clear()
+        _camel_memo[name] = found
+    return found
+
+
+def _canonical(value: Any, opaque: bool) -> Any:
+    kind = type(value)
+    if kind is dict:
+        out: dict[str, Any] = {}
+        for name, item in value.items():
+            key = name if opaque or "_" not in name or name[0] == "_" else _camel(name)
+            if key in out:
+                raise _AmbiguousError
+            out[key] = _canonical(item, opaque or key in OPAQUE_MEMBERS)
+        return out
+    if kind is list:
+        return [_canonical(item, opaque) for item in value]
+    if kind is float and value.is_integer() and abs(value) < _INT_LIMIT:
+        return int(value)  # proto3 JSON reads 20 and 20.0 alike (gemini-api.md §1.9)
+    return value
+
+
+def canonical_json(body: Any) -> bytes:
+    """A JSON body in canonical form: members sorted, compact, ASCII; snake_case member
+    names spelled camelCase (proto3 JSON accepts both, DESIGN.md §4) except below
+    :data:`OPAQUE_MEMBERS`; integral numbers as integers. A body that spells one member
+    both ways is kept as written, under another domain, so it cannot collide."""
+    domain = b"c"
+    try:
+        value = _canonical(body, False)
+    except _AmbiguousError:
+        domain, value = b"r", _canonical(body, True)
+    return domain + _SORTED_JSON.encode(value).encode()
+
+
+class BodyDigests:
+    """Canonical body digests, remembered by the raw body's SHA-256 (a pure function of
+    the bytes), so a repeated body costs one hash instead of a canonical re-encoding."""
+
+    __slots__ = ("_memo", "_size")
+
+    def __init__(self, size: int = _MEMO_SIZE) -> None:
+        self._memo: dict[bytes, bytes] = {}
+        self._size = size
+
+    def digest(self, raw: bytes, parsed: Any) -> bytes | None:
+        """The digest of ``parsed`` (the JSON of ``raw``); ``None`` if it is too deep."""
+        if not raw:
+            return b""
+        fingerprint = hashlib.sha256(raw).digest()
+        found = self._memo.get(fingerprint)
+        if found is None:
+            try:
+                found = hashlib.sha256(canonical_json(parsed)).digest()
+            except RecursionError:
+                return None
+            if len(self._memo) >= self._size:
+                self._memo.clear()
+            self._memo[fingerprint] = found
+        return found

@@ -1,0 +1,368 @@
+"""``CacheMiddleware``: answer repeated requests from a shared store, per caller."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping, Sequence
+from typing import Final
+
+from gemini_scale.auth.middleware import principal_of
+from gemini_scale.body import BODY_KEY, JSON_KEY, BodyRefusedError, load_json_body, replay_receive
+from gemini_scale.caching.engine import CacheEngine, Flight
+from gemini_scale.caching.entry import StoredResponse
+from gemini_scale.caching.keys import DEFAULT_QUERY_PARAMS, BodyDigests
+from gemini_scale.caching.recorder import Recorder
+from gemini_scale.caching.request import (
+    STREAM_METHOD,
+    content_length,
+    generation_allowed,
+    header_fields,
+)
+from gemini_scale.caching.semantics import (
+    BYPASS,
+    COLLAPSED,
+    HIT,
+    MISS,
+    REQUESTED,
+    RequestDirectives,
+    etag_matches,
+    not_modified_headers,
+)
+from gemini_scale.caching.signature import Plan, Signature, Signatures
+from gemini_scale.errors import ConfigurationError, StoreError, send_error
+from gemini_scale.policies import GENERATION_MODES, CachePolicy, GenerationMode, Policy
+from gemini_scale.principal import Principal
+from gemini_scale.routing import GeminiMiddleware, RequestContext, Rules, policy_for
+from gemini_scale.stores.base import Store
+from gemini_scale.types import SYSTEM_CLOCK, ASGIApp, Clock, Receive, Scope, Send
+
+#: ``RequestContext.extras`` key set on a hit: the rate limiter then charges no tokens
+#: (the value of ``gemini_scale.ratelimit.middleware.CACHE_HIT_KEY``).
+CACHE_HIT_KEY: Final = "cache_hit"
+#: ``RequestContext.extras`` key of the outcome: ``hit``, ``coalesced``, ``miss``,
+#: ``bypass`` (not cacheable, or the store failed) or ``request`` (the client said so).
+CACHE_OUTCOME_KEY: Final = "cache"
+#: ``RequestContext.extras`` key of the entry key (for ``CacheEngine.invalidate(keys=...)``).
+CACHE_KEY_KEY: Final = "cache_key"
+
+#: Request headers whose values are part of every key: content negotiation, and the
+#: ``Vary: Origin, X-Origin, Referer`` Google's API answers with (gemini-api.md §1.4).
+DEFAULT_VARY: Final = ("accept-encoding", "origin", "referer", "x-origin")
+_PLANS_SIZE: Final = 1_000
+_AGES: Final = tuple(str(age).encode() for age in range(3600))
+
+
+class _Exchange:
+    """One request on its way through the cache."""
+
+    __slots__ = ("context", "if_none_match", "key", "plan", "receive", "scope", "send")
+
+    def __init__(
+        self, scope: Scope, receive: Receive, send: Send, context: RequestContext, plan: Plan,
+        *, if_none_match: bytes | None,
+    ) -> None:
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.context = context
+        self.plan = plan
+        self.if_none_match = if_none_match
+        self.key = ""
+
+
+
+class CacheMiddleware(GeminiMiddleware):
+    """Answer repeated requests from cache, per caller, with one upstream call per key.
+
+    Routes are cached when marked with ``@cache(...)``, named in ``rules``, or covered by
+    ``default``. Keys are built after authentication from the verified principal (or its
+    tenant, or nobody for shared entries), the method, path, relevant query, canonical
+    JSON body and allow-listed ``Vary`` headers (see :mod:`gemini_scale.caching.keys`).
+    Answers carry RFC 9211 ``Cache-Status``, ``Age`` on hits, a strong ``ETag``
+    (``If-None-Match`` gets 304), and ``Cache-Control: private`` when they belong to a
+    caller. A hit sets ``RequestContext.extras["cache_hit"]``: the rate limiter in front
+    charges its request but no tokens. A failing store makes the cache step aside.
+
+    Options:
+        store: where entries live (default: a new ``MemoryStore``); or ``engine``.
+        engine: a configured :class:`CacheEngine` (then no ``store``; its own
+            ``lock_ttl``, ``wait_timeout`` and clock apply).
+        default: the policy for routes without a mark or rule (``None``: no caching).
+        rules: central rules, path template -> :class:`CachePolicy`.
+        generation: which ``generateContent`` answers are cached: ``off``,
+            ``deterministic`` (temperature 0, one candidate) or ``all``; a policy's own
+            ``generation`` wins.
+        streams: record and replay streamed answers (off by default; a policy may say).
+        max_entry_bytes: largest answer stored (a policy's ``max_bytes`` wins).
+        max_body_bytes: largest request body keyed; bigger requests bypass the cache.
+        query_params: query parameters that are part of the key; a request with another
+            one is not cached (``None``: key every parameter). ``key`` is never keyed.
+        vary: request headers keyed on every route (a policy's ``vary`` adds more); an
+            answer whose ``Vary`` names another header is not stored.
+        private: ``Cache-Control`` value set on answers owned by a caller (``None``:
+            leave the app's).
+        age: send ``Age`` on hits.
+        expose_key: add the entry key to ``Cache-Status`` (an opaque digest; for debugging).
+        lock_ttl, wait_timeout: single-flight lock lifetime and longest follower wait.
+        clock: time source for freshness and ``Age``.
+    """
+
+    enforces = frozenset({CachePolicy})
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        store: Store | None = None,
+        engine: CacheEngine | None = None,
+        default: CachePolicy | None = None,
+        rules: Mapping[str, Policy | Sequence[Policy]] | None = None,
+        generation: GenerationMode = "deterministic",
+        streams: bool = False,
+        max_entry_bytes: int = 1024 * 1024,
+        max_body_bytes: int = 1024 * 1024,
+        query_params: Collection[str] | None = DEFAULT_QUERY_PARAMS,
+        vary: Collection[str] = DEFAULT_VARY,
+        private: str | None = "private",
+        age: bool = True,
+        expose_key: bool = False,
+        lock_ttl: float = 30.0,
+        wait_timeout: float = 10.0,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
+        super().__init__(app)
+        if engine is None:
+            if store is None:
+                from gemini_scale.stores.memory import MemoryStore
+
+                store = MemoryStore(clock=clock)
+            engine = CacheEngine(store, clock=clock, lock_ttl=lock_ttl, wait_timeout=wait_timeout)
+        elif store is not None:
+            raise ConfigurationError("give CacheMiddleware a store or an engine, not both")
+        if generation not in GENERATION_MODES:
+            raise ConfigurationError(
+                f"generation must be off, deterministic or all: {generation!r}"
+            )
+        for name, value in (("max_entry_bytes", max_entry_bytes),
+                            ("max_body_bytes", max_body_bytes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigurationError(f"{name} must be a positive int, got {value!r}")
+        self.engine = engine
+        self.clock = engine.clock
+        self.default = default
+        self._rules = Rules(rules)
+        self.generation: GenerationMode = generation
+        self.streams = streams
+        self.max_entry_bytes = max_entry_bytes
+        self.max_body_bytes = max_body_bytes
+        self.query_params = (
+            None if query_params is None else frozenset(q.encode("latin-1") for q in query_params)
+        )
+        self.vary = tuple(sorted({h.lower() for h in vary}))
+        self.private = None if private is None else private.encode("latin-1")
+        self.age = age
+        self.expose_key = expose_key
+        self._plans: dict[int, Plan] = {}
+        self._signatures = Signatures(self.query_params)
+        self._digests = BodyDigests()
+
+    def _plan(self, policy: CachePolicy) -> Plan:
+        plan = Plan(
+            policy,
+            vary=self.vary,
+            generation=self.generation,
+            streams=self.streams,
+            max_bytes=self.max_entry_bytes,
+            private=self.private,
+        )
+        if len(self._plans) >= _PLANS_SIZE:
+            self._plans.clear()
+        self._plans[id(policy)] = plan  # the plan keeps the policy (and its id) alive
+        return plan
+
+    # -- the request
+
+    async def handle(
+        self, scope: Scope, receive: Receive, send: Send, context: RequestContext
+    ) -> None:
+        policy = policy_for(context, self._rules, CachePolicy, scope) or self.default
+        if policy is None:
+            await self.app(scope, receive, send)
+            return
+        plan = self._plans.get(id(policy))
+        if plan is None or plan.policy is not policy:
+            plan = self._plan(policy)
+        method = scope["method"]
+        if method not in plan.methods:
+            await self.app(scope, receive, send)  # PURGE, DELETE...: the app's business (C25)
+            return
+        fields = header_fields(scope["headers"])
+        x = _Exchange(
+            scope, receive, send, context, plan, if_none_match=fields.get(b"if-none-match")
+        )
+        path: str = scope["path"]
+        if not plan.streams and path.endswith(STREAM_METHOD):
+            await self._bypass(x)
+            return
+        body = b""
+        if method != "GET" and method != "HEAD":  # noqa: PLR1714 (two compares are cheapest)
+            x.receive, digest = await self._body(x, content_length(fields))
+            if digest is None or not generation_allowed(
+                path, context.extras.get(JSON_KEY), plan.generation
+            ):
+                await self._bypass(x)
+                return
+            body = digest
+        principal = context.principal
+        if not isinstance(principal, Principal):
+            principal = principal_of(scope)
+        signature: Signature = (
+            plan, id(principal), b"GET" if method == "HEAD" else method.encode(), path,
+            scope["query_string"], tuple(map(fields.get, plan.vary)), body,
+        )
+        route = context.route
+        known = self._signatures.get(
+            signature, principal, route.params.get("model") if route is not None else None
+        )
+        material = known[1]
+        if material is None:
+            await self._bypass(x)
+            return
+        engine = self.engine
+        key = engine.known_key(material)
+        if key is None:
+            try:
+                key = await engine.key_for(material, known[2])
+            except StoreError:
+                await self._bypass(x)
+                return
+        x.key = key
+        context.extras[CACHE_KEY_KEY] = key
+        await self._lookup(x, RequestDirectives.parse(fields.get(b"cache-control")))
+
+    async def _lookup(self, x: _Exchange, directives: RequestDirectives) -> None:
+        head = x.scope["method"] == "HEAD"
+        stats = self.engine.stats
+        if not (directives.no_cache or directives.no_store):
+            try:
+                found = await self.engine.get(x.key)
+            except StoreError:
+                await self._bypass(x)
+                return
+            if found is not None and (
+                directives.max_age is None
+                or self.clock.time() - found.created <= directives.max_age
+            ):
+                stats.hits += 1
+                await self._serve(x, found, HIT)
+                return
+            if directives.only_if_cached:
+                label = self._label(MISS, x.key).decode()
+                await send_error(x.send, 504, "The answer is not in the cache (only-if-cached).",
+                                 headers={"cache-status": label})
+                return
+        stats.misses += 1
+        if head or directives.no_cache or directives.no_store:
+            x.context.extras[CACHE_OUTCOME_KEY] = "miss" if head else "request"
+            keep = directives.no_cache and not (head or directives.no_store)
+            await self._forward(x, MISS if head else REQUESTED, store=keep)
+            return
+        flight, found = await self.engine.join(x.key)
+        if found is not None:
+            stats.coalesced += 1
+            await self._serve(x, found, COLLAPSED)
+            return
+        x.context.extras[CACHE_OUTCOME_KEY] = "miss"
+        stored = None
+        try:
+            stored = await self._forward(x, MISS, store=True, flight=flight)
+        finally:
+            if flight is not None:
+                await self.engine.land(flight, stored)
+
+    def _detail(self, key: str) -> bytes:
+        """The debug ``key`` parameter of ``Cache-Status`` (when ``expose_key``)."""
+        return b'; key="' + key.encode() + b'"' if self.expose_key else b""
+
+    def _label(self, label: bytes, key: str) -> bytes:
+        return label + self._detail(key)
+
+    async def _serve(self, x: _Exchange, found: StoredResponse, label: bytes) -> None:
+        """Replay a stored answer (or 304 when the client holds it already)."""
+        extras = x.context.extras
+        extras[CACHE_HIT_KEY] = True
+        extras[CACHE_OUTCOME_KEY] = "hit" if label is HIT else "coalesced"
+        if label is HIT and not self.expose_key:
+            headers = list(found.hit_headers)
+        else:
+            headers = [*found.headers, (b"cache-status", self._label(label, x.key))]
+        if self.age:
+            age = max(0, int(self.clock.time() - found.created))
+            headers.append((b"age", _AGES[age] if age < len(_AGES) else str(age).encode()))
+        send = x.send
+        match = x.if_none_match
+        if match is not None and etag_matches(match, found.etag):
+            headers = not_modified_headers(headers)
+            await send({"type": "http.response.start", "status": 304, "headers": headers})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        head = x.scope["method"] == "HEAD"
+        await send({"type": "http.response.body", "body": b"" if head else found.body})
+
+    async def _forward(
+        self, x: _Exchange, label: bytes, *, store: bool, flight: Flight | None = None
+    ) -> StoredResponse | None:
+        """Call the app, recording its answer; store it when cacheable and ``store`` (a
+        leader's ``flight`` releases its lock with the write)."""
+        plan = x.plan
+        recorder = Recorder(
+            x.send,
+            label=label,
+            detail=self._detail(x.key),
+            store=store,
+            limit=plan.max_bytes,
+            vary=plan.vary_set,
+            private=plan.private,
+            stream=x.scope["path"].endswith(STREAM_METHOD),
+            streams=plan.streams,
+            if_none_match=x.if_none_match,
+        )
+        await self.app(x.scope, x.receive, recorder)
+        found = recorder.response(created=self.clock.time(), ttl=plan.policy.ttl)
+        if found is not None:
+            await self.engine.put(x.key, found, flight)
+        return found
+
+    async def _bypass(self, x: _Exchange) -> None:
+        self.engine.stats.bypassed += 1
+        x.context.extras[CACHE_OUTCOME_KEY] = "bypass"
+        recorder = Recorder(
+            x.send, label=BYPASS, store=False, limit=0, vary=(), private=x.plan.private,
+            stream=False, streams=False, if_none_match=None,
+        )
+        await self.app(x.scope, x.receive, recorder)
+
+    async def _body(self, x: _Exchange, length: int | None) -> tuple[Receive, bytes | None]:
+        """The canonical body digest (``None``: do not cache), and the ``receive`` to use.
+
+        The body is read only when no outer layer did, when it declares a length within
+        ``max_body_bytes``; a body the cache cannot key is replayed to the app untouched.
+        """
+        extras = x.context.extras
+        receive = x.receive
+        raw: bytes | None = extras.get(BODY_KEY)
+        if raw is None:
+            if length is None or length > self.max_body_bytes:
+                return receive, None
+            try:
+                receive = await load_json_body(x.scope, receive, x.context, self.max_body_bytes)
+            except BodyRefusedError:
+                raw = extras.get(BODY_KEY)  # read but not JSON: replay it as it came
+                return (receive if raw is None else replay_receive(raw, receive)), None
+            raw = extras[BODY_KEY]
+        if len(raw) > self.max_body_bytes:
+            return receive, None
+        return receive, self._digests.digest(raw, extras.get(JSON_KEY))
+
+
+__all__ = ["CACHE_HIT_KEY", "CACHE_KEY_KEY", "CACHE_OUTCOME_KEY", "CacheMiddleware"]

@@ -1,0 +1,189 @@
+"""Recording a forwarded answer as it passes: every message goes on at once, unchanged
+except for the cache's headers, and a copy of a storable 200 is kept up to a size cap.
+
+A non-streamed answer's ``http.response.start`` is held until its first body message: when
+that message is the whole body, the answer gets its ``ETag`` (and a matching
+``If-None-Match`` gets 304) with no extra delay. A stream (``text/event-stream``, or a
+``streamGenerateContent`` answer in the JSON-array form) is never held; it is watched by a
+:class:`~gemini_scale.ratelimit.usage.UsageObserver` and kept only if it ended on a clean
+event boundary without an ``{"error": ...}`` frame (research/security.md C13-C16).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+from gemini_scale.caching.entry import StoredResponse
+from gemini_scale.caching.semantics import (
+    STORED,
+    Header,
+    etag_matches,
+    etag_of,
+    not_modified_headers,
+    private_headers,
+    response_facts,
+)
+from gemini_scale.ratelimit.usage import UsageObserver
+from gemini_scale.types import Message, Send
+
+
+class Recorder:
+    """A ``send`` wrapper for one forwarded request (see the module docstring).
+
+    After the app returned, :meth:`response` is the entry to store, or ``None``.
+    """
+
+    __slots__ = (
+        "_chunks",
+        "_complete",
+        "_etag",
+        "_headers",
+        "_if_none_match",
+        "_limit",
+        "_observer",
+        "_pending",
+        "_private",
+        "_send",
+        "_size",
+        "_stream",
+        "_streams",
+        "_tagged",
+        "_vary",
+        "detail",
+        "label",
+        "max_age",
+    )
+
+    def __init__(
+        self,
+        send: Send,
+        *,
+        label: bytes,
+        detail: bytes = b"",
+        store: bool,
+        limit: int,
+        vary: Collection[bytes],
+        private: bytes | None,
+        stream: bool,
+        streams: bool,
+        if_none_match: bytes | None,
+    ) -> None:
+        self._send = send
+        self.label = label
+        self.detail = detail
+        """Parameters that follow ``stored`` in ``Cache-Status`` (the debug ``key``)."""
+        self._limit = limit
+        self._vary = vary
+        self._private = private
+        self._stream = stream
+        self._streams = streams
+        self._if_none_match = if_none_match
+        self._chunks: list[bytes] | None = [] if store else None
+        self._size = 0
+        self._headers: list[Header] = []
+        self._pending: Message | None = None
+        self._observer: UsageObserver | None = None
+        self._etag: bytes | None = None
+        self._complete = False
+        self._tagged = False
+        self.max_age = 0.0
+        """The answer's own cap on its lifetime (``0``: it must not be stored)."""
+
+    async def __call__(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.start":
+            await self._start(message)
+        elif kind == "http.response.body":
+            await self._body(message)
+        else:  # trailers, pathsend...: not recorded, so not stored
+            self._chunks = None
+            start, self._pending = self._pending, None
+            if start is not None:
+                start["headers"] = [*self._headers, (b"cache-status", self.label + self.detail)]
+                await self._send(start)
+            await self._send(message)
+
+    async def _start(self, message: Message) -> None:
+        headers = message.get("headers") or []
+        self.max_age, content_type, control, self._tagged = response_facts(
+            message["status"], headers, self._vary
+        )
+        private = self._private
+        if private is not None:
+            headers = (
+                private_headers(headers, private) if control
+                else [*headers, (b"cache-control", private)]
+            )
+        self._headers = headers
+        if self._chunks is not None:
+            stream = self._stream or content_type.startswith(b"text/event-stream")
+            if self.max_age <= 0 or (stream and not self._streams):
+                self._chunks = None
+            elif stream:
+                self._observer = UsageObserver("auto")
+                self._observer.start(200, content_type.decode("latin-1"))
+            else:
+                self._pending = message  # until the first body message: ETag, 304
+                return
+        message["headers"] = [*headers, (b"cache-status", self.label + self.detail)]
+        await self._send(message)
+
+    async def _body(self, message: Message) -> None:
+        body: bytes = message.get("body", b"")
+        more = message.get("more_body", False)
+        if self._pending is not None and await self._release_start(body, more):
+            return
+        chunks = self._chunks
+        if chunks is not None:
+            self._size += len(body)
+            if self._size > self._limit:
+                self._chunks = None  # too big: stop keeping a copy (C16)
+            else:
+                chunks.append(body)
+                if self._observer is not None:
+                    self._observer.feed(body)
+        await self._send(message)
+        if not more:
+            self._complete = True
+            if self._observer is not None:
+                self._observer.finish()
+
+    async def _release_start(self, body: bytes, more: bool) -> bool:
+        """Send the held start; ``True`` when a 304 answered instead of the body."""
+        start, self._pending = self._pending, None
+        assert start is not None
+        headers = self._headers
+        etag = None
+        if not more and len(body) <= self._limit:
+            self._etag = etag = etag_of(body)
+            if self._tagged:  # the app's own tag gives way to the content's
+                headers = [h for h in headers if h[0] != b"etag"]
+            headers = [*headers, (b"etag", etag)]
+        label = self.label + (b"" if etag is None else STORED) + self.detail
+        match = self._if_none_match
+        if etag is not None and match is not None and etag_matches(match, etag):
+            headers = not_modified_headers(headers)
+            headers.append((b"cache-status", label))
+            await self._send({"type": "http.response.start", "status": 304, "headers": headers})
+            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+            if self._chunks is not None:
+                self._chunks.append(body)
+                self._complete = True
+            return True
+        start["headers"] = [*headers, (b"cache-status", label)]
+        await self._send(start)
+        return False
+
+    def response(self, *, created: float, ttl: float) -> StoredResponse | None:
+        """The answer to store: a complete, storable 200 within the size cap (and, for a
+        stream, one that ended cleanly without an error frame); else ``None``."""
+        chunks = self._chunks
+        if chunks is None or not self._complete:
+            return None
+        observer = self._observer
+        if observer is not None and (observer.error_seen or not observer.complete):
+            return None
+        body = b"".join(chunks)
+        return StoredResponse.build(
+            self._headers, body, created=created, ttl=min(ttl, self.max_age), etag=self._etag
+        )

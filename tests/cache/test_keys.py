@@ -1,0 +1,275 @@
+"""Canonical key parts: JSON bodies, query strings, framing, owners and tags; stored
+entries; the HTTP caching rules (table-driven)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+
+from gemini_scale.caching import StoredResponse, model_tag, principal_tag, tenant_tag
+from gemini_scale.caching.entry import CorruptEntryError
+from gemini_scale.caching.keys import (
+    ALL_TAG,
+    BodyDigests,
+    canonical_json,
+    canonical_query,
+    frame,
+    owner_tag,
+)
+from gemini_scale.caching.request import generation_allowed, header_fields, is_deterministic
+from gemini_scale.caching.semantics import (
+    RequestDirectives,
+    etag_matches,
+    etag_of,
+    private_headers,
+    replayable,
+    response_facts,
+)
+from gemini_scale.principal import Principal
+
+ALLOWED = frozenset({b"alt", b"pageSize", b"pageToken"})
+
+
+def digest(body: Any) -> bytes | None:
+    return BodyDigests().digest(json.dumps(body).encode(), body)
+
+
+# -- canonical JSON (research/security.md C09) ---------------------------------------------
+
+
+def test_member_order_whitespace_and_spelling_do_not_change_the_key() -> None:
+    one = {"contents": [{"parts": [{"text": "hi"}]}],
+           "generationConfig": {"temperature": 0, "maxOutputTokens": 20}}
+    two = {"generation_config": {"max_output_tokens": 20.0, "temperature": 0.0},
+           "contents": [{"parts": [{"text": "hi"}]}]}
+    assert canonical_json(one) == canonical_json(two)
+    assert digest(one) == digest(two)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"generationConfig": {"temperature": 0.5}},
+        {"generationConfig": {"temperature": 0, "seed": 7}},
+        {"safetySettings": [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "OFF"}]},
+        {"systemInstruction": {"parts": [{"text": "be terse"}]}},
+        {"tools": [{"functionDeclarations": [{"name": "f"}]}]},
+        {"contents": [{"parts": [{"text": "Hi"}]}]},
+    ],
+)
+def test_every_semantic_difference_gives_another_key(change: dict[str, Any]) -> None:
+    base = {"contents": [{"parts": [{"text": "hi"}]}], "generationConfig": {"temperature": 0}}
+    assert digest(base) != digest({**base, **change})
+
+
+def test_user_named_members_keep_their_spelling() -> None:
+    """JSON-schema ``properties`` and function-call ``args`` are the user's names."""
+    for outer, inner in (("properties", "user_id"), ("args", "user_id"), ("response", "a_b")):
+        snake = {"x": {outer: {inner: 1}}}
+        camel = {"x": {outer: {inner.split("_")[0] + inner.split("_")[1].title(): 1}}}
+        assert canonical_json(snake) != canonical_json(camel)
+
+
+def test_a_body_with_both_spellings_is_keyed_as_written() -> None:
+    both = {"generationConfig": {"temperature": 0}, "generation_config": {"temperature": 1}}
+    swapped = {"generationConfig": {"temperature": 1}, "generation_config": {"temperature": 0}}
+    assert canonical_json(both) != canonical_json(swapped)
+    assert canonical_json(both) != canonical_json({"generationConfig": {"temperature": 0}})
+
+
+def test_too_deep_bodies_are_not_keyed() -> None:
+    deep: Any = []
+    for _ in range(5000):
+        deep = [deep]
+    assert BodyDigests().digest(b"[...]", deep) is None
+
+
+def test_digests_are_remembered_by_raw_body() -> None:
+    digests = BodyDigests(size=2)
+    body = {"a": 1}
+    first = digests.digest(b'{"a": 1}', body)
+    assert digests.digest(b'{"a": 1}', {"ignored": "the raw bytes decide"}) == first
+    for raw in (b"1", b"2", b"3"):  # bounded
+        digests.digest(raw, int(raw))
+    assert digests.digest(b"", None) == b""
+
+
+# -- query (C11) ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        (b"", b""),
+        (b"alt=sse", b"alt=sse"),
+        (b"pageToken=b&alt=sse", b"alt=sse&pageToken=b"),
+        (b"alt=sse&key=SECRET", b"alt=sse"),
+        (b"key=SECRET", b""),
+        (b"alt=sse&&", b"alt=sse"),
+        (b"pageToken=2&pageToken=1", b"pageToken=2&pageToken=1"),  # order kept: it matters
+        (b"cb=123", None),  # a cache buster: not cached at all
+        (b"%24alt=json", None),  # $alt (GAPIC enum encoding) changes the answer
+        (b"alt%3D=x", None),
+        (b"k%65y=SECRET&alt=sse", b"\x00alt=sse"),  # escaped names are decoded like the app
+    ],
+)
+def test_canonical_query(query: bytes, expected: bytes | None) -> None:
+    assert canonical_query(query, ALLOWED) == expected
+
+
+def test_every_parameter_is_keyed_without_an_allow_list() -> None:
+    assert canonical_query(b"cb=1&alt=sse&key=x", None) == b"alt=sse&cb=1"
+    assert canonical_query(b"cb=1", None) != canonical_query(b"cb=2", None)
+
+
+def test_frames_cannot_be_forged_by_moving_bytes_between_parts() -> None:
+    assert frame([b"ab", b"c"]) != frame([b"a", b"bc"])
+    assert frame([b"a\x00", b""]) != frame([b"a", b"\x00"])
+
+
+# -- owners and tags (C01-C03) -------------------------------------------------------------
+
+
+def test_owners() -> None:
+    alice = Principal(issuer="https://a/", subject="alice", tenant="acme")
+    same_sub_other_issuer = Principal(issuer="https://b/", subject="alice", tenant="acme")
+    assert owner_tag("shared", None) == ALL_TAG
+    assert owner_tag("principal", None) is None
+    assert owner_tag("tenant", None) is None
+    assert owner_tag("principal", alice) == principal_tag(alice)
+    assert owner_tag("principal", alice) != owner_tag("principal", same_sub_other_issuer)
+    assert owner_tag("tenant", alice) == tenant_tag("acme") == owner_tag(
+        "tenant", same_sub_other_issuer
+    )
+    loner = Principal(issuer="https://a/", subject="bob")
+    assert owner_tag("tenant", loner) == principal_tag(loner)  # never shared by tenant-less
+    assert model_tag("models/Gemini-2.5-Flash") == model_tag("gemini-2.5-flash")
+
+
+# -- stored entries (C20, C22) -------------------------------------------------------------
+
+
+def test_entries_round_trip() -> None:
+    headers = [(b"content-type", b"text/event-stream"), (b"x-empty", b""), (b"vary", b"Origin")]
+    entry = StoredResponse.build(headers, b"data: {}\r\n\r\n", created=10.5, ttl=60)
+    decoded = StoredResponse.decode(entry.encode())
+    assert decoded == entry
+    assert decoded.expires == 70.5
+    assert dict(decoded.headers)[b"etag"] == etag_of(b"data: {}\r\n\r\n")
+    assert dict(decoded.headers)[b"content-length"] == b"12"
+    assert decoded.hit_headers[-1] == (b"cache-status", b"gemini-scale; hit")
+
+
+@pytest.mark.parametrize("mangle", [lambda raw: raw[:-1], lambda raw: raw + b"x",
+                                    lambda raw: b"GSC0" + raw[4:], lambda raw: raw[:20],
+                                    lambda raw: b""])
+def test_corrupt_entries_are_refused(mangle: Any) -> None:
+    raw = StoredResponse.build([(b"a", b"b")], b"body", created=1, ttl=1).encode()
+    with pytest.raises(CorruptEntryError):
+        StoredResponse.decode(mangle(raw))
+
+
+def test_hop_by_hop_and_per_exchange_fields_are_not_replayed() -> None:
+    headers = [
+        (b"connection", b"x-foo, close"), (b"x-foo", b"1"), (b"keep-alive", b"timeout=5"),
+        (b"transfer-encoding", b"chunked"), (b"proxy-authenticate", b"Basic"),
+        (b"set-cookie", b"s=1"), (b"server-timing", b"db;dur=53"), (b"content-length", b"99"),
+        (b"x-request-id", b"r1"), (b"content-type", b"application/json"), (b"x-kept", b"yes"),
+    ]
+    assert replayable(headers) == [(b"content-type", b"application/json"), (b"x-kept", b"yes")]
+
+
+# -- HTTP rules (C04-C07, C12, C19, C23) ---------------------------------------------------
+
+
+VARY = frozenset({b"accept-encoding", b"origin"})
+
+
+@pytest.mark.parametrize(
+    ("status", "headers", "storable"),
+    [
+        (200, [], math.inf),
+        (200, [(b"cache-control", b"max-age=600")], 600),
+        (200, [(b"cache-control", b"public, s-maxage=30, max-age=600")], 30),
+        (200, [(b"cache-control", b"max-age=0")], 0),
+        (200, [(b"cache-control", b"no-store")], 0),
+        (200, [(b"cache-control", b"no-store, max-age=600")], 0),
+        (200, [(b"cache-control", b"private, max-age=600")], 0),
+        (200, [(b"cache-control", b"no-cache")], 0),
+        (200, [(b"cache-control", b'private="set-cookie"')], 0),
+        (200, [(b"set-cookie", b"s=1"), (b"cache-control", b"max-age=600")], 0),
+        (200, [(b"vary", b"*")], 0),
+        (200, [(b"vary", b"Accept-Encoding, origin")], math.inf),
+        (200, [(b"vary", b"X-Unlisted")], 0),
+        *[(status, [(b"cache-control", b"max-age=600")], 0)
+          for status in (201, 203, 206, 304, 400, 404, 429, 500, 503)],
+    ],
+)
+def test_what_may_be_stored(
+    status: int, headers: list[tuple[bytes, bytes]], storable: float
+) -> None:
+    assert response_facts(status, headers, VARY)[0] == storable
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (None, RequestDirectives()),
+        (b"no-cache", RequestDirectives(no_cache=True)),
+        (b"No-Store", RequestDirectives(no_store=True)),
+        (b"max-age=0", RequestDirectives(no_cache=True, max_age=0)),
+        (b"max-age=5, only-if-cached", RequestDirectives(only_if_cached=True, max_age=5)),
+        (b'max-age="7"', RequestDirectives(max_age=7)),
+        (b"max-age=x", RequestDirectives()),
+    ],
+)
+def test_request_directives(value: bytes | None, expected: RequestDirectives) -> None:
+    assert RequestDirectives.parse(value) == expected
+
+
+def test_private_marking_keeps_no_store() -> None:
+    assert private_headers([(b"cache-control", b"public, max-age=9"), (b"a", b"b")]) == [
+        (b"a", b"b"), (b"cache-control", b"private")]
+    kept = [(b"cache-control", b"no-store")]
+    assert private_headers(kept) == kept
+
+
+def test_entity_tags() -> None:
+    etag = etag_of(b"x")
+    assert etag.startswith(b'"')
+    assert etag.endswith(b'"')
+    assert etag == etag_of(b"x")
+    assert etag_matches(b"*", etag)
+    assert etag_matches(b'"nope", W/' + etag, etag)
+    assert not etag_matches(b'"nope"', etag)
+
+
+def test_header_fields_join_repeated_lines() -> None:
+    assert header_fields([(b"a", b"1"), (b"b", b"2"), (b"a", b"3")]) == {b"a": b"1,3", b"b": b"2"}
+    assert header_fields(((b"a", b"1"),)) == {b"a": b"1"}
+
+
+@pytest.mark.parametrize(
+    ("body", "deterministic"),
+    [
+        ({"generationConfig": {"temperature": 0}}, True),
+        ({"generation_config": {"temperature": 0.0, "candidate_count": 1}}, True),
+        ({"generationConfig": {"temperature": 0, "candidateCount": 2}}, False),
+        ({"generationConfig": {"temperature": 0.1}}, False),
+        ({"generationConfig": {"temperature": False}}, False),
+        ({"generationConfig": {}}, False),  # Gemini's default temperature is 1
+        ({}, False),
+        (None, False),
+    ],
+)
+def test_determinism(body: Any, deterministic: bool) -> None:
+    assert is_deterministic(body) is deterministic
+    path = "/v1beta/models/m:generateContent"
+    assert generation_allowed(path, body, "deterministic") is deterministic
+    assert generation_allowed(path, body, "all") is True
+    assert generation_allowed(path, body, "off") is False
+    for other in ("/v1beta/models/m:countTokens", "/v1beta/models/m:batchEmbedContents"):
+        assert generation_allowed(other, body, "off") is True
