@@ -35,6 +35,9 @@ P = TypeVar("P", bound=Policy)
 
 #: Scope key of the per-request :class:`RequestContext`.
 CONTEXT_KEY = "gemini_scale"
+#: ``RequestContext.extras`` key a cache sets on a hit: the rate limiter then charges the
+#: request but no tokens.
+CACHE_HIT_KEY = "cache_hit"
 _LIFESPAN_KEY = "gemini_scale.lifespan"
 
 _EMPTY: Mapping[type[Policy], Policy] = {}
@@ -435,6 +438,7 @@ def policy_for(context: RequestContext, rules: Rules, kind: type[P], scope: Scop
 
 
 __all__ = [
+    "CACHE_HIT_KEY",
     "CONTEXT_KEY",
     "GeminiMiddleware",
     "RequestContext",

@@ -69,13 +69,17 @@ async def test_the_model_list_is_shared_by_every_caller() -> None:
     async with gateway() as (client, standin):
         first = await client.get("/v1beta/models")
         assert first.status_code == 200
-        assert "fwd=miss" in first.headers["cache-status"]
+        # A relayed JSON answer is complete before its headers leave: tagged and "stored".
+        assert first.headers["cache-status"] == "gemini-scale; fwd=miss; stored"
         second = await client.get("/v1beta/models", headers=await other_caller(client))
         assert second.status_code == 200
         assert second.headers["cache-status"].startswith("gemini-scale; hit")
         assert second.content == first.content
-        assert second.headers["etag"] == first.headers.get("etag", second.headers["etag"])
+        assert second.headers["etag"] == first.headers["etag"]
         assert "age" in second.headers
+        again = await client.get("/v1beta/models", headers={"if-none-match": first.headers["etag"]})
+        assert again.status_code == 304
+        assert again.content == b""
         assert standin.count("/models") == 1
 
 

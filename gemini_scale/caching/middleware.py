@@ -31,13 +31,16 @@ from gemini_scale.caching.signature import Plan, Signature, Signatures
 from gemini_scale.errors import ConfigurationError, StoreError, send_error
 from gemini_scale.policies import GENERATION_MODES, CachePolicy, GenerationMode, Policy
 from gemini_scale.principal import Principal
-from gemini_scale.routing import GeminiMiddleware, RequestContext, Rules, policy_for
+from gemini_scale.routing import (
+    CACHE_HIT_KEY,
+    GeminiMiddleware,
+    RequestContext,
+    Rules,
+    policy_for,
+)
 from gemini_scale.stores.base import Store
 from gemini_scale.types import SYSTEM_CLOCK, ASGIApp, Clock, Receive, Scope, Send
 
-#: ``RequestContext.extras`` key set on a hit: the rate limiter then charges no tokens
-#: (the value of ``gemini_scale.ratelimit.middleware.CACHE_HIT_KEY``).
-CACHE_HIT_KEY: Final = "cache_hit"
 #: ``RequestContext.extras`` key of the outcome: ``hit``, ``coalesced``, ``miss``,
 #: ``bypass`` (not cacheable, or the store failed) or ``request`` (the client said so).
 CACHE_OUTCOME_KEY: Final = "cache"
@@ -328,6 +331,7 @@ class CacheMiddleware(GeminiMiddleware):
             if_none_match=x.if_none_match,
         )
         await self.app(x.scope, x.receive, recorder)
+        await recorder.returned()
         found = recorder.response(created=self.clock.time(), ttl=plan.policy.ttl)
         if found is not None:
             await self.engine.put(x.key, found, flight)

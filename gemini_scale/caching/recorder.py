@@ -1,17 +1,19 @@
 """Recording a forwarded answer as it passes: every message goes on at once, unchanged
 except for the cache's headers, and a copy of a storable 200 is kept up to a size cap.
 
-A non-streamed answer's ``http.response.start`` is held until its first body message: when
-that message is the whole body, the answer gets its ``ETag`` (and a matching
-``If-None-Match`` gets 304) with no extra delay. A stream (``text/event-stream``, or a
-``streamGenerateContent`` answer in the JSON-array form) is never held; it is watched by a
-:class:`~gemini_scale.ratelimit.usage.UsageObserver` and kept only if it ended on a clean
-event boundary without an ``{"error": ...}`` frame (research/security.md C13-C16).
+A storable non-streamed answer that declares a ``Content-Length`` within the size cap has its
+``http.response.start`` held until its body is complete (a relayed JSON answer arrives in a
+few chunks, at once): it then gets its ``ETag`` and ``stored`` in ``Cache-Status``, and a
+matching ``If-None-Match`` gets 304. Any other answer's messages go on as they come. A
+stream (``text/event-stream``, or a ``streamGenerateContent`` answer in the JSON-array form)
+is never held; it is watched by a :class:`~gemini_scale.ratelimit.usage.UsageObserver` and
+kept only if it ended on a clean event boundary without an ``{"error": ...}`` frame
+(research/security.md C13-C16).
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 
 from gemini_scale.caching.entry import StoredResponse
 from gemini_scale.caching.semantics import (
@@ -38,6 +40,7 @@ class Recorder:
         "_complete",
         "_etag",
         "_headers",
+        "_held",
         "_if_none_match",
         "_limit",
         "_observer",
@@ -82,6 +85,8 @@ class Recorder:
         self._size = 0
         self._headers: list[Header] = []
         self._pending: Message | None = None
+        self._held: list[bytes] = []
+        """Body chunks that arrived while the start was held."""
         self._observer: UsageObserver | None = None
         self._etag: bytes | None = None
         self._complete = False
@@ -97,10 +102,8 @@ class Recorder:
             await self._body(message)
         else:  # trailers, pathsend...: not recorded, so not stored
             self._chunks = None
-            start, self._pending = self._pending, None
-            if start is not None:
-                start["headers"] = [*self._headers, (b"cache-status", self.label + self.detail)]
-                await self._send(start)
+            if self._pending is not None:
+                await self._give_up_holding()
             await self._send(message)
 
     async def _start(self, message: Message) -> None:
@@ -122,8 +125,8 @@ class Recorder:
             elif stream:
                 self._observer = UsageObserver("auto")
                 self._observer.start(200, content_type.decode("latin-1"))
-            else:
-                self._pending = message  # until the first body message: ETag, 304
+            elif _declared_length(headers, self._limit):
+                self._pending = message  # until the body is complete: ETag, 304
                 return
         message["headers"] = [*headers, (b"cache-status", self.label + self.detail)]
         await self._send(message)
@@ -131,8 +134,18 @@ class Recorder:
     async def _body(self, message: Message) -> None:
         body: bytes = message.get("body", b"")
         more = message.get("more_body", False)
-        if self._pending is not None and await self._release_start(body, more):
-            return
+        if self._pending is not None:
+            if more:
+                self._held.append(body)
+                if sum(map(len, self._held)) > self._limit:  # longer than declared
+                    await self._give_up_holding()
+                return
+            if self._held:
+                body = b"".join([*self._held, body])
+                self._held = []
+                message = {"type": "http.response.body", "body": body, "more_body": False}
+            if await self._release_start(body, more):
+                return
         chunks = self._chunks
         if chunks is not None:
             self._size += len(body)
@@ -174,6 +187,23 @@ class Recorder:
         await self._send(start)
         return False
 
+    async def returned(self) -> None:
+        """The app returned: an answer still held never completed its body (a broken
+        upstream), so it goes out as the app left it, unfinished (the server then ends
+        the connection: the client never sees a clean short answer)."""
+        if self._pending is not None:
+            await self._give_up_holding()
+
+    async def _give_up_holding(self) -> None:
+        """Send the held start without an ``ETag``, then what was held of the body; the
+        answer is no longer kept."""
+        self._chunks = None
+        await self._release_start(b"", True)
+        held, self._held = self._held, []
+        if held:
+            await self._send({"type": "http.response.body", "body": b"".join(held),
+                              "more_body": True})
+
     def response(self, *, created: float, ttl: float) -> StoredResponse | None:
         """The answer to store: a complete, storable 200 within the size cap (and, for a
         stream, one that ended cleanly without an error frame); else ``None``."""
@@ -187,3 +217,11 @@ class Recorder:
         return StoredResponse.build(
             self._headers, body, created=created, ttl=min(ttl, self.max_age), etag=self._etag
         )
+
+
+def _declared_length(headers: Sequence[Header], limit: int) -> bool:
+    """Whether the answer declares a ``Content-Length`` of at most ``limit`` bytes."""
+    for name, value in headers:
+        if name == b"content-length":
+            return value.isdigit() and int(value) <= limit
+    return False

@@ -24,7 +24,13 @@ from gemini_scale.ratelimit.engine import (
     StoreFailureError,
 )
 from gemini_scale.ratelimit.usage import UsageObserver, estimate_request_tokens
-from gemini_scale.routing import GeminiMiddleware, RequestContext, Rules, policy_for
+from gemini_scale.routing import (
+    CACHE_HIT_KEY,
+    GeminiMiddleware,
+    RequestContext,
+    Rules,
+    policy_for,
+)
 from gemini_scale.stores.base import Store
 from gemini_scale.types import SYSTEM_CLOCK, ASGIApp, Clock, Message, Receive, Scope, Send
 
@@ -37,8 +43,6 @@ TOKEN_METHODS = (
     ":embedContent",
     ":batchEmbedContents",
 )
-#: ``RequestContext.extras`` key a cache layer sets on a hit: no tokens are charged.
-CACHE_HIT_KEY = "cache_hit"
 _IDENTITY_CACHE_SIZE = 10_000
 #: ``RequestContext.extras`` key of the decisions made for a request, outermost first.
 DECISIONS_KEY = "rate_limits"

@@ -193,3 +193,47 @@ async def test_an_answer_sent_by_path_is_passed_on_and_not_stored() -> None:
         "http.response.start", "http.response.pathsend"]
     assert answer.headers["cache-status"] == "gemini-scale; fwd=miss"
     assert middleware.engine.stats.stored == 0
+
+
+class _ChunkedAnswer:
+    """An ASGI endpoint whose answer comes in three body messages, with or without a
+    Content-Length (a class: Starlette calls plain functions with a Request)."""
+
+    parts = (b'{"models": [', b'"a", "b"', b"]}")
+
+    def __init__(self, *, declare_length: bool) -> None:
+        self.declare_length = declare_length
+
+    async def __call__(self, scope: dict[str, object], receive: object, send: object) -> None:
+        headers = [(b"content-type", b"application/json")]
+        if self.declare_length:
+            headers.append((b"content-length", str(sum(map(len, self.parts))).encode()))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})  # type: ignore[operator]
+        for i, part in enumerate(self.parts):
+            more = i < len(self.parts) - 1
+            await send({"type": "http.response.body", "body": part, "more_body": more})  # type: ignore[operator]
+
+
+@pytest.mark.parametrize("declare_length", [True, False])
+async def test_a_relayed_answer_in_chunks_is_tagged_when_its_length_is_declared(
+    declare_length: bool,
+) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Route
+
+    endpoint = _ChunkedAnswer(declare_length=declare_length)
+    inner = Starlette(routes=[Route("/v1beta/models", endpoint)])
+    rules = {"GET /v1beta/models": CachePolicy(ttl=60, scope="shared")}
+    app = FakeAuth(CacheMiddleware(inner, rules=rules))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        first = await client.get("/v1beta/models", headers=who("alice"))
+        second = await client.get("/v1beta/models", headers=who("alice"))
+    assert first.content == second.content == b'{"models": ["a", "b"]}'
+    assert status_of(second) == "gemini-scale; hit"  # stored either way
+    if declare_length:
+        assert status_of(first) == "gemini-scale; fwd=miss; stored"
+        assert first.headers["etag"] == second.headers["etag"]
+    else:  # the start went out before the body was known: no tag on the miss
+        assert status_of(first) == "gemini-scale; fwd=miss"
+        assert "etag" not in first.headers
