@@ -356,6 +356,128 @@ def slowapi_redis_app() -> ASGIApp:
     return slowapi_app(redis_url())
 
 
+def cache_rules(*, vary: tuple[str, ...] = ()) -> dict[str, Any]:
+    """What the cache variants cache: the model list for everyone, token counts and
+    generation per principal (generation whatever its temperature: every call can hit)."""
+    from gemini_scale import CachePolicy
+
+    own = CachePolicy(ttl=3600, methods=frozenset({"POST"}), generation="all", vary=vary)
+    return {
+        "GET /v1beta/models": CachePolicy(ttl=3600, scope="shared", vary=vary),
+        "POST /v1beta/models/{model}:countTokens": own,
+        "POST /v1beta/models/{model}:generateContent": own,
+    }
+
+
+def cache_app(store: Any = None, *, miss: bool = False, app: Any = None) -> ASGIApp:
+    """``CacheMiddleware`` alone on the bare app, with a verified principal in each
+    request's state: after the first request every call is a hit. ``miss=True`` makes every
+    call a miss instead: an outer pure-ASGI layer adds a header with a new value to each
+    request, and the policies key on it (that layer costs well under a microsecond)."""
+    from gemini_scale import CacheMiddleware, MemoryStore
+
+    app = app if app is not None else bare_app(request_state={"principal": bench_principal()})
+    store = store if store is not None else MemoryStore()
+    vary = ("x-bench-request",) if miss else ()
+    app.add_middleware(CacheMiddleware, store=store, rules=cache_rules(vary=vary))
+    app.state.bench_store = store
+    if not miss:
+        return app
+    counter = iter(range(1 << 62))
+
+    async def unique(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            value = str(next(counter)).encode()
+            scope["headers"] = [*scope["headers"], (b"x-bench-request", value)]
+        await app(scope, receive, send)
+
+    unique.state = app.state  # type: ignore[attr-defined]
+    return unique
+
+
+def cache_redis_app() -> ASGIApp:
+    """The cache on Redis (one ``GET`` per hit)."""
+    return cache_app(redis_store())
+
+
+def cache_miss_app() -> ASGIApp:
+    """Every call a cache miss, memory store."""
+    return cache_app(miss=True)
+
+
+def cache_miss_redis_app() -> ASGIApp:
+    """Every call a cache miss, Redis store."""
+    return cache_app(redis_store(), miss=True)
+
+
+def fastapi_bare_app() -> ASGIApp:
+    """The same three endpoints as FastAPI routes returning dicts (FastAPI's usual style):
+    the baseline the cache's hits are compared with on FastAPI."""
+    from fastapi import FastAPI
+
+    app = FastAPI(openapi_url=None)
+    app.state.request_state = {"principal": bench_principal()}
+
+    @app.get("/v1beta/models")
+    async def list_models() -> dict[str, Any]:
+        return MODEL_LIST
+
+    @app.post("/v1beta/models/{model}:countTokens")
+    async def count_tokens(model: str, request: Request) -> dict[str, Any]:
+        await request.body()
+        return {"totalTokens": 3}
+
+    @app.post("/v1beta/models/{model}:generateContent")
+    async def generate(model: str, request: Request) -> dict[str, Any]:
+        await request.body()
+        return GENERATE_ANSWER
+
+    @asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[dict[str, Any]]:
+        yield app.state.request_state
+
+    app.router.lifespan_context = lifespan
+    return app
+
+
+def cache_fastapi_app() -> ASGIApp:
+    """``CacheMiddleware`` (memory, hits) on the FastAPI app."""
+    return cache_app(app=fastapi_bare_app())
+
+
+def fastapi_cache2_redis_app() -> ASGIApp:
+    """fastapi-cache2's documented pattern on the FastAPI routes: ``@cache(expire=3600)`` with
+    its Redis backend (redis.asyncio), on the hit path after the first call."""
+    import redis.asyncio
+    from fastapi import FastAPI
+    from fastapi_cache import FastAPICache
+    from fastapi_cache.backends.redis import RedisBackend
+    from fastapi_cache.decorator import cache
+
+    app = FastAPI(openapi_url=None)
+    app.state.request_state = {}
+    client = redis.asyncio.Redis.from_url(redis_url())
+    FastAPICache.init(RedisBackend(client), prefix=f"{bench_prefix()}:fastapi-cache")
+
+    @app.get("/v1beta/models")
+    @cache(expire=3600)
+    async def list_models() -> dict[str, Any]:
+        return MODEL_LIST
+
+    @app.post("/v1beta/models/{model}:countTokens")
+    async def count_tokens(model: str, request: Request) -> dict[str, Any]:
+        await request.body()  # fastapi-cache2 caches GET only
+        return {"totalTokens": 3}
+
+    @app.post("/v1beta/models/{model}:generateContent")
+    async def generate(model: str, request: Request) -> dict[str, Any]:
+        await request.body()
+        return GENERATE_ANSWER
+
+    app.state.bench_store = type("FastAPICache2", (), {"client": client})()
+    return app
+
+
 def gateway_app() -> ASGIApp:
     """The example gateway (FastAPI, dev issuer, offline stand-in upstream), with its rate
     limits (in memory) far above what a run sends."""
@@ -381,10 +503,18 @@ FACTORIES: dict[str, Callable[[], ASGIApp]] = {
     "redis-floor": redis_floor_app,
     "slowapi": slowapi_app,
     "slowapi-redis": slowapi_redis_app,
+    "cache": cache_app,
+    "cache-redis": cache_redis_app,
+    "cache-miss": cache_miss_app,
+    "cache-miss-redis": cache_miss_redis_app,
+    "fastapi-bare": fastapi_bare_app,
+    "cache-fastapi": cache_fastapi_app,
+    "fastapi-cache2-redis": fastapi_cache2_redis_app,
     "gateway": gateway_app,
 }
 #: The variants that put state in Redis (their keys are removed at the end of a run).
-REDIS_VARIANTS = frozenset({"stack-redis", "limiter-redis", "redis-floor", "slowapi-redis"})
+REDIS_VARIANTS = frozenset({"stack-redis", "limiter-redis", "redis-floor", "slowapi-redis",
+                            "cache-redis", "cache-miss-redis", "fastapi-cache2-redis"})
 
 
 def factory_path(variant: str) -> str:
@@ -734,7 +864,8 @@ def dev_token(app: Any) -> str | None:
 
 
 #: Variants without any gemini-scale middleware (no request context is expected).
-FOREIGN_VARIANTS = frozenset({"slowapi", "slowapi-redis", "redis-floor"})
+FOREIGN_VARIANTS = frozenset({"slowapi", "slowapi-redis", "redis-floor", "fastapi-bare",
+                              "fastapi-cache2-redis"})
 
 
 @dataclass
@@ -771,28 +902,43 @@ def redis_client_of(app: Any) -> Any:
 
 
 @contextmanager
-def counting_commands(client: Any) -> Iterator[dict[str, int]]:
-    """Count the commands ``client`` sends (no pipelines here: one command, one round trip)."""
-    counts: dict[str, int] = {}
-    original = client.execute_command
+def counting_commands() -> Iterator[dict[str, int]]:
+    """Count the commands redis-py sends on the wire, by name, from any client or path in
+    this process (asyncio and sync connections: every send is one round trip; a pipeline
+    would count as one, under its first command's name)."""
+    import redis.asyncio.connection
+    import redis.connection
 
-    def note(args: tuple[Any, ...]) -> None:
-        name = str(args[0]).upper() if args else "?"
+    counts: dict[str, int] = {}
+
+    def note(command: Any) -> None:
+        packed = command if isinstance(command, bytes | str) else b"".join(command)
+        if isinstance(packed, str):
+            packed = packed.encode()
+        parts = packed.split(b"\r\n", 3)
+        name = parts[2].decode(errors="replace").upper() if len(parts) > 2 else "?"
         counts[name] = counts.get(name, 0) + 1
 
-    if asyncio.iscoroutinefunction(original):
-        async def counted(*args: Any, **kwargs: Any) -> Any:
-            note(args)
-            return await original(*args, **kwargs)
-    else:
-        def counted(*args: Any, **kwargs: Any) -> Any:  # type: ignore[misc]
-            note(args)
-            return original(*args, **kwargs)
-    client.execute_command = counted
+    async_class = redis.asyncio.connection.AbstractConnection
+    sync_class = redis.connection.AbstractConnection
+    async_original = async_class.send_packed_command
+    sync_original = sync_class.send_packed_command
+
+    async def async_counted(self: Any, command: Any, *args: Any, **kwargs: Any) -> Any:
+        note(command)
+        return await async_original(self, command, *args, **kwargs)
+
+    def sync_counted(self: Any, command: Any, *args: Any, **kwargs: Any) -> Any:
+        note(command)
+        return sync_original(self, command, *args, **kwargs)
+
+    async_class.send_packed_command = async_counted  # type: ignore[method-assign]
+    sync_class.send_packed_command = sync_counted  # type: ignore[method-assign]
     try:
         yield counts
     finally:
-        del client.execute_command  # the class's method again
+        async_class.send_packed_command = async_original  # type: ignore[method-assign]
+        sync_class.send_packed_command = sync_original  # type: ignore[method-assign]
 
 
 async def count_round_trips(
@@ -803,7 +949,7 @@ async def count_round_trips(
         return
     for call in CALLS:
         await one_call(app, call, token, state)  # scripts loaded, connections open
-        with counting_commands(client) as counts:
+        with counting_commands() as counts:
             for _ in range(n):
                 await one_call(app, call, token, state)
         facts.trips[(name, call.name)] = sum(counts.values()) / n
@@ -1513,6 +1659,7 @@ def summary(inproc: Sequence[Paired], http: Sequence[Load], startup: Sequence[St
                      f"{s.p99_ms / s.p50_ms:.2f}, server utilization "
                      f"{s.server_utilization:.2f}")
     lines += ratelimit_summary(inproc, http, facts)
+    lines += cache_summary(inproc, facts)
     lines.append(f"       load average at start {load_start}, at end {load_average()} "
                  f"on {cpu_count()} CPUs (other work on the machine adds noise; trust the "
                  "paired deltas and ratios, not absolute figures)")
@@ -1606,6 +1753,69 @@ def ratelimit_summary(inproc: Sequence[Paired], http: Sequence[Load],
         if not all(math.isnan(v) for v in inside.values()):
             lines.append(f"       both limiters inside the stack ({stack} minus stack-nolimit, "
                          f"in-process CPU): {per_call(inside)}")
+    return lines
+
+
+#: Cache targets (issue 5, "Performance"): a memory hit costs at most 10 µs in-process and
+#: serves at least 1.5x the bare FastAPI endpoint's throughput; a Redis hit is one GET; a
+#: memory miss adds at most 15 µs.
+TARGET_CACHE_HIT_US = 10.0
+TARGET_CACHE_FASTAPI_RATIO = 1.5
+TARGET_CACHE_MISS_US = 15.0
+CACHE_VARIANTS = frozenset({"cache", "cache-redis", "cache-miss", "cache-miss-redis",
+                            "fastapi-bare", "cache-fastapi", "fastapi-cache2-redis"})
+
+
+def cache_summary(inproc: Sequence[Paired], facts: RedisFacts | None) -> list[str]:
+    """The cache's targets, from whichever of its variants ran."""
+    if not {p.variant for p in inproc} & CACHE_VARIANTS:
+        return []
+    facts = facts or RedisFacts()
+    lines: list[str] = []
+    found = {(p.variant, p.call): p for p in inproc}
+    calls = [c.name for c in CALLS]
+
+    def row(variant: str) -> dict[str, Paired]:
+        return {c: found[(variant, c)] for c in calls if (variant, c) in found}
+
+    hits = row("cache")
+    if hits:
+        worst = max(p.variant_cpu_us for p in hits.values())
+        lines.append(
+            f"[{verdict(worst <= TARGET_CACHE_HIT_US)}] memory cache hit, in-process CPU per "
+            "request (the whole request: the app never runs): "
+            + ", ".join(f"{c} {fmt(p.variant_cpu_us)} µs ({signed(p.added_cpu_us)} vs the "
+                        f"bare route)" for c, p in hits.items())
+            + f"  (target ≤ {TARGET_CACHE_HIT_US:.0f} µs)")
+    fastapi, cached = row("fastapi-bare"), row("cache-fastapi")
+    ratios = {c: fastapi[c].variant_cpu_us / cached[c].variant_cpu_us
+              for c in calls if c in fastapi and c in cached}
+    if ratios:
+        lines.append(
+            f"[{verdict(min(ratios.values()) >= TARGET_CACHE_FASTAPI_RATIO)}] memory cache hit "
+            "on FastAPI vs the bare FastAPI endpoint, throughput (CPU per request) ratio: "
+            + ", ".join(f"{c} {r:.2f}x" for c, r in ratios.items())
+            + f"  (target ≥ {TARGET_CACHE_FASTAPI_RATIO}x)")
+    trips = {c: facts.commands.get(("cache-redis", c), {}) for c in calls
+             if ("cache-redis", c) in facts.commands}
+    for call, commands in trips.items():
+        ok = commands == {"GET": 1.0}
+        shown = ", ".join(f"{k} {v:.2f}" for k, v in commands.items()) or "none"
+        lines.append(f"[{verdict(ok)}] Redis cache hit, {call}: {shown} per request  "
+                     "(target: one GET)")
+    misses = row("cache-miss")
+    if misses:
+        worst = max(p.added_cpu_us for p in misses.values())
+        lines.append(
+            f"[{verdict(worst <= TARGET_CACHE_MISS_US)}] memory cache miss, in-process added "
+            "CPU: " + ", ".join(f"{c} {signed(p.added_cpu_us)} µs" for c, p in misses.items())
+            + f"  (target ≤ {TARGET_CACHE_MISS_US:.0f} µs)")
+    for ours, theirs in (("cache-redis", "fastapi-cache2-redis"),):
+        mine, peer = row(ours), row(theirs)
+        if "GET models" in mine and "GET models" in peer:
+            a, b = mine["GET models"].added_cpu_us, peer["GET models"].added_cpu_us
+            lines.append(f"       Redis hit, GET models: fastapi-cache2 {signed(b)} µs vs "
+                         f"gemini-scale {signed(a)} µs = {b / a:.1f}x (for scale)")
     return lines
 
 
