@@ -1,0 +1,40 @@
+#!/usr/bin/env python3
+"""The response cache against bare Starlette, bare FastAPI and fastapi-cache2, in one run.
+
+    .venv/bin/python bench/cache_bench.py                 # about 5 minutes
+    .venv/bin/python bench/cache_bench.py --quick         # smoke run
+
+This is ``bench/bench.py`` with the cache variants selected (any of its options can be given
+and win over these defaults): ``cache`` / ``cache-redis`` (every call after the first a hit),
+``cache-miss`` / ``cache-miss-redis`` (every call a miss), ``fastapi-bare`` and
+``cache-fastapi`` (hits on FastAPI, against FastAPI's own endpoint), and
+``fastapi-cache2-redis`` (fastapi-cache2's Redis backend on the model list). The summary
+holds them against issue 5's targets.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.bench import main as bench_main
+
+VARIANTS = ("cache,cache-redis,cache-miss,cache-miss-redis,fastapi-bare,cache-fastapi,"
+            "fastapi-cache2-redis")
+DEFAULTS = {"--variants": VARIANTS, "--sections": "inprocess"}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    given = {arg.split("=", 1)[0] for arg in args}
+    for option, value in DEFAULTS.items():
+        if option not in given:
+            args += [option, value]
+    return bench_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
