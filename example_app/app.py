@@ -25,6 +25,7 @@ from gemini_scale import (
     IPRateLimitMiddleware,
     Issuer,
     JSONBodyMiddleware,
+    MemoryStore,
     OAuth2Middleware,
     Policy,
     RateLimitMiddleware,
@@ -51,6 +52,8 @@ PUBLIC_PATHS = (
     "/openapi.json",
 )
 STANDIN_URL = "http://gemini-standin.invalid"
+#: The in-process cache's bound when there is no shared store.
+CACHE_MEMORY_BYTES = 256 * 1024 * 1024
 
 
 def create_upstream(
@@ -84,7 +87,10 @@ def create_app(settings: GeminiScaleSettings, *, standin: ASGIApp | None = None)
         store = store_from_url(settings.redis_url)  # opens no connection
     except ConfigurationError as exc:
         raise ConfigurationError(f"GEMINI_SCALE_REDIS_URL: {exc}") from None
-    cache_engine = CacheEngine(store) if settings.cache_ttl > 0 else None
+    # Without Redis the cache gets a memory store of its own, bounded by bytes: cached
+    # answers must never crowd the rate limiters' counters out of a shared LRU.
+    cache_store = store if settings.redis_url else MemoryStore(max_bytes=CACHE_MEMORY_BYTES)
+    cache_engine = CacheEngine(cache_store) if settings.cache_ttl > 0 else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

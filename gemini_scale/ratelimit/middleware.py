@@ -44,6 +44,7 @@ TOKEN_METHODS = (
     ":batchEmbedContents",
 )
 _IDENTITY_CACHE_SIZE = 10_000
+_CLIENT_IP: tuple[LimitKey, ...] = ("client_ip",)
 #: ``RequestContext.extras`` key of the decisions made for a request, outermost first.
 DECISIONS_KEY = "rate_limits"
 
@@ -132,6 +133,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         self._identities: dict[tuple[Any, ...], tuple[Principal, Identity | None]] = {}
         self._plans: dict[int, tuple[RateLimitPolicy, _Plan]] = {}
         self._budgets: dict[tuple[int, str], tuple[RateLimitPolicy, str]] = {}
+        self._addresses: dict[tuple[Any, tuple[bytes, ...]], Identity | None] = {}
 
     def limits_of(self, policy: RateLimitPolicy) -> tuple[Limit, ...]:
         """The engine's limits for a policy (computed once per policy)."""
@@ -170,6 +172,8 @@ class RateLimitMiddleware(GeminiMiddleware):
         not change between its requests (bounded; the client address is never memoised).
         Keyed by the principal object's identity, held in the entry so the id cannot be
         reused meanwhile (a verified token's principal is one cached object)."""
+        if dimensions == _CLIENT_IP:
+            return self._address_identity(scope)
         principal = context.principal
         if not isinstance(principal, Principal):
             principal = principal_of(scope)  # what identity() falls back to
@@ -190,6 +194,25 @@ class RateLimitMiddleware(GeminiMiddleware):
             self._identities.clear()
         self._identities[key] = (principal, bucket)
         return bucket
+
+    def _address_identity(self, scope: Scope) -> Identity | None:
+        """The ``client_ip`` bucket, memoised by what decides it: the peer and, behind
+        trusted proxies, the ``X-Forwarded-For`` lines (parsing addresses and hashing is
+        most of the per-address limiter's cost; bounded)."""
+        client = scope.get("client")
+        forwarded = (
+            tuple(value for name, value in scope["headers"] if name.lower() == b"x-forwarded-for")
+            if self.trusted
+            else ()
+        )
+        key = (client[0] if client else None, forwarded)
+        found = self._addresses.get(key)
+        if found is None:
+            found = identity(scope, _CLIENT_IP, trusted=self.trusted)
+            if len(self._addresses) >= _IDENTITY_CACHE_SIZE:
+                self._addresses.clear()
+            self._addresses[key] = found
+        return found
 
     def _budget(self, policy: RateLimitPolicy, context: RequestContext) -> str:
         """Which budget a policy's counters belong to: the default policy's are shared by

@@ -13,6 +13,7 @@ def store_from_url(
     prefix: str = DEFAULT_PREFIX,
     clock: Clock = SYSTEM_CLOCK,
     max_keys: int = 100_000,
+    max_bytes: int | None = None,
     socket_timeout: float = 0.25,
     connect_timeout: float = 1.0,
     max_connections: int = 64,
@@ -20,11 +21,12 @@ def store_from_url(
 ) -> Store:
     """A :class:`RedisStore` for ``url``, or a :class:`MemoryStore` when it is ``None`` or empty.
 
-    ``clock`` and ``max_keys`` apply to the memory store, the other options to Redis (see
-    :meth:`RedisStore.from_url`). redis-py is imported only when a URL is given.
+    ``clock``, ``max_keys`` and ``max_bytes`` apply to the memory store, the other options
+    to Redis (see :meth:`RedisStore.from_url`). redis-py is imported only when a URL is
+    given.
     """
     if not url:
-        return MemoryStore(prefix=prefix, clock=clock, max_keys=max_keys)
+        return MemoryStore(prefix=prefix, clock=clock, max_keys=max_keys, max_bytes=max_bytes)
     from gemini_scale.stores.redis import RedisStore
 
     return RedisStore.from_url(

@@ -18,7 +18,7 @@ from gemini_scale.stores.base import (
 from gemini_scale.stores.scripted import ScriptedOperations
 from gemini_scale.types import SYSTEM_CLOCK, Clock
 
-_Entry = tuple[Any, float | None]
+_Entry = tuple[Any, float | None, int]  # value, expiry, approximate size
 
 _FULL_KEYS_CACHE_SIZE = 10_000
 _WRONGTYPE = "WRONGTYPE Operation against a key holding the wrong kind of value"
@@ -27,7 +27,7 @@ _WRONGTYPE = "WRONGTYPE Operation against a key holding the wrong kind of value"
 class _State:
     """The :class:`~gemini_scale.stores.base.LocalState` view scripts run against."""
 
-    __slots__ = ("data", "now", "writes")
+    __slots__ = ("bytes", "data", "now", "writes")
 
     def __init__(self) -> None:
         # Insertion order is recency order: every read or write of a key moves it to the end,
@@ -35,6 +35,8 @@ class _State:
         self.data: dict[str, _Entry] = {}
         self.now = 0.0
         self.writes = 0
+        self.bytes = 0
+        """The approximate size of what is held (keys, values and a per-entry overhead)."""
 
     def _live(self, key: str) -> _Entry | None:
         entry = self.data.get(key)
@@ -42,7 +44,7 @@ class _State:
             return None
         expires_at = entry[1]
         if expires_at is not None and expires_at <= self.now:
-            del self.data[key]
+            self.remove(key)
             return None
         return entry
 
@@ -54,19 +56,27 @@ class _State:
         expires_at = entry[1]
         del data[key]
         if expires_at is not None and expires_at <= self.now:
+            self.bytes -= entry[2]
             return None
         data[key] = entry  # now the most recently used
         return entry[0]
 
     def put(self, key: str, value: Any, expires_at: float | None) -> None:
-        self.data.pop(key, None)
-        self.data[key] = (value, expires_at)
+        data = self.data
+        old = data.pop(key, None)
+        size = len(key) + _size_of(value)
+        data[key] = (value, expires_at, size)
+        self.bytes += size - (0 if old is None else old[2])
         self.writes += 1
+
+    def remove(self, key: str) -> None:
+        """Drop ``key`` (present) and its share of :attr:`bytes`."""
+        self.bytes -= self.data.pop(key)[2]
 
     def delete(self, key: str) -> bool:
         existed = self._live(key) is not None
         if existed:
-            del self.data[key]
+            self.remove(key)
         return existed
 
     def expires_at(self, key: str) -> float | None:
@@ -76,8 +86,20 @@ class _State:
     def set_expiry(self, key: str, expires_at: float | None) -> None:
         entry = self._live(key)
         if entry is not None:
-            self.data[key] = (entry[0], expires_at)
+            self.data[key] = (entry[0], expires_at, entry[2])
             self.writes += 1
+
+
+#: What one entry costs beyond its key and value (the dict slot, the entry tuple, the float).
+_ENTRY_OVERHEAD = 120
+
+
+def _size_of(value: Any) -> int:
+    if isinstance(value, bytes):
+        return len(value) + _ENTRY_OVERHEAD
+    if isinstance(value, set | frozenset):
+        return sum(len(member) + 60 for member in value) + _ENTRY_OVERHEAD + 200
+    return _ENTRY_OVERHEAD + 64  # small fixed-size values: counters, rate-limit windows
 
 
 class MemoryStore(ScriptedOperations):
@@ -88,13 +110,16 @@ class MemoryStore(ScriptedOperations):
     to other coroutines.
 
     Expired keys read as absent and are removed on access, and by a sweep of the whole dict
-    every ``max(1024, max_keys // 8)`` writes. Past ``max_keys`` keys a write first sweeps
-    expired keys (at most once every ``max_keys // 16`` writes, to keep writes cheap), then
-    evicts the least recently used keys (reads and writes both count as use).
+    every ``max(1024, max_keys // 8)`` writes. Past ``max_keys`` keys, or past ``max_bytes``,
+    a write first sweeps expired keys (at most once every ``max_keys // 16`` writes, to keep
+    writes cheap), then evicts the least recently used keys (reads and writes both count as
+    use) until both bounds hold.
 
     :param prefix: namespace prepended to every key as ``prefix + ":"``.
     :param clock: wall-clock source for expiry and for scripts' ``now``; tests inject a fake.
     :param max_keys: bound on the number of keys held.
+    :param max_bytes: bound on the approximate bytes held (keys, values and about 120 bytes
+        of bookkeeping per key; ``None``: only ``max_keys``). A response cache wants it.
     """
 
     def __init__(
@@ -103,11 +128,15 @@ class MemoryStore(ScriptedOperations):
         prefix: str = DEFAULT_PREFIX,
         clock: Clock = SYSTEM_CLOCK,
         max_keys: int = 100_000,
+        max_bytes: int | None = None,
     ) -> None:
         if max_keys < 1:
             raise ConfigurationError(f"max_keys must be at least 1, got {max_keys}")
+        if max_bytes is not None and (isinstance(max_bytes, bool) or max_bytes < 1):
+            raise ConfigurationError(f"max_bytes must be at least 1, got {max_bytes}")
         self.prefix = check_prefix(prefix)
         self.max_keys = max_keys
+        self.max_bytes = max_bytes
         self._clock = clock
         self._head = prefix + ":"
         self._state = _State()
@@ -120,12 +149,20 @@ class MemoryStore(ScriptedOperations):
         """Keys held, including expired ones not yet removed."""
         return len(self._state.data)
 
+    @property
+    def size(self) -> int:
+        """Approximate bytes held (what ``max_bytes`` bounds)."""
+        return self._state.bytes
+
     def __bool__(self) -> bool:
         # An empty store is still a store: keep `store or default` from replacing it.
         return True
 
     def __repr__(self) -> str:
-        return f"MemoryStore(prefix={self.prefix!r}, max_keys={self.max_keys})"
+        return (
+            f"MemoryStore(prefix={self.prefix!r}, max_keys={self.max_keys}, "
+            f"max_bytes={self.max_bytes})"
+        )
 
     def _begin(self) -> _State:
         state = self._state
@@ -134,22 +171,27 @@ class MemoryStore(ScriptedOperations):
 
     def _end(self, state: _State) -> None:
         since_sweep = state.writes - self._writes_at_sweep
-        if since_sweep >= self._sweep_every or (
-            len(state.data) > self.max_keys and since_sweep >= self._min_sweep_gap
-        ):
+        max_bytes = self.max_bytes
+        over = len(state.data) > self.max_keys or (
+            max_bytes is not None and state.bytes > max_bytes
+        )
+        if since_sweep >= self._sweep_every or (over and since_sweep >= self._min_sweep_gap):
             self._sweep(state)
         data = state.data
         while len(data) > self.max_keys:
-            del data[next(iter(data))]
+            state.remove(next(iter(data)))
+        if max_bytes is not None:
+            while state.bytes > max_bytes and data:
+                state.remove(next(iter(data)))
 
     def _sweep(self, state: _State) -> None:
         now = state.now
         expired = [
-            key for key, (_, expires_at) in state.data.items()
+            key for key, (_, expires_at, _) in state.data.items()
             if expires_at is not None and expires_at <= now
         ]
         for key in expired:
-            del state.data[key]
+            state.remove(key)
         self._writes_at_sweep = state.writes
 
     async def get(self, key: str) -> bytes | None:

@@ -436,6 +436,43 @@ async def test_memory_store_sweeps_expired_keys() -> None:
     assert len(store) < 2000  # swept without being read
 
 
+async def test_memory_store_stays_within_its_byte_bound() -> None:
+    clock = FakeClock(1_700_000_000.0)
+    store = MemoryStore(clock=clock, max_bytes=64 * 1024)
+    await store.set("keep", b"k" * 1000, ttl=3600)
+    for i in range(500):  # about 1 MiB of 2 KiB values into 64 KiB
+        await store.set(f"flood:{i}", bytes([i % 256]) * 2048, ttl=3600)
+        assert store.size <= 64 * 1024
+        if i % 10 == 0:
+            assert await store.get("keep") == b"k" * 1000  # recently used: kept
+    assert await store.get("flood:0") is None  # least recently used: evicted
+    assert await store.get("flood:499") == bytes([499 % 256]) * 2048
+    assert 20 <= len(store) <= 32  # as many 2 KiB values as the bound holds, no fewer
+
+
+async def test_memory_store_byte_count_follows_overwrites_deletes_and_expiry() -> None:
+    clock = FakeClock(1_700_000_000.0)
+    store = MemoryStore(clock=clock)
+    assert store.size == 0
+    await store.set("a", b"x" * 1000, ttl=10)
+    one = store.size
+    await store.set("a", b"x" * 10, ttl=10)  # overwritten: the old value no longer counts
+    assert store.size == one - 990
+    await store.set("b", b"y" * 500, ttl=1)
+    await store.delete("a")
+    clock.advance(2)
+    assert await store.get("b") is None  # expired on read
+    assert store.size == 0
+
+
+async def test_a_value_bigger_than_the_bound_is_not_kept() -> None:
+    store = MemoryStore(max_bytes=4096)
+    await store.set("small", b"s", ttl=60)
+    await store.set("huge", b"h" * 10_000, ttl=60)
+    assert await store.get("huge") is None
+    assert store.size <= 4096
+
+
 def test_empty_memory_store_is_truthy() -> None:
     assert MemoryStore()  # `store or fallback` must not discard an empty store
 
@@ -443,6 +480,8 @@ def test_empty_memory_store_is_truthy() -> None:
 def test_memory_store_needs_room() -> None:
     with pytest.raises(ConfigurationError):
         MemoryStore(max_keys=0)
+    with pytest.raises(ConfigurationError):
+        MemoryStore(max_bytes=0)
 
 
 # -- connections kept between uses (stores made by from_url, outside a cluster) ---------------
