@@ -338,7 +338,11 @@ class GeminiMiddleware:
             if scope["type"] == "lifespan":
                 outermost = _LIFESPAN_KEY not in scope  # the outermost of ours audits
                 scope[_LIFESPAN_KEY] = True
-                await self.app(scope, receive, self._lifespan_send(scope, send, outermost))
+                await self.app(
+                    scope,
+                    self._lifespan_receive(receive),
+                    self._lifespan_send(scope, send, outermost),
+                )
                 return
             await self.app(scope, receive, send)
             return
@@ -378,6 +382,25 @@ class GeminiMiddleware:
             await send(message)
 
         return observed
+
+    def _lifespan_receive(self, receive: Any) -> Any:
+        """Wrap the lifespan ``receive``: :meth:`before_shutdown` runs when shutdown is asked
+        for, before the app's own shutdown (which may close the stores it handed us)."""
+
+        async def observed() -> Any:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                try:
+                    await self.before_shutdown()
+                except Exception:  # shutdown goes on; the failure is reported, not hidden
+                    logger.warning("%s failed before shutdown", type(self).__name__, exc_info=True)
+            return message
+
+        return observed
+
+    async def before_shutdown(self) -> None:
+        """Finish work that needs the app's resources (e.g. send what is owed to a store);
+        called when the server asks for shutdown, before the app shuts down."""
 
     async def aclose(self) -> None:
         """Release what this middleware opened itself (called at lifespan shutdown)."""

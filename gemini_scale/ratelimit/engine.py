@@ -15,12 +15,15 @@ A request's keys share one hash tag, so the script runs on Redis Cluster.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, NamedTuple
+
+import anyio
 
 from gemini_scale.errors import StoreError
 from gemini_scale.ratelimit.metrics import record_degraded, record_recovered
@@ -35,6 +38,9 @@ if TYPE_CHECKING:
 logger = logging.getLogger("gemini_scale.ratelimit")
 
 _KEYS_CACHE_SIZE = 10_000
+#: Bounds on refunds owed to the shared store: past them, everything owed is sent at once.
+_OWED_PER_BUCKET = 64
+_OWED_BUCKETS = 10_000
 LimitKind = Literal["requests", "tokens"]
 StoreErrorMode = Literal["local", "open", "closed"]
 
@@ -285,6 +291,12 @@ class RateLimiter:
     ``"closed"`` refuses them (:class:`StoreFailureError`). In every mode a failing store is
     skipped by a circuit breaker after ``breaker_threshold`` consecutive failures, for
     ``breaker_cooldown`` seconds, so a dead Redis costs no waiting per request.
+
+    Refunds to a shared store (a settlement that lowers a reservation: the common case, as
+    estimates are generous) are deferred: they ride on the same bucket's next acquire, in
+    the same script, so a steady caller costs one round trip per request; a timer sends the
+    rest after ``refund_delay`` seconds (``0``: refund at once). Until then the bucket counts
+    the reservation, which is conservative. Charges above a reservation are sent at once.
     """
 
     def __init__(
@@ -297,6 +309,7 @@ class RateLimiter:
         breaker_cooldown: float = 5.0,
         local_max_keys: int = 100_000,
         namespace: str = "rl",
+        refund_delay: float = 1.0,
     ) -> None:
         if on_store_error not in ("local", "open", "closed"):
             raise ValueError(f"on_store_error must be local, open or closed: {on_store_error!r}")
@@ -319,6 +332,12 @@ class RateLimiter:
         self._breaker = _Breaker(breaker_threshold, breaker_cooldown, clock)
         self._clock = clock
         self._last_warning = -math.inf
+        self.refund_delay = refund_delay
+        # Refunds owed to the shared store, by bucket tag: they ride on the bucket's next
+        # acquire (same script, same hash slot), or a timer sends them after refund_delay.
+        self._refunds: dict[str, tuple[list[str], list[int]]] = {}
+        self._refund_timer: asyncio.TimerHandle | None = None
+        self._flushing: set[asyncio.Task[None]] = set()
 
     def keys(self, tag: str, limits: Sequence[Limit], scope: str = "") -> tuple[str, ...]:
         """The store keys of ``limits`` for one bucket identity: one hash slot (``{tag}``).
@@ -386,8 +405,13 @@ class RateLimiter:
             return Decision.from_reply(raw, limits, keys, costs, False)
         breaker = self._breaker
         if breaker.failures == 0 or breaker.allows():
+            sent_keys, sent_args = keys, args
+            if self._refunds:
+                owed = self._refunds.pop(tag, None)
+                if owed is not None:  # settle the bucket's refunds in the same script
+                    sent_keys, sent_args = (*keys, *owed[0]), [*args, *owed[1]]
             try:
-                raw = await self.store.run(ACQUIRE, keys, args)
+                raw = await self.store.run(ACQUIRE, sent_keys, sent_args)
             except StoreError as exc:
                 breaker.failed()
                 self._warn(exc)
@@ -440,12 +464,60 @@ class RateLimiter:
             return
         if not local and self._breaker.is_open():
             return  # the store is known to be down: the reservation stands (logged already)
+        if not local and self.refund_delay > 0 and all(d < 0 for d in args[1::2]):
+            await self._defer(keys, args)
+            return
         store: Store = self._local if local else self.store
         try:
             await store.run(SETTLE, keys, args)
         except StoreError as exc:
             self._breaker.failures += 1  # counts toward opening; a probe in flight stays its own
             self._warn(exc)
+
+    async def _defer(self, keys: list[str], args: list[int]) -> None:
+        """Owe ``keys`` their refunds until the bucket's next acquire, or the timer."""
+        key = keys[0]
+        tag = key[key.index("{") + 1 : key.index("}")]  # every key of a bucket has its tag
+        owed = self._refunds.get(tag)
+        if owed is None:
+            owed = self._refunds[tag] = ([], [])
+        owed[0].extend(keys)
+        owed[1].extend(args)
+        if len(owed[0]) > _OWED_PER_BUCKET or len(self._refunds) > _OWED_BUCKETS:
+            await self.flush_refunds()  # bounded: never a growing backlog
+            return
+        if self._refund_timer is None:
+            loop = asyncio.get_running_loop()
+            self._refund_timer = loop.call_later(self.refund_delay, self._refund_due)
+
+    def _refund_due(self) -> None:
+        self._refund_timer = None
+        task = asyncio.get_running_loop().create_task(self.flush_refunds())
+        self._flushing.add(task)
+        task.add_done_callback(self._flushing.discard)
+
+    async def flush_refunds(self) -> None:
+        """Send every refund still owed (best effort: a store failure is logged, and those
+        reservations then stand)."""
+        owed, self._refunds = self._refunds, {}
+        if self._refund_timer is not None:
+            self._refund_timer.cancel()
+            self._refund_timer = None
+        for keys, args in owed.values():
+            if self._breaker.is_open():
+                return
+            try:
+                with anyio.CancelScope(shield=True):
+                    await self.store.run(SETTLE, keys, args)
+            except StoreError as exc:
+                self._breaker.failures += 1
+                self._warn(exc)
+
+    async def aclose(self) -> None:
+        """Send the refunds still owed (called when the middleware's app shuts down)."""
+        await self.flush_refunds()
+        for task in list(self._flushing):
+            await task
 
     def _warn(self, exc: Exception) -> None:
         now = time.monotonic()

@@ -84,6 +84,8 @@ class RateLimitMiddleware(GeminiMiddleware):
         max_body_bytes: largest body read for the estimate (when no outer layer read it).
         token_methods: path suffixes whose answers cost tokens.
         headers: add ``RateLimit-Policy`` / ``RateLimit`` to limited responses.
+        refund_delay: seconds a refund to a shared store may wait for its bucket's next
+            acquire, which carries it in the same script (``0``: a round trip at once).
     """
 
     enforces = frozenset({RateLimitPolicy})
@@ -109,6 +111,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         max_body_bytes: int = 20 * 1024 * 1024,
         token_methods: Sequence[str] = TOKEN_METHODS,
         headers: bool = True,
+        refund_delay: float = 1.0,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         super().__init__(app)
@@ -118,7 +121,11 @@ class RateLimitMiddleware(GeminiMiddleware):
 
                 store = MemoryStore(clock=clock)
             limiter = RateLimiter(
-                store, on_store_error=on_store_error, clock=clock, namespace=self.namespace
+                store,
+                on_store_error=on_store_error,
+                clock=clock,
+                namespace=self.namespace,
+                refund_delay=refund_delay,
             )
         self.limiter = limiter
         self.default = default
@@ -134,6 +141,10 @@ class RateLimitMiddleware(GeminiMiddleware):
         self._plans: dict[int, tuple[RateLimitPolicy, _Plan]] = {}
         self._budgets: dict[tuple[int, str], tuple[RateLimitPolicy, str]] = {}
         self._addresses: dict[tuple[Any, tuple[bytes, ...]], Identity | None] = {}
+
+    async def before_shutdown(self) -> None:
+        """Send the refunds the limiter still owes its store, while the store is open."""
+        await self.limiter.aclose()
 
     def limits_of(self, policy: RateLimitPolicy) -> tuple[Limit, ...]:
         """The engine's limits for a policy (computed once per policy)."""

@@ -26,11 +26,14 @@ def _window(state: LocalState, key: str) -> _Window | None:
 
 
 def _acquire(state: LocalState, keys: list[str], args: list[Any], now: float) -> list[int]:
+    n = len(args) - 2 * len(keys)  # limit keys; the rest are settlements (rl_refunds.lua)
+    if n < len(keys):
+        _apply_settlements(state, keys, args, n)
     now_ms = math.floor(now * 1000)
     out = [1, now_ms]
     get = state.get
     j = 0
-    for key in keys:
+    for key in keys[:n] if n < len(keys) else keys:
         limit, window, cost = int(args[j]), int(args[j + 1]), int(args[j + 2])
         j += 3
         index = now_ms // window
@@ -45,19 +48,25 @@ def _acquire(state: LocalState, keys: list[str], args: list[Any], now: float) ->
             out[0] = 0
         out += (index, cur, prev)
     if out[0]:
-        for position, key in enumerate(keys):
+        for position in range(n):
             cost = int(args[3 * position + 2])
             if cost > 0:
                 at = 3 * position + 2
                 index, charged, prev = out[at], out[at + 1] + cost, out[at + 2]
                 out[at + 1] = charged
-                state.put(key, (index, charged, prev), now + 2 * int(args[3 * position + 1]) / 1000)
+                state.put(
+                    keys[position],
+                    (index, charged, prev),
+                    now + 2 * int(args[3 * position + 1]) / 1000,
+                )
     return out
 
 
-def _settle(state: LocalState, keys: list[str], args: list[Any], now: float) -> int:
-    for i, key in enumerate(keys):
-        index, delta = int(args[2 * i]), int(args[2 * i + 1])
+def _apply_settlements(state: LocalState, keys: list[str], args: list[Any], n: int) -> None:
+    """Move the reservations named after the first ``n`` keys (see rl_refunds.lua)."""
+    for j in range(n, len(keys)):
+        at = 3 * n + 2 * (j - n)
+        key, index, delta = keys[j], int(args[at]), int(args[at + 1])
         stored = _window(state, key)
         if stored is None:
             continue
@@ -69,11 +78,22 @@ def _settle(state: LocalState, keys: list[str], args: list[Any], now: float) -> 
         else:
             continue
         state.put(key, (w, cur, prev), state.expires_at(key))
-    return len(keys)
 
 
-ACQUIRE = Script(name="rl_acquire", lua=_load("rl_acquire"), local=_acquire, exact=True)
-"""Check every limit of a request and, only if all fit, charge them all (one round trip)."""
+def _settle(state: LocalState, keys: list[str], args: list[Any], now: float) -> int:
+    n = len(args) - 2 * len(keys)
+    _apply_settlements(state, keys, args, n)
+    return len(keys) - n
 
-SETTLE = Script(name="rl_settle", lua=_load("rl_settle"), local=_settle, exact=True)
+
+def _script(name: str, body: str, local: Any) -> Script:
+    """A limiter script: the shared settlement prelude, then ``body``."""
+    return Script(name=name, lua=_load("rl_refunds") + "\n" + _load(body), local=local, exact=True)
+
+
+ACQUIRE = _script("rl_acquire", "rl_acquire", _acquire)
+"""Apply settlements carried along, then check every limit of a request and, only if all fit,
+charge them all (one round trip)."""
+
+SETTLE = _script("rl_settle", "rl_settle", _settle)
 """Move earlier reservations by a delta: settle to real usage, or refund."""

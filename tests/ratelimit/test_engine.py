@@ -372,3 +372,63 @@ async def test_on_store_error_is_validated() -> None:
     with pytest.raises(ValueError, match="on_store_error"):
         RateLimiter(MemoryStore(), on_store_error="ignore")  # type: ignore[arg-type]
 
+
+
+# -- refunds to a shared store ride on the bucket's next acquire ------------------------------
+
+
+async def _stored_count(backend: Backend, key_suffix: str) -> int:
+    """The current window's count of the one key of this test ending with ``key_suffix``."""
+    store = backend.stores[0]
+    assert isinstance(store, RedisStore)
+    key = next(k for k in await backend.keys() if k.endswith(key_suffix.encode()))
+    return int(await store.client.hget(key, "c") or 0)
+
+
+async def test_a_refund_rides_on_the_buckets_next_acquire(redis_backend: Backend) -> None:
+    limiter = limiter_on(redis_backend, on_store_error="closed", refund_delay=3600)
+    tokens = [HOURLY_TOKENS]
+    decision = await limiter.acquire("p", tokens, [100])
+    await limiter.settle(decision.reservation, [-60])
+    assert await _stored_count(redis_backend, ":tokens-3600s") == 100  # owed, not yet sent
+    store = redis_backend.stores[0]
+    calls: list[int] = []
+    original = store.run
+
+    async def counted(script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
+        calls.append(len(keys))
+        return await original(script, keys, args)
+
+    store.run = counted  # type: ignore[method-assign]
+    assert await probe(limiter, "p", tokens) == about(tokens=40)  # applied before the check
+    assert calls == [2]  # one script: the limit's key and the refunded key
+    assert await _stored_count(redis_backend, ":tokens-3600s") == 40
+    await probe(limiter, "p", tokens)
+    assert calls == [2, 1]  # nothing owed any more
+
+
+async def test_charges_above_the_reservation_are_sent_at_once(redis_backend: Backend) -> None:
+    limiter = limiter_on(redis_backend, on_store_error="closed", refund_delay=3600)
+    decision = await limiter.acquire("p", [HOURLY_TOKENS], [100])
+    await limiter.settle(decision.reservation, [50])  # the answer used more than reserved
+    assert await _stored_count(redis_backend, ":tokens-3600s") == 150
+
+
+async def test_owed_refunds_are_sent_after_the_delay_or_on_close(redis_backend: Backend) -> None:
+    limiter = limiter_on(redis_backend, on_store_error="closed", refund_delay=0.05)
+    decision = await limiter.acquire("p", [HOURLY_TOKENS], [100])
+    await limiter.settle(decision.reservation, [-60])
+    deadline = time.monotonic() + 5
+    while await _stored_count(redis_backend, ":tokens-3600s") != 40:
+        assert time.monotonic() < deadline, "the owed refund was never sent"
+        await asyncio.sleep(0.02)
+    later = limiter_on(redis_backend, on_store_error="closed", refund_delay=3600)
+    decision = await later.acquire("q", [HOURLY_TOKENS], [100])
+    await later.settle(decision.reservation, [-30])
+    await later.aclose()  # shutdown sends what is still owed
+    assert await _stored_count(redis_backend, "{" + _tag_of(later, "q") + "}:tokens-3600s") == 70
+
+
+def _tag_of(limiter: RateLimiter, tag: str) -> str:
+    key = limiter.keys(tag, [HOURLY_TOKENS])[0]
+    return key[key.index("{") + 1 : key.index("}")]

@@ -149,10 +149,14 @@ async def test_clock_skew_control_caller_time_breaks(redis_servers: RedisProcess
     """B06 control: the same script fed the caller's clock instead of Redis ``TIME`` lets
     skewed replicas overwrite each other's windows; the limit no longer holds."""
     line = "local t = redis.call('TIME')"
+    count = "local n = #ARGV - 2 * #KEYS"
     assert line in ACQUIRE.lua
+    assert count in ACQUIRE.lua
     caller_time = Script(
         name="rl_acquire_caller_time",
-        lua=ACQUIRE.lua.replace(line, "local t = {ARGV[#ARGV], '0'}"),
+        lua=ACQUIRE.lua.replace(line, "local t = {ARGV[#ARGV], '0'}").replace(
+            count, "local n = #ARGV - 1 - 2 * #KEYS"  # the last argument is the time
+        ),
         local=ACQUIRE.local,
     )
     server = redis_servers.server()
@@ -225,6 +229,8 @@ async def test_cluster_keys_share_a_slot_and_limits_stay_exact(
                 for i, decision in enumerate(decisions[subject]):
                     if decision.allowed:
                         await (a, b)[i % 2].settle(decision.reservation, [0, -7])
+            for replica in (a, b):  # refunds wait for the bucket's next acquire: send them
+                await replica.flush_refunds()
             for subject in chosen:
                 assert _allowed(decisions[subject]) == 10  # requests bind (300 // 20 = 15)
                 requests_key, tokens_key = full[subject]

@@ -22,6 +22,7 @@ import hashlib
 
 import pytest
 
+from gemini_scale import RateLimitMiddleware
 from gemini_scale.ratelimit.scripts import ACQUIRE, SETTLE
 from gemini_scale.ratelimit.usage import estimate_request_tokens
 from tests.gateway import build, running
@@ -45,6 +46,9 @@ async def test_one_script_call_per_limiter(redis_servers: RedisProcesses) -> Non
     server = redis_servers.server()
     # The cache is off: this counts the limiters' commands alone.
     app = build({"GEMINI_SCALE_REDIS_URL": server.url, "GEMINI_SCALE_CACHE_TTL": "0"})
+    for middleware in app.user_middleware:  # refunds wait for the bucket's next acquire only
+        if middleware.cls is RateLimitMiddleware:
+            middleware.kwargs["refund_delay"] = 3600
     body = generate_body("count my tokens", max_output_tokens=200)
     generate = f"/v1beta/models/{MODEL}:generateContent"
     async with running(app) as client:
@@ -63,7 +67,7 @@ async def test_one_script_call_per_limiter(redis_servers: RedisProcesses) -> Non
             with Monitor(server.port) as generating:
                 response = await client.post(generate, json=body)
                 assert response.status_code == 200
-                generating.wait_for(3)  # the settlement follows the answer's last byte
+                generating.wait_for(2)  # the warm-up's refund rides on the acquire
             generated_stats = commandstats(admin)
         usage = response.json()["usageMetadata"]["totalTokenCount"]
 
@@ -81,28 +85,29 @@ async def test_one_script_call_per_limiter(redis_servers: RedisProcesses) -> Non
     assert _tag(requests_key) != _tag(IP_KEY)  # one slot per bucket
     assert principal_call[4:] == ["60", "60000", "1"]
 
-    # generateContent: the same two acquires (reserving the estimate), then one settle.
+    # generateContent: the same two acquires (reserving the estimate) and nothing else. The
+    # warm-up call's refund (reservation -> real usage) rides on this call's acquire, in the
+    # same script and hash slot; this call's own refund waits for the bucket's next acquire.
     estimate = estimate_request_tokens(body, method="generateContent")
     assert [c[:3] for c in generating.commands] == [
         ["evalsha", ACQUIRE_SHA, "1"],
-        ["evalsha", ACQUIRE_SHA, "2"],
-        ["evalsha", SETTLE_SHA, "1"],
+        ["evalsha", ACQUIRE_SHA, "3"],
     ]
-    ip_call, acquire, settle = generating.commands
+    ip_call, acquire = generating.commands
     assert ip_call[3] == IP_KEY
     # (principal, model): another bucket than the listing's (principal), same layout.
-    model_requests, model_tokens = acquire[3:5]
+    model_requests, model_tokens, refunded = acquire[3:6]
     assert model_requests.endswith(":requests-60s")
     assert model_tokens.endswith(":tokens-60s")
     assert _tag(model_requests) == _tag(model_tokens) not in (_tag(requests_key), _tag(IP_KEY))
-    assert acquire[5:] == ["60", "60000", "1", "1000000", "60000", str(estimate)]
-    assert settle[3] == model_tokens  # only the token limit moves
-    assert int(settle[5]) == usage - estimate  # reservation -> real usage
-    assert int(settle[5]) < 0
+    assert acquire[6:12] == ["60", "60000", "1", "1000000", "60000", str(estimate)]
+    assert refunded == model_tokens  # only the token limit moves
+    assert int(acquire[13]) == usage - estimate  # the warm-up's reservation -> real usage
+    assert int(acquire[13]) < 0
 
-    # INFO commandstats agrees: 2 and 3 script calls; the rest ran inside the scripts.
+    # INFO commandstats agrees: 2 script calls each; the rest ran inside the scripts.
     assert listed_stats.get("evalsha") == 2
-    assert generated_stats.get("evalsha") == 3
+    assert generated_stats.get("evalsha") == 2
     for stats in (listed_stats, generated_stats):
         ours = ("evalsha", "info", "config|resetstat", "monitor", "echo")  # and the test's
         others = {c for c in stats if c not in ours}

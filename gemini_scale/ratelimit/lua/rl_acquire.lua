@@ -1,12 +1,12 @@
--- Sliding-window-counter acquire for several limits at once, all or nothing.
--- KEYS[i]: one hash per limit {w = window index, c = count in window w, p = count in w - 1}.
--- ARGV: for each limit i, three values: limit, window (ms), cost.
+-- Sliding-window-counter acquire for several limits at once, all or nothing, after the
+-- settlements the prelude applied (a bucket's deferred refunds ride on its next acquire).
+-- KEYS[i], i <= n: one hash per limit {w = window index, c = count in window w, p = count in
+-- w - 1}. ARGV: for each limit i, three values: limit, window (ms), cost.
 -- Time comes from the server (TIME), never from the caller, so replica clocks do not matter.
 -- Returns {allowed, now_ms, then per limit: index, current, previous} (integers), where
 -- current includes this request's cost when it was allowed.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local n = #KEYS
 local rows = {}
 local allowed = 1
 for i = 1, n do
