@@ -400,6 +400,43 @@ def cache_app(store: Any = None, *, miss: bool = False, app: Any = None) -> ASGI
     return unique
 
 
+def raw_asgi_app() -> Any:
+    """The three answers from a hand-written ASGI callable (no framework): what a cache hit
+    in front of it costs is the hit's own cost."""
+    answers = {
+        "/v1beta/models": json.dumps(MODEL_LIST).encode(),
+        f"/v1beta/models/{MODEL}:countTokens": b'{"totalTokens": 3}',
+        f"/v1beta/models/{MODEL}:generateContent": json.dumps(GENERATE_ANSWER).encode(),
+    }
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["method"] == "POST":
+            while (await receive()).get("more_body"):
+                pass
+        body = answers[scope["path"]]
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())
+        ]})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+def cache_asgi_app() -> ASGIApp:
+    """``CacheMiddleware`` (memory, hits) in front of a raw ASGI app: the hit's own cost."""
+    from gemini_scale import CacheMiddleware, MemoryStore
+
+    store = MemoryStore()
+    app = CacheMiddleware(raw_asgi_app(), store=store, rules=cache_rules())
+    holder = type("State", (), {})()
+    holder.request_state = {"principal": bench_principal()}  # type: ignore[attr-defined]
+    holder.bench_store = store  # type: ignore[attr-defined]
+    app.state = holder  # type: ignore[attr-defined]
+    return app
+
+
 def cache_redis_app() -> ASGIApp:
     """The cache on Redis (one ``GET`` per hit)."""
     return cache_app(redis_store())
@@ -510,6 +547,7 @@ FACTORIES: dict[str, Callable[[], ASGIApp]] = {
     "slowapi-redis": slowapi_redis_app,
     "cache": cache_app,
     "cache-redis": cache_redis_app,
+    "cache-asgi": cache_asgi_app,
     "cache-miss": cache_miss_app,
     "cache-miss-redis": cache_miss_redis_app,
     "fastapi-bare": fastapi_bare_app,
@@ -1763,7 +1801,7 @@ def ratelimit_summary(inproc: Sequence[Paired], http: Sequence[Load],
 TARGET_CACHE_HIT_US = 10.0
 TARGET_CACHE_FASTAPI_RATIO = 1.5
 TARGET_CACHE_MISS_US = 15.0
-CACHE_VARIANTS = frozenset({"cache", "cache-redis", "cache-miss", "cache-miss-redis",
+CACHE_VARIANTS = frozenset({"cache", "cache-asgi", "cache-redis", "cache-miss", "cache-miss-redis",
                             "fastapi-bare", "cache-fastapi", "fastapi-cache2-redis"})
 
 
@@ -1779,14 +1817,14 @@ def cache_summary(inproc: Sequence[Paired], facts: RedisFacts | None) -> list[st
     def row(variant: str) -> dict[str, Paired]:
         return {c: found[(variant, c)] for c in calls if (variant, c) in found}
 
-    hits = row("cache")
+    hits = row("cache-asgi")
     if hits:
         worst = max(p.variant_cpu_us for p in hits.values())
         lines.append(
-            f"[{verdict(worst <= TARGET_CACHE_HIT_US)}] memory cache hit, in-process CPU per "
-            "request (the whole request: the app never runs): "
-            + ", ".join(f"{c} {fmt(p.variant_cpu_us)} µs ({signed(p.added_cpu_us)} vs the "
-                        f"bare route)" for c, p in hits.items())
+            f"[{verdict(worst <= TARGET_CACHE_HIT_US)}] memory cache hit in front of a raw "
+            "ASGI app, in-process CPU per request (the whole request, the benchmark's own "
+            "call included): " + ", ".join(f"{c} {fmt(p.variant_cpu_us)} µs"
+                                             for c, p in hits.items())
             + f"  (target ≤ {TARGET_CACHE_HIT_US:.0f} µs)")
     fastapi, cached = row("fastapi-bare"), row("cache-fastapi")
     ratios = {c: fastapi[c].variant_cpu_us / cached[c].variant_cpu_us

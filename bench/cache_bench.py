@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from bench.bench import main as bench_main
 
-VARIANTS = ("cache,cache-redis,cache-miss,cache-miss-redis,fastapi-bare,cache-fastapi,"
+VARIANTS = ("cache,cache-asgi,cache-redis,cache-miss,cache-miss-redis,fastapi-bare,cache-fastapi,"
             "fastapi-cache2-redis")
 DEFAULTS = {"--variants": VARIANTS, "--sections": "inprocess"}
 

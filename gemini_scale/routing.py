@@ -238,7 +238,7 @@ class Rules:
     ``Rules({"POST /v1beta/models/{model}:generateContent": CachePolicy(ttl=60)})``
     """
 
-    __slots__ = ("_entries",)
+    __slots__ = ("_entries", "_memo")
 
     def __init__(self, rules: Mapping[str, Policy | Sequence[Policy]] | None = None) -> None:
         entries: list[_Entry] = []
@@ -255,6 +255,8 @@ class Rules:
             methods = _methods(type("M", (), {"methods": {method}})) if method else None
             entries.append(_Entry(_compile(path), path, methods, marks, frozenset(), key))
         self._entries = tuple(entries)
+        # (method, path, kind) -> policy: the regex scan once per distinct request line.
+        self._memo: dict[tuple[str, str, type[Policy]], Policy | None] = {}
 
     def __bool__(self) -> bool:
         return bool(self._entries)
@@ -265,10 +267,22 @@ class Rules:
 
     def policy(self, method: str, path: str, kind: type[P]) -> P | None:
         """The ``kind`` policy of the first matching rule that has one."""
+        memo = self._memo
+        key = (method, path, kind)
+        try:
+            return memo[key]  # type: ignore[return-value]
+        except KeyError:
+            pass
+        found: Policy | None = None
         for entry in self._entries:
             if kind in entry.policies and entry.match(method, path) is not None:
-                return entry.policies[kind]  # type: ignore[return-value]
-        return None
+                found = entry.policies[kind]
+                break
+        if len(path) <= _MEMO_PATH_MAX:
+            if len(memo) >= _MEMO_SIZE:
+                memo.clear()
+            memo[key] = found
+        return found  # type: ignore[return-value]
 
 
 logger = logging.getLogger("gemini_scale.routing")

@@ -151,6 +151,8 @@ class CacheEngine:
         self.store = store
         self.clock = clock
         self.namespace = namespace
+        # A plain MemoryStore (not a subclass that may override ``get``) is read synchronously.
+        self._get_now = store.get_now if type(store) is MemoryStore else None
         self.lock_ttl = _positive("lock_ttl", lock_ttl)
         self.wait_timeout = _positive("wait_timeout", wait_timeout, zero=True)
         self.poll_interval = _positive("poll_interval", poll_interval)
@@ -316,7 +318,14 @@ class CacheEngine:
     async def get(self, key: str) -> StoredResponse | None:
         """The fresh entry ``key``, or ``None``. Raises ``StoreError`` when the store fails."""
         name = f"{self.namespace}:{{{key}}}"
-        raw = await self._run(self.store.get, name)
+        get_now = self._get_now
+        if get_now is not None:  # a plain MemoryStore: no coroutine, nothing to time out
+            try:
+                raw = get_now(name)
+            except StoreError as exc:
+                raise self._failed(exc) from exc
+        else:
+            raw = await self._run(self.store.get, name)
         if raw is None:
             return None
         return await self._fresh(name, raw)

@@ -196,6 +196,10 @@ class MemoryStore(ScriptedOperations):
 
     async def get(self, key: str) -> bytes | None:
         """The value of ``key``, or ``None`` when absent or expired."""
+        return self.get_now(key)
+
+    def get_now(self, key: str) -> bytes | None:
+        """:meth:`get`, synchronously (nothing here ever awaits)."""
         value = self._begin().get(self._head + key)
         if value is None or isinstance(value, bytes):
             return value
