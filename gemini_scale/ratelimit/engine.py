@@ -337,6 +337,7 @@ class RateLimiter:
         # acquire (same script, same hash slot), or a timer sends them after refund_delay.
         self._refunds: dict[str, tuple[list[str], list[int]]] = {}
         self._refund_timer: asyncio.TimerHandle | None = None
+        self._refund_loop: asyncio.AbstractEventLoop | None = None
         self._flushing: set[asyncio.Task[None]] = set()
 
     def keys(self, tag: str, limits: Sequence[Limit], scope: str = "") -> tuple[str, ...]:
@@ -486,8 +487,10 @@ class RateLimiter:
         if len(owed[0]) > _OWED_PER_BUCKET or len(self._refunds) > _OWED_BUCKETS:
             await self.flush_refunds()  # bounded: never a growing backlog
             return
-        if self._refund_timer is None:
-            loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
+        if self._refund_timer is None or self._refund_loop is not loop:
+            # (a timer armed on a loop that has ended would never fire: arm one here)
+            self._refund_loop = loop
             self._refund_timer = loop.call_later(self.refund_delay, self._refund_due)
 
     def _refund_due(self) -> None:

@@ -45,6 +45,8 @@ TOKEN_METHODS = (
 )
 _IDENTITY_CACHE_SIZE = 10_000
 _CLIENT_IP: tuple[LimitKey, ...] = ("client_ip",)
+#: Longest ``X-Forwarded-For`` (all lines) whose bucket is memoised; longer ones are parsed.
+_FORWARDED_MEMO_MAX = 256
 #: ``RequestContext.extras`` key of the decisions made for a request, outermost first.
 DECISIONS_KEY = "rate_limits"
 
@@ -141,6 +143,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         self._plans: dict[int, tuple[RateLimitPolicy, _Plan]] = {}
         self._budgets: dict[tuple[int, str], tuple[RateLimitPolicy, str]] = {}
         self._addresses: dict[tuple[Any, tuple[bytes, ...]], Identity | None] = {}
+        self._peers: dict[Any, bool] = {}
 
     async def before_shutdown(self) -> None:
         """Send the refunds the limiter still owes its store, while the store is open."""
@@ -211,18 +214,31 @@ class RateLimitMiddleware(GeminiMiddleware):
         trusted proxies, the ``X-Forwarded-For`` lines (parsing addresses and hashing is
         most of the per-address limiter's cost; bounded)."""
         client = scope.get("client")
-        forwarded = (
-            tuple(value for name, value in scope["headers"] if name.lower() == b"x-forwarded-for")
-            if self.trusted
-            else ()
-        )
-        key = (client[0] if client else None, forwarded)
+        peer = client[0] if client else None
+        forwarded: tuple[bytes, ...] = ()
+        if self.trusted and self._trusted_peer(peer):  # only then is X-Forwarded-For read
+            forwarded = tuple(
+                value for name, value in scope["headers"] if name.lower() == b"x-forwarded-for"
+            )
+            if sum(map(len, forwarded)) > _FORWARDED_MEMO_MAX:  # not worth keeping
+                return identity(scope, _CLIENT_IP, trusted=self.trusted)
+        key = (peer, forwarded)
         found = self._addresses.get(key)
         if found is None:
             found = identity(scope, _CLIENT_IP, trusted=self.trusted)
             if len(self._addresses) >= _IDENTITY_CACHE_SIZE:
                 self._addresses.clear()
             self._addresses[key] = found
+        return found
+
+    def _trusted_peer(self, peer: Any) -> bool:
+        """Whether the peer is one of the trusted proxies (memoised per peer; bounded)."""
+        found = self._peers.get(peer)
+        if found is None:
+            found = isinstance(peer, str) and peer in self.trusted
+            if len(self._peers) >= _IDENTITY_CACHE_SIZE:
+                self._peers.clear()
+            self._peers[peer] = found
         return found
 
     def _budget(self, policy: RateLimitPolicy, context: RequestContext) -> str:

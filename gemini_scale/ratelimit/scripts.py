@@ -44,7 +44,8 @@ def _acquire(state: LocalState, keys: list[str], args: list[Any], now: float) ->
                 cur, prev = stored[1], stored[2]
             elif stored[0] == index - 1:
                 prev = stored[1]
-        if prev * (window - (now_ms - index * window)) / window + cur + cost > limit:
+        weight = (window - (now_ms - index * window)) / window  # as the Lua rounds it
+        if prev * weight + cur + cost > limit:
             out[0] = 0
         out += (index, cur, prev)
     if out[0]:

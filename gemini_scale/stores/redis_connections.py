@@ -11,7 +11,9 @@ skipped, and it is safe to skip because of three rules:
 - a connection goes back to the idle list only after its reply was read in full;
 - any failure (including cancellation, and error replies other than ``NOSCRIPT``, such as
   ``READONLY`` from a demoted master) disconnects it and returns it to the pool, which
-  reconnects it on its next checkout;
+  reconnects it on its next checkout; a failure other than a cancellation drops every idle
+  connection too (after a failover they all point at the old master, and the pool only
+  re-points the connections it holds itself);
 - an idle connection whose peer has closed it (the event loop has already seen the end of
   its stream, which costs no system call to ask) is dropped, not used; one idle for longer
   than ``max_idle`` seconds goes back to the pool, whose checkout verifies it.
@@ -49,8 +51,8 @@ class ReusedConnections:
         connection = await self._checkout()
         try:
             reply = await _round_trip(connection, args)
-        except BaseException:
-            await self._discard(connection)
+        except BaseException as exc:
+            await self._failed(connection, exc)
             raise
         await self._checkin(connection)
         return reply
@@ -68,8 +70,8 @@ class ReusedConnections:
             except redis_errors.NoScriptError:
                 await _round_trip(connection, ("SCRIPT", "LOAD", lua))
                 reply = await _round_trip(connection, ("EVALSHA", sha, len(keys), *keys, *args))
-        except BaseException:
-            await self._discard(connection)
+        except BaseException as exc:
+            await self._failed(connection, exc)
             raise
         await self._checkin(connection)
         return reply
@@ -93,6 +95,13 @@ class ReusedConnections:
             self._idle.append((connection, time.monotonic()))  # no await: the common path
         else:
             await self._pool.release(connection)
+
+    async def _failed(self, connection: AbstractConnection, exc: BaseException) -> None:
+        await self._discard(connection)
+        if not isinstance(exc, asyncio.CancelledError):
+            idle, self._idle = self._idle, []
+            for kept, _ in idle:
+                await self._discard(kept)
 
     async def _discard(self, connection: AbstractConnection) -> None:
         # Shielded: a cancelled caller must still hand the connection back, or the pool

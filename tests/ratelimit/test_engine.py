@@ -432,3 +432,56 @@ async def test_owed_refunds_are_sent_after_the_delay_or_on_close(redis_backend: 
 def _tag_of(limiter: RateLimiter, tag: str) -> str:
     key = limiter.keys(tag, [HOURLY_TOKENS])[0]
     return key[key.index("{") + 1 : key.index("}")]
+
+
+def test_a_refund_timer_armed_on_an_ended_loop_does_not_stop_later_ones(
+    machine_redis_url: str,
+) -> None:
+    """A limiter used from one event loop, then another (``asyncio.run`` per job): the
+    second loop's refunds still go out after ``refund_delay``."""
+    store = RedisStore.from_url(machine_redis_url, prefix=f"gs-rl-test-{time.time_ns()}")
+    limiter = RateLimiter(store, on_store_error="closed", refund_delay=0.05)
+    tokens = [HOURLY_TOKENS]
+
+    async def first() -> None:
+        decision = await limiter.acquire("a", tokens, [900])
+        await limiter.settle(decision.reservation, [-800])  # a timer on this loop...
+        await store.aclose()  # ...which ends before it fires (its refund is lost with it)
+
+    async def second() -> float:
+        try:
+            decision = await limiter.acquire("b", tokens, [900])
+            await limiter.settle(decision.reservation, [-800])
+            key = store.prefix + ":" + limiter.keys("b", tokens)[0]
+            deadline = time.monotonic() + 5
+            while int(await store.client.hget(key, "c") or 0) != 100:
+                assert time.monotonic() < deadline, "the second loop's refund was never sent"
+                await asyncio.sleep(0.02)
+            return 100.0
+        finally:
+            async for found in store.client.scan_iter(match=f"{store.prefix}:*"):
+                await store.client.delete(found)
+            # The first loop's aclose() already released what the store owns; close what
+            # this loop opened (the kept connections included).
+            await store.client.connection_pool.disconnect()
+
+    asyncio.run(first())
+    assert asyncio.run(second()) == 100.0
+
+
+def test_the_memory_twin_rounds_the_sliding_window_as_the_lua_does() -> None:
+    """At an exact boundary ``prev * (x / window)`` and ``prev * x / window`` differ; the twin
+    must refuse exactly when Redis does (the case found: a window pushed past its limit)."""
+    from gemini_scale.ratelimit.scripts import ACQUIRE
+
+    window_ms = 60_000
+    now_ms = 1_800_000_000_000 + (window_ms - 43_520)  # 43,520 ms left in the window
+    index = now_ms // window_ms
+    store = MemoryStore(clock=FakeClock(now_ms / 1000))
+    store.run_now(ACQUIRE, ["k"], [10**9, window_ms, 0])  # create the key
+    key = store.prefix + ":k"
+    store._state.put(key, (index, 116_904, 1_216_125), None)
+    raw = store.run_now(ACQUIRE, ["k"], [1_000_000, window_ms, 1000])
+    weight = (window_ms - (now_ms - index * window_ms)) / window_ms
+    expected = 0 if 1_216_125 * weight + 116_904 + 1000 > 1_000_000 else 1
+    assert raw[0] == expected == 0

@@ -94,3 +94,27 @@ async def test_a41_the_flood_is_refused_before_any_signature_verification() -> N
     assert quota["violations"][0]["quotaDimensions"]["key"] == "client_ip"
     assert int(refused.headers["retry-after"]) >= 1
     assert "www-authenticate" not in refused.headers  # refused before authentication
+
+
+async def test_unique_forwarded_headers_do_not_grow_the_address_memo() -> None:
+    """The per-address limiter remembers buckets by what decides them. A client that is not
+    a trusted proxy sends a new, large ``X-Forwarded-For`` on every request: it is ignored
+    for its address, and must not become one remembered entry per request either."""
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from gemini_scale import IPRateLimitMiddleware
+
+    async def ok(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    inner = Starlette(routes=[Route("/", ok)])
+    limiter = IPRateLimitMiddleware(inner, limit="100000/hour", trusted_proxies=["10.0.0.0/8"])
+    transport = httpx.ASGITransport(app=limiter, client=("203.0.113.9", 1234))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        for i in range(300):
+            forwarded = f"198.51.100.{i % 250}, " + "x" * 2000 + f", {i}"
+            response = await client.get("/", headers={"x-forwarded-for": forwarded})
+            assert response.status_code == 200
+    assert len(limiter._addresses) == 1  # one peer, one bucket, one entry

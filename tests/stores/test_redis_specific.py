@@ -536,3 +536,53 @@ async def test_connections_closed_by_the_server_are_replaced_without_an_error(
             assert isinstance(await store.run(SERVER_TIME, [], []), int)
     finally:
         await admin.aclose()
+
+
+class _FakeSentinels:
+    """What ``SentinelConnectionPool`` asks Sentinels, answered from a variable."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    async def discover_master(self, service: str) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+    async def discover_slaves(self, service: str) -> list[tuple[str, int]]:
+        return []
+
+
+@pytest.mark.redis
+async def test_a_failover_costs_one_failed_operation_not_one_per_kept_connection(
+    redis_servers: RedisProcesses,
+) -> None:
+    from redis.asyncio.retry import Retry
+    from redis.backoff import NoBackoff
+
+    from gemini_scale.stores.redis_connections import ReusedConnections
+
+    old, new = redis_servers.server(), redis_servers.server()
+    sentinels = _FakeSentinels(old.port)
+    pool = SentinelConnectionPool(
+        "svc", sentinels, socket_timeout=0.5, retry=Retry(NoBackoff(), 0), max_connections=80
+    )
+    client = Redis.from_pool(pool)
+    store = RedisStore(client, prefix=unique_prefix(), max_concurrency=64)
+    store._reused = ReusedConnections(pool, keep=16)  # as from_url sets it up
+    try:
+        # 16 operations at once: 16 connections to the old master are kept idle.
+        await gather_all(*(store.incr(f"n{i}", ttl=60) for i in range(16)))
+        await gather_all(*(store.run(SERVER_TIME, [], []) for _ in range(16)))
+        with old.client() as admin:  # the failover: the old master becomes a replica
+            admin.execute_command("REPLICAOF", "127.0.0.1", str(new.port))
+        sentinels.port = new.port
+        failures = 0
+        for i in range(20):
+            try:
+                await store.run(INCR_WITH_TTL, [f"after{i}"], [1, 60_000])
+            except StoreError:
+                failures += 1
+        assert failures <= 1  # as plain redis-py: the first write meets READONLY
+    finally:
+        with old.client() as admin:
+            admin.execute_command("REPLICAOF", "NO", "ONE")
+        await client.aclose()
