@@ -75,12 +75,14 @@ async def ask(client: httpx.AsyncClient, app: str, phase: str) -> Answer:
     )  # fmt: skip
 
 
-def _unavailable(answer: Answer) -> bool:
+def _unavailable(answer: Answer, *, counted_before: bool = False) -> bool:
+    """A 503 UNAVAILABLE with Retry-After. ``counted_before``: a limiter in front may have
+    counted the request (and then says so in RateLimit headers) before one failed."""
     return (
         answer.status == 503
         and httpx.Response(503, content=answer.body).json()["error"]["status"] == "UNAVAILABLE"
         and int(answer.headers["retry-after"]) >= 1
-        and "ratelimit" not in answer.headers
+        and (counted_before or "ratelimit" not in answer.headers)
     )
 
 
@@ -152,7 +154,14 @@ async def test_redis_killed_mid_run_then_back(redis_servers: RedisProcesses) -> 
     # Nothing counted, so no RateLimit headers (B15).
     assert all(a.status == 200 and "ratelimit" not in a.headers for a in by[("open", "down")])
     assert all(_unavailable(a) for a in by[("closed", "down")])
-    assert all(a.status == 200 or _unavailable(a) for a in by[("closed", "during-kill")])
+    # In flight when Redis died: the per-address limiter may have counted the request just
+    # before the principal limiter's call failed.
+    odd = [
+        a
+        for a in by[("closed", "during-kill")]
+        if not (a.status == 200 or _unavailable(a, counted_before=True))
+    ]
+    assert not odd, odd
     assert recovered_in is not None, "limits not shared again within the cool-down + 3 s"
     assert recovered_in <= 5.0 + 1.5
 
