@@ -323,6 +323,10 @@ def usage_tokens(usage: Mapping[str, Any], count: Count = "total") -> int | None
     ``candidatesTokenCount`` + ``thoughtsTokenCount``. A missing count is 0 when the object
     has any other count (a blocked prompt reports no candidates).
     """
+    if count == "total":  # the common case: Gemini reports the total as an integer
+        total = usage.get("totalTokenCount")
+        if type(total) is int:
+            return min(max(total, 0), _MAX_ESTIMATE)
     prompt, tool_use, candidates, thoughts, total = (
         _usage_count(usage, camel, snake) for camel, snake in _USAGE_FIELDS
     )
