@@ -28,6 +28,7 @@ from typing import Any, ClassVar, TypeVar
 from starlette.routing import Host, Mount, Route, compile_path
 
 from gemini_scale.errors import ConfigurationError, PolicyNotEnforcedError, send_error
+from gemini_scale.memo import remember
 from gemini_scale.policies import Policy, policies_of
 from gemini_scale.types import ASGIApp, Scope
 
@@ -205,9 +206,7 @@ class RouteTable:
             pass
         found = _first_match(self._entries, method, path)
         if len(path) <= _MEMO_PATH_MAX:
-            if len(memo) >= _MEMO_SIZE:
-                memo.clear()
-            memo[key] = found
+            remember(memo, key, found, _MEMO_SIZE)
         return found
 
     def audit(self, enforced: frozenset[type[Policy]]) -> None:
@@ -268,7 +267,7 @@ class Rules:
     def policy(self, method: str, path: str, kind: type[P]) -> P | None:
         """The ``kind`` policy of the first matching rule that has one."""
         memo = self._memo
-        key = (method, path, kind)
+        key: tuple[str, str, type[Policy]] = (method, path, kind)
         try:
             return memo[key]  # type: ignore[return-value]
         except KeyError:
@@ -279,9 +278,7 @@ class Rules:
                 found = entry.policies[kind]
                 break
         if len(path) <= _MEMO_PATH_MAX:
-            if len(memo) >= _MEMO_SIZE:
-                memo.clear()
-            memo[key] = found
+            remember(memo, key, found, _MEMO_SIZE)
         return found  # type: ignore[return-value]
 
 

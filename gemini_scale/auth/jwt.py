@@ -44,6 +44,7 @@ from gemini_scale.auth.jwks import (
 )
 from gemini_scale.auth.token_cache import CachedToken, TokenCache, token_digest_of_bytes
 from gemini_scale.errors import ConfigurationError
+from gemini_scale.memo import remember
 from gemini_scale.principal import Principal
 from gemini_scale.types import SYSTEM_CLOCK, Clock
 
@@ -533,9 +534,7 @@ class JWTValidator:
         if header is None:
             header = _parse_header(encoded_header)
             if len(encoded_header) <= _HEADER_CACHE_MAX_CHARS:
-                if len(self._headers) >= _HEADER_CACHE_SIZE:
-                    self._headers.clear()
-                self._headers[encoded_header] = header
+                remember(self._headers, encoded_header, header, _HEADER_CACHE_SIZE)
         alg, algorithm, kid, typ_kind = header
 
         claims = _json_object(encoded_claims)

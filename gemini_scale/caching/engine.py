@@ -55,6 +55,7 @@ from gemini_scale.caching.entry import CorruptEntryError, StoredResponse
 from gemini_scale.caching.keys import ALL_TAG, model_tag, principal_tag, tenant_tag
 from gemini_scale.caching.scripts import FOUND, GONE, LOCK, LOCKED, POLL, STORE
 from gemini_scale.errors import ConfigurationError, StoreError, StoreUnavailableError
+from gemini_scale.memo import remember
 from gemini_scale.stores.base import Store, ttl_ms
 from gemini_scale.stores.memory import MemoryStore
 from gemini_scale.stores.scripts import COMPARE_AND_DELETE
@@ -235,9 +236,7 @@ class CacheEngine:
             generations.append(found[0])
             fresh_until = min(fresh_until, found[1])
         key = self.key(material, generations)
-        if len(self._keys) >= _KEYS_SIZE:
-            self._keys.clear()  # a memo: clearing is O(1) amortised (popping the oldest is not)
-        self._keys[material] = (key, self._epoch, fresh_until)
+        remember(self._keys, material, (key, self._epoch, fresh_until), _KEYS_SIZE)
         return key
 
     # -- store calls
@@ -350,9 +349,7 @@ class CacheEngine:
     def _remember(self, raw: bytes, response: StoredResponse) -> None:
         memo = self._memo
         if memo is not None:
-            if len(memo) >= _MEMO_SIZE:
-                memo.clear()
-            memo[id(raw)] = (raw, response)
+            remember(memo, id(raw), (raw, response), _MEMO_SIZE)
 
     async def put(
         self, key: str, response: StoredResponse, flight: Flight | None = None

@@ -26,6 +26,7 @@ from collections.abc import Collection, Sequence
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode
 
+from gemini_scale.memo import remember
 from gemini_scale.policies import CacheScope
 from gemini_scale.principal import Principal
 
@@ -183,9 +184,7 @@ def _camel(name: str) -> str:
     if found is None:
         head, *rest = name.split("_")
         found = head + "".join(part[:1].upper() + part[1:] for part in rest)
-        if len(_camel_memo) >= _MEMO_SIZE:
-            _camel_memo.clear()
-        _camel_memo[name] = found
+        remember(_camel_memo, name, found, _MEMO_SIZE)
     return found
 
 
@@ -240,7 +239,5 @@ class BodyDigests:
                 found = hashlib.sha256(canonical_json(parsed)).digest()
             except RecursionError:
                 return None
-            if len(self._memo) >= self._size:
-                self._memo.clear()
-            self._memo[fingerprint] = found
+            remember(self._memo, fingerprint, found, self._size)
         return found

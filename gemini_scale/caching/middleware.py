@@ -29,6 +29,7 @@ from gemini_scale.caching.semantics import (
 )
 from gemini_scale.caching.signature import Plan, Signature, Signatures
 from gemini_scale.errors import ConfigurationError, StoreError, send_error
+from gemini_scale.memo import remember
 from gemini_scale.policies import GENERATION_MODES, CachePolicy, GenerationMode, Policy
 from gemini_scale.principal import Principal
 from gemini_scale.routing import (
@@ -177,9 +178,8 @@ class CacheMiddleware(GeminiMiddleware):
             max_bytes=self.max_entry_bytes,
             private=self.private,
         )
-        if len(self._plans) >= _PLANS_SIZE:
-            self._plans.clear()
-        self._plans[id(policy)] = plan  # the plan keeps the policy (and its id) alive
+        # The plan keeps the policy (and so its id) alive.
+        remember(self._plans, id(policy), plan, _PLANS_SIZE)
         return plan
 
     # -- the request

@@ -21,6 +21,7 @@ from gemini_scale.caching.keys import (
     owner_tag,
     text,
 )
+from gemini_scale.memo import remember
 from gemini_scale.policies import CachePolicy, CacheScope, GenerationMode
 from gemini_scale.principal import Principal
 
@@ -87,9 +88,7 @@ class Signatures:
         known = self._owners.get(id(principal))
         if known is None or known[0] is not principal:
             known = (principal, owner_tag("principal", principal), owner_tag("tenant", principal))
-            if len(self._owners) >= _MEMO_SIZE:
-                self._owners.clear()
-            self._owners[id(principal)] = known
+            remember(self._owners, id(principal), known, _MEMO_SIZE)
         return known[1] if scope == "principal" else known[2]
 
     def _describe(
@@ -109,7 +108,5 @@ class Signatures:
             parts += [b"-" if value is None else b"+" + value.strip(b" \t") for value in vary]
             parts += [text(tag) for tag in tags]  # the material names its tags: one key, one set
             found = (principal, frame(parts), tags)
-        if len(self._known) >= _MEMO_SIZE:
-            self._known.clear()
-        self._known[signature] = found
+        remember(self._known, signature, found, _MEMO_SIZE)
         return found

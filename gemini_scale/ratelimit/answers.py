@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from gemini_scale.memo import remember
 from gemini_scale.ratelimit.engine import Decision, Limit
 
 
@@ -36,9 +37,7 @@ def _policy_items(prefix: str, limits: Sequence[Limit]) -> tuple[dict[int, bytes
         f'"{by_limit[limit]}";q={limit.amount};w={limit.window}' for limit in limits
     ).encode()
     if type(limits) is tuple:
-        if len(_POLICY_CACHE) >= _POLICY_CACHE_SIZE:
-            _POLICY_CACHE.clear()
-        _POLICY_CACHE[key] = (limits, heads, items)
+        remember(_POLICY_CACHE, key, (limits, heads, items), _POLICY_CACHE_SIZE)
     return heads, items
 
 

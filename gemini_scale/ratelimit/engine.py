@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 import anyio
 
 from gemini_scale.errors import StoreError
+from gemini_scale.memo import remember
 from gemini_scale.ratelimit.metrics import record_degraded, record_recovered
 from gemini_scale.ratelimit.scripts import ACQUIRE, SETTLE
 from gemini_scale.stores.base import Store
@@ -357,9 +358,7 @@ class RateLimiter:
         if found is not None and found[0] is limits:
             return found[1]
         keys = self.keys(tag, limits, scope)
-        if len(self._keys) >= _KEYS_CACHE_SIZE:
-            self._keys.clear()
-        self._keys[cache_key] = (limits, keys)
+        remember(self._keys, cache_key, (limits, keys), _KEYS_CACHE_SIZE)
         return keys
 
     def _args(self, limits: Sequence[Limit], costs: Sequence[int]) -> list[int]:
@@ -373,9 +372,7 @@ class RateLimiter:
         for limit, cost in zip(limits, costs, strict=True):
             args += (limit.amount, limit.window * 1000, max(0, int(cost)))
         if type(costs) is tuple and type(limits) is tuple:
-            if len(self._arg_cache) >= _KEYS_CACHE_SIZE:
-                self._arg_cache.clear()
-            self._arg_cache[id(costs)] = (costs, limits, args)
+            remember(self._arg_cache, id(costs), (costs, limits, args), _KEYS_CACHE_SIZE)
         return args
 
     def acquire_now(

@@ -13,6 +13,7 @@ from gemini_scale.auth.middleware import principal_of
 from gemini_scale.body import JSON_KEY, BodyRefusedError, load_json_body
 from gemini_scale.errors import send_error
 from gemini_scale.keys import Identity, TrustedProxies, identity
+from gemini_scale.memo import remember
 from gemini_scale.policies import LimitKey, Policy, RateLimitPolicy
 from gemini_scale.principal import Principal
 from gemini_scale.ratelimit.answers import quota_details, rate_limit_headers
@@ -204,9 +205,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         if found is not None and found[0] is principal:
             return found[1]
         bucket = identity(scope, dimensions, trusted=self.trusted)
-        if len(self._identities) >= _IDENTITY_CACHE_SIZE:
-            self._identities.clear()
-        self._identities[key] = (principal, bucket)
+        remember(self._identities, key, (principal, bucket), _IDENTITY_CACHE_SIZE)
         return bucket
 
     def _address_identity(self, scope: Scope) -> Identity | None:
@@ -226,9 +225,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         found = self._addresses.get(key)
         if found is None:
             found = identity(scope, _CLIENT_IP, trusted=self.trusted)
-            if len(self._addresses) >= _IDENTITY_CACHE_SIZE:
-                self._addresses.clear()
-            self._addresses[key] = found
+            remember(self._addresses, key, found, _IDENTITY_CACHE_SIZE)
         return found
 
     def _trusted_peer(self, peer: Any) -> bool:
@@ -236,9 +233,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         found = self._peers.get(peer)
         if found is None:
             found = isinstance(peer, str) and peer in self.trusted
-            if len(self._peers) >= _IDENTITY_CACHE_SIZE:
-                self._peers.clear()
-            self._peers[peer] = found
+            remember(self._peers, peer, found, _IDENTITY_CACHE_SIZE)
         return found
 
     def _budget(self, policy: RateLimitPolicy, context: RequestContext) -> str:
@@ -256,9 +251,7 @@ class RateLimitMiddleware(GeminiMiddleware):
             [template, *map(str, policy.requests), "/", *map(str, policy.tokens), *policy.key]
         )
         budget = hashlib.sha256(signature.encode()).hexdigest()[:12]
-        if len(self._budgets) >= _IDENTITY_CACHE_SIZE:
-            self._budgets.clear()
-        self._budgets[memo] = (policy, budget)
+        remember(self._budgets, memo, (policy, budget), _IDENTITY_CACHE_SIZE)
         return budget
 
     async def handle(

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gemini_scale.errors import ConfigurationError, StoreError
+from gemini_scale.memo import remember
 from gemini_scale.stores.base import (
     DEFAULT_PREFIX,
     Script,
@@ -250,9 +251,7 @@ class MemoryStore(ScriptedOperations):
             head = self._head
             full = [head + key for key in keys]
             if type(keys) is tuple:  # a caller's constant tuple: remember its prefixed form
-                if len(self._full_keys) >= _FULL_KEYS_CACHE_SIZE:
-                    self._full_keys.clear()
-                self._full_keys[keys] = full
+                remember(self._full_keys, keys, full, _FULL_KEYS_CACHE_SIZE)
         try:
             result = script.local(state, list(full), list(args), now)
         finally:
