@@ -61,10 +61,11 @@ async def tokens_used(app: FastAPI, sub: str = "dev-user", tenant: str | None = 
 
 async def settles_to(app: FastAPI, expected: float, within: float = 5.0) -> float:
     """The bucket's tokens once they equal ``expected`` (or whatever they are after
-    ``within`` seconds): settlement finishes after the response is closed."""
+    ``within`` seconds): settlement finishes after the response is closed. Real time: a
+    minute boundary crossed since the request weights the count just under its value."""
     deadline = time.monotonic() + within
     used = await tokens_used(app)
-    while used != pytest.approx(expected, abs=0.5) and time.monotonic() < deadline:
+    while used != pytest.approx(expected, rel=0.05, abs=0.5) and time.monotonic() < deadline:
         await asyncio.sleep(0.01)
         used = await tokens_used(app)
     return used
@@ -86,7 +87,7 @@ async def test_b23_a_complete_sse_stream_settles_to_its_last_usage() -> None:
         events = sse_events(response.content)
         total = usage_total(events[-1])
         assert 0 < total < RESERVED
-        assert await settles_to(app, total) == pytest.approx(total, abs=0.5)
+        assert await settles_to(app, total) == pytest.approx(total, rel=0.05, abs=0.5)
 
 
 async def test_b23_a_json_array_stream_settles_too() -> None:
@@ -96,7 +97,7 @@ async def test_b23_a_json_array_stream_settles_too() -> None:
         response = await client.post(path, json=BODY)
         chunks = response.json()
         total = usage_total(chunks[-1])
-        assert await settles_to(app, total) == pytest.approx(total, abs=0.5)
+        assert await settles_to(app, total) == pytest.approx(total, rel=0.05, abs=0.5)
 
 
 async def test_b23_a_client_that_disconnects_mid_stream_is_charged_what_was_seen() -> None:
@@ -116,7 +117,7 @@ async def test_b23_a_client_that_disconnects_mid_stream_is_charged_what_was_seen
         assert gate.outcomes == ["cancelled"]
         seen = usage_total(sse_events(raw)[1])
         assert seen < RESERVED
-        assert await settles_to(app, seen) == pytest.approx(seen, abs=0.5)
+        assert await settles_to(app, seen) == pytest.approx(seen, rel=0.05, abs=0.5)
 
 
 async def test_b23_a_disconnect_after_the_headers_but_before_any_usage_keeps_the_reservation(
@@ -156,7 +157,9 @@ async def test_b23_a_disconnect_before_the_answer_started_refunds_the_reservatio
         assert await settles_to(app, 0) == 0
         limiter = middleware(app, RateLimitMiddleware)
         usage = await bucket_usage(limiter, principal("dev-user", iss=DEV_ISSUER), model=MODEL)
-        assert usage["requests"] == 1
+        # The gateway's limits run on real time: if a minute boundary passed since the
+        # request, its count sits in the previous window, weighted just under 1.
+        assert usage["requests"] == pytest.approx(1, abs=0.05)
 
 
 @pytest.mark.parametrize("status", [500, 429])
