@@ -95,6 +95,7 @@ def build_stack(app: Starlette, *, store: Any = None, limits: bool = True) -> AS
         RateLimitMiddleware,
         RateLimitPolicy,
         ScopePolicy,
+        VersionMiddleware,
     )
 
     issuer = bench_issuer()
@@ -123,6 +124,7 @@ def build_stack(app: Starlette, *, store: Any = None, limits: bool = True) -> AS
     )
     if limits:
         app.add_middleware(IPRateLimitMiddleware, limit=IP_LIMIT, store=store)
+    app.add_middleware(VersionMiddleware)
     if isinstance(app, Starlette):
         app.state.dev_issuer = issuer  # how the benchmark gets a valid token
         app.state.bench_store = store  # the in-process checks count its round trips
@@ -400,6 +402,62 @@ def cache_app(store: Any = None, *, miss: bool = False, app: Any = None) -> ASGI
     return unique
 
 
+def version_app() -> ASGIApp:
+    """``VersionMiddleware`` alone with Gemini's versions, on head-version (``/v1beta``)
+    requests: what serving every version costs the clients that need no migration."""
+    from gemini_scale import VersionMiddleware
+
+    app = bare_app()
+    app.add_middleware(VersionMiddleware)
+    return app
+
+
+#: A toy history of the ``generateContent`` surface for the two-hop variant: the oldest
+#: clients call ``maxOutputTokens`` ``maxTokens`` and ``finishReason`` ``finish``, and
+#: know neither ``responseId`` nor ``modelVersion``.
+VERSION_HOPS = ("2026-03-01", "2026-01-15", "2025-10-01")
+
+
+def version_2hop_app() -> ASGIApp:
+    """``VersionMiddleware`` migrating every request two hops up and every answer two hops
+    down (dated versions, the oldest the default, so the requests need no header)."""
+    from gemini_scale import (
+        FieldAdded,
+        FieldRenamed,
+        Version,
+        VersionBundle,
+        VersionMiddleware,
+    )
+
+    head, middle, oldest = VERSION_HOPS
+    bundle = VersionBundle(
+        Version(head, FieldAdded("responseId"), FieldAdded("modelVersion")),
+        Version(
+            middle,
+            FieldRenamed("generationConfig.maxTokens", "maxOutputTokens"),
+            FieldRenamed("candidates.*.finish", "finishReason"),
+        ),
+        Version(oldest),
+    )
+    app = bare_app()
+    app.add_middleware(VersionMiddleware, versions=None, dated=bundle, default=oldest)
+    return app
+
+
+def raw_asgi_variant_app() -> ASGIApp:
+    """The hand-written ASGI app alone: the floor the ``version-asgi`` variant is held to."""
+    app: Any = raw_asgi_app()
+    return app
+
+
+def version_asgi_app() -> ASGIApp:
+    """``VersionMiddleware`` (Gemini's versions) in front of the raw ASGI app, on head-version
+    requests: its own cost is this variant's CPU per request minus ``raw-asgi``'s."""
+    from gemini_scale import VersionMiddleware
+
+    return VersionMiddleware(raw_asgi_app())
+
+
 def raw_asgi_app() -> Any:
     """The three answers from a hand-written ASGI callable (no framework): what a cache hit
     in front of it costs is the hit's own cost."""
@@ -554,6 +612,10 @@ FACTORIES: dict[str, Callable[[], ASGIApp]] = {
     "cache-fastapi": cache_fastapi_app,
     "fastapi-cache2-redis": fastapi_cache2_redis_app,
     "gateway": gateway_app,
+    "version": version_app,
+    "version-asgi": version_asgi_app,
+    "raw-asgi": raw_asgi_variant_app,
+    "version-2hop": version_2hop_app,
 }
 #: The variants that put state in Redis (their keys are removed at the end of a run).
 REDIS_VARIANTS = frozenset({"stack-redis", "limiter-redis", "redis-floor", "slowapi-redis",
@@ -908,7 +970,7 @@ def dev_token(app: Any) -> str | None:
 
 #: Variants without any gemini-scale middleware (no request context is expected).
 FOREIGN_VARIANTS = frozenset({"slowapi", "slowapi-redis", "redis-floor", "fastapi-bare",
-                              "fastapi-cache2-redis"})
+                              "fastapi-cache2-redis", "raw-asgi"})
 
 
 @dataclass
@@ -1088,7 +1150,7 @@ async def inprocess_main(
             for call in CALLS:
                 status, body, scope, headers = await asyncio.wait_for(
                     one_exchange(app, call, tokens[name], states[name]), timeout=30)
-                ran = "gemini_scale" in scope
+                ran = any(key.startswith("gemini_scale") for key in scope)
                 expected = name != "bare" and name not in FOREIGN_VARIANTS
                 limited = dict(headers).get(b"ratelimit")
                 print(f"  check {name:13} {call.name:20} -> {status}, {len(body)} bytes"
@@ -1703,6 +1765,7 @@ def summary(inproc: Sequence[Paired], http: Sequence[Load], startup: Sequence[St
                      f"{s.server_utilization:.2f}")
     lines += ratelimit_summary(inproc, http, facts)
     lines += cache_summary(inproc, facts)
+    lines += version_summary(inproc)
     lines.append(f"       load average at start {load_start}, at end {load_average()} "
                  f"on {cpu_count()} CPUs (other work on the machine adds noise; trust the "
                  "paired deltas and ratios, not absolute figures)")
@@ -1855,6 +1918,44 @@ def cache_summary(inproc: Sequence[Paired], facts: RedisFacts | None) -> list[st
             a, b = mine["GET models"].added_cpu_us, peer["GET models"].added_cpu_us
             lines.append(f"       Redis hit, GET models: fastapi-cache2 {signed(b)} µs vs "
                          f"gemini-scale {signed(a)} µs = {b / a:.1f}x (for scale)")
+    return lines
+
+
+#: Version targets (issue 6, "Performance"): on a head-version request the middleware adds
+#: at most 3 µs in-process; the two-hop migration has no target (reported for scale).
+TARGET_VERSION_HEAD_US = 3.0
+VERSION_VARIANTS = frozenset({"version", "version-asgi", "raw-asgi", "version-2hop"})
+
+
+def version_summary(inproc: Sequence[Paired]) -> list[str]:
+    """The version middleware's targets, from whichever of its variants ran."""
+    found = {(p.variant, p.call): p for p in inproc}
+    lines: list[str] = []
+    head = {c.name: found[("version", c.name)] for c in CALLS if ("version", c.name) in found}
+    if head:
+        worst = max(p.added_cpu_us for p in head.values())
+        lines.append(
+            f"[{verdict(worst <= TARGET_VERSION_HEAD_US)}] VersionMiddleware, head-version "
+            "request, in-process added CPU: "
+            + ", ".join(f"{c} {signed(p.added_cpu_us)} µs" for c, p in head.items())
+            + f"  (target ≤ {TARGET_VERSION_HEAD_US:.0f} µs)")
+    own = {c.name: found[("version-asgi", c.name)].variant_cpu_us
+           - found[("raw-asgi", c.name)].variant_cpu_us
+           for c in CALLS if ("version-asgi", c.name) in found and ("raw-asgi", c.name) in found}
+    if own:
+        lines.append(
+            f"[{verdict(max(own.values()) <= TARGET_VERSION_HEAD_US)}] VersionMiddleware's own "
+            "cost on a head-version request (in front of a raw ASGI app, minus that app alone; "
+            "less noise than against Starlette): "
+            + ", ".join(f"{c} {signed(v)} µs" for c, v in own.items())
+            + f"  (target ≤ {TARGET_VERSION_HEAD_US:.0f} µs)")
+    hops = {c.name: found[("version-2hop", c.name)] for c in CALLS
+            if ("version-2hop", c.name) in found}
+    if hops:
+        lines.append(
+            "       VersionMiddleware, two-hop migration (request and answer), in-process "
+            "added CPU: " + ", ".join(f"{c} {signed(p.added_cpu_us)} µs" for c, p in hops.items())
+            + "  (no target; for scale)")
     return lines
 
 
@@ -2018,6 +2119,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             f.write(json.dumps(payload, indent=2, default=str) + "\n")
         print(f"results saved to {path}")
     return 0
+
+
+def main_with_defaults(
+    defaults: dict[str, str], argv: Sequence[str] | None = None, *, not_quick: Sequence[str] = ()
+) -> int:
+    """:func:`main` with ``defaults`` for the options the command line does not give (the
+    focused scripts: ``cache_bench.py``, ``ratelimit_bench.py``, ``version_bench.py``);
+    options in ``not_quick`` are left out of a ``--quick`` run."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    given = {arg.split("=", 1)[0] for arg in args}
+    quick = "--quick" in given
+    for option, value in defaults.items():
+        if option not in given and not (quick and option in not_quick):
+            args += [option, value]
+    return main(args)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench import main as bench_main
+from bench.bench import main_with_defaults
 
 VARIANTS = ("cache,cache-asgi,cache-redis,cache-miss,cache-miss-redis,fastapi-bare,cache-fastapi,"
             "fastapi-cache2-redis")
@@ -28,12 +28,7 @@ DEFAULTS = {"--variants": VARIANTS, "--sections": "inprocess"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    given = {arg.split("=", 1)[0] for arg in args}
-    for option, value in DEFAULTS.items():
-        if option not in given:
-            args += [option, value]
-    return bench_main(args)
+    return main_with_defaults(DEFAULTS, argv)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bench.bench import main as bench_main
+from bench.bench import main_with_defaults
 
 VARIANTS = ("stack-nolimit,stack,stack-redis,limiter,limiter-redis,redis-floor,slowapi,"
             "slowapi-redis")
@@ -43,13 +43,7 @@ DEFAULTS = {"--variants": VARIANTS, "--sections": "inprocess,http", "--rounds": 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    given = {arg.split("=", 1)[0] for arg in args}
-    quick = "--quick" in given
-    for option, value in DEFAULTS.items():
-        if option not in given and not (quick and option == "--rounds"):
-            args += [option, value]
-    return bench_main(args)
+    return main_with_defaults(DEFAULTS, argv, not_quick=("--rounds",))
 
 
 if __name__ == "__main__":

@@ -32,15 +32,21 @@ from gemini_scale import (
     RateLimitPolicy,
     StoreError,
     StreamingASGITransport,
+    VersionBundle,
+    VersionMiddleware,
     error_response,
+    gemini_versions,
     install_error_handlers,
     store_from_url,
 )
 from gemini_scale.types import ASGIApp
+from gemini_scale.versioning import RETIRED_MODELS
 
 logger = logging.getLogger("example_app")
 
-API_PREFIXES = ("/v1", "/v1beta")
+#: The Gemini surface is implemented once, at the head version; VersionMiddleware serves
+#: ``/v1`` (and retired model names) from it.
+HEAD_PREFIX = "/v1beta"
 #: Reachable without a credential: probes, metrics and the API docs (and the dev issuer).
 PUBLIC_PATHS = (
     "/healthz",
@@ -112,8 +118,7 @@ def create_app(settings: GeminiScaleSettings, *, standin: ASGIApp | None = None)
     app.state.settings = settings
     app.state.dev_issuer = dev_issuer
     app.state.cache_engine = cache_engine
-    for prefix in API_PREFIXES:
-        app.include_router(router, prefix=prefix, tags=[prefix.strip("/")])
+    app.include_router(router, prefix=HEAD_PREFIX, tags=["gemini"])
     app.include_router(admin_router, tags=["admin"])
 
     @app.get("/healthz", include_in_schema=False)
@@ -162,7 +167,7 @@ def create_app(settings: GeminiScaleSettings, *, standin: ASGIApp | None = None)
     app.add_middleware(
         JSONBodyMiddleware,
         max_body_bytes=settings.max_body_bytes,
-        path_prefixes=tuple(f"{p}/" for p in API_PREFIXES),
+        path_prefixes=(f"{HEAD_PREFIX}/",),
     )
     app.add_middleware(
         OAuth2Middleware,
@@ -179,7 +184,28 @@ def create_app(settings: GeminiScaleSettings, *, standin: ASGIApp | None = None)
         on_store_error=settings.on_store_error,
         trusted_proxies=settings.trusted_proxy_list,
     )
+    app.add_middleware(
+        VersionMiddleware,
+        versions=api_versions(strict_v1=settings.strict_v1),
+        exempt=PUBLIC_PATHS,
+        max_body_bytes=settings.max_body_bytes,
+    )
     return app
+
+
+def api_versions(*, strict_v1: bool = False) -> VersionBundle:
+    """Gemini's ``/v1`` and ``/v1beta`` from the ``/v1beta`` head, with the retired-model
+    table (``GEMINI_SCALE_STRICT_V1``: ``/v1`` held to its published proto)."""
+    return gemini_versions(aliases=RETIRED_MODELS, strict_v1=strict_v1)
+
+
+def api_changelog() -> str:
+    """The gateway's API versions page, ``docs/api-versions.md`` (a test keeps it current)."""
+    return api_versions(strict_v1=True).changelog(
+        "API versions of the example gateway",
+        "Generated from `example_app.app.api_changelog()`. The strict-v1 line applies only with "
+        "`GEMINI_SCALE_STRICT_V1=1`. See [Versions](versioning.md) for how versions work.",
+    )
 
 
 def cache_rules(ttl: float) -> dict[str, Policy]:
@@ -189,13 +215,15 @@ def cache_rules(ttl: float) -> dict[str, Policy]:
     shared = CachePolicy(ttl=ttl, scope="shared")
     own = CachePolicy(ttl=ttl, methods=frozenset({"POST"}))
     streamed = CachePolicy(ttl=ttl, methods=frozenset({"POST"}), streams=True)
-    rules: dict[str, Policy] = {}
-    for prefix in API_PREFIXES:
-        rules[f"GET {prefix}/models"] = shared
-        rules[f"GET {prefix}/models/{{model}}"] = shared
-        for method in ("countTokens", "embedContent", "batchEmbedContents", "generateContent"):
-            rules[f"POST {prefix}/models/{{model}}:{method}"] = own
-        rules[f"POST {prefix}/models/{{model}}:streamGenerateContent"] = streamed
+    # Head paths only: the cache sits behind VersionMiddleware, so one entry serves /v1 and
+    # /v1beta clients alike.
+    rules: dict[str, Policy] = {
+        f"GET {HEAD_PREFIX}/models": shared,
+        f"GET {HEAD_PREFIX}/models/{{model}}": shared,
+        f"POST {HEAD_PREFIX}/models/{{model}}:streamGenerateContent": streamed,
+    }
+    for method in ("countTokens", "embedContent", "batchEmbedContents", "generateContent"):
+        rules[f"POST {HEAD_PREFIX}/models/{{model}}:{method}"] = own
     return rules
 
 

@@ -140,19 +140,52 @@ class RateLimitPolicy(Policy):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class VersionPolicy(Policy):
-    """A route's lifecycle across API versions (enforced by ``VersionMiddleware``)."""
+    """A route's lifecycle across API versions (enforced by ``VersionMiddleware``).
+
+    Version names are those of the bundle the request is versioned by. A request of a
+    version before ``added``, or of ``removed`` and later, is answered 404 naming the
+    ``replacement``; answers of a deprecated route carry ``Deprecation``, ``Sunset`` and
+    ``Link`` headers.
+    """
 
     kind: ClassVar[str] = "version"
     added: str | None = None
     """First version that has the route."""
-    deprecated: dt.datetime | None = None
+    deprecated: dt.datetime | dt.date | None = None
     """When the route was deprecated (sent as RFC 9745 ``Deprecation``)."""
-    sunset: dt.datetime | None = None
+    sunset: dt.datetime | dt.date | None = None
     """When it goes away (RFC 8594 ``Sunset``)."""
     removed: str | None = None
     """First version without the route."""
     replacement: str | None = None
-    """What to call instead, named in refusals and ``Link`` headers."""
+    """What to call instead (a path or URL), named in refusals and in
+    ``Link: <...>; rel="successor-version"``."""
+    info: str | None = None
+    """A URL about the deprecation, sent as ``Link: <...>; rel="deprecation"``."""
+
+    def __post_init__(self) -> None:
+        for name in ("deprecated", "sunset"):
+            object.__setattr__(self, name, utc_datetime(getattr(self, name), name))
+        for name in ("added", "removed", "replacement", "info"):
+            value = getattr(self, name)
+            if value is not None and (
+                not isinstance(value, str) or not value or not value.isprintable()
+                or any(c in value for c in '<>" ')
+            ):
+                raise ConfigurationError(f"version {name} must be a plain string: {value!r}")
+        if self.added is not None and self.added == self.removed:
+            raise ConfigurationError("a route cannot be added and removed in one version")
+
+
+def utc_datetime(value: dt.datetime | dt.date | None, what: str) -> dt.datetime | None:
+    """``value`` as an aware datetime (a date is its midnight UTC; a naive time is UTC)."""
+    if value is None:
+        return None
+    if not isinstance(value, dt.datetime):
+        if not isinstance(value, dt.date):
+            raise ConfigurationError(f"{what} must be a date or datetime, got {value!r}")
+        value = dt.datetime(value.year, value.month, value.day, tzinfo=dt.UTC)
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -255,10 +288,11 @@ def rate_limit(
 def version(
     *,
     added: str | None = None,
-    deprecated: dt.datetime | None = None,
-    sunset: dt.datetime | None = None,
+    deprecated: dt.datetime | dt.date | None = None,
+    sunset: dt.datetime | dt.date | None = None,
     removed: str | None = None,
     replacement: str | None = None,
+    info: str | None = None,
 ) -> Callable[[F], F]:
     """Mark a route's lifecycle across versions (see :class:`VersionPolicy`)."""
     return mark(
@@ -268,6 +302,7 @@ def version(
             sunset=sunset,
             removed=removed,
             replacement=replacement,
+            info=info,
         )
     )
 

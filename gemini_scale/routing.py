@@ -85,6 +85,13 @@ def _first_match(entries: Sequence[_Entry], method: str, path: str) -> RouteMatc
     return None
 
 
+def _marked(entries: Sequence[_Entry], kind: type[P]) -> Iterator[tuple[str, P]]:
+    for entry in entries:
+        found = entry.policies.get(kind)
+        if found is not None:
+            yield entry.template, found  # type: ignore[misc]
+
+
 _NEVER = re.compile(r"(?!)")  # matches nothing
 
 
@@ -209,6 +216,10 @@ class RouteTable:
             remember(memo, key, found, _MEMO_SIZE)
         return found
 
+    def marked(self, kind: type[P]) -> Iterator[tuple[str, P]]:
+        """``(template, policy)`` of every route marked with a ``kind`` policy."""
+        return _marked(self._entries, kind)
+
     def audit(self, enforced: frozenset[type[Policy]]) -> None:
         """Raise :class:`PolicyNotEnforcedError` if a marked route has an unenforced policy."""
         problems = []
@@ -260,6 +271,10 @@ class Rules:
     def __bool__(self) -> bool:
         return bool(self._entries)
 
+    def marked(self, kind: type[P]) -> Iterator[tuple[str, P]]:
+        """``(rule, policy)`` of every rule with a ``kind`` policy."""
+        return _marked(self._entries, kind)
+
     def match(self, method: str, path: str) -> RouteMatch | None:
         """The first rule that matches."""
         return _first_match(self._entries, method, path)
@@ -300,6 +315,7 @@ def route_table(app: Any) -> RouteTable:
 
 
 _NO_ROUTES = RouteTable(())
+_UNKNOWN: Any = object()
 
 
 def route_path(scope: Scope) -> str:
@@ -336,13 +352,14 @@ class GeminiMiddleware:
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
         # app -> None (audit passed) or the error it raised; audited once per app.
-        self._audits: weakref.WeakKeyDictionary[Any, PolicyNotEnforcedError | None] = (
+        self._audits: weakref.WeakKeyDictionary[Any, ConfigurationError | None] = (
             weakref.WeakKeyDictionary()
         )
         # The last app served and its (table, audit outcome): nearly always the same app, and
         # two weak-dictionary lookups per request would cost more than the route match.
         self._last_app: Any = None
-        self._last_resolution: tuple[RouteTable, PolicyNotEnforcedError | None] | None = None
+        self._wrapped: Any = _UNKNOWN
+        self._last_resolution: tuple[RouteTable, ConfigurationError | None] | None = None
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -360,20 +377,29 @@ class GeminiMiddleware:
         context = scope.get(CONTEXT_KEY)
         if context is None:
             # Outermost gemini-scale middleware: resolve the route once for all layers.
-            app = scope.get("app") or self._wrapped_router()
-            resolution = self._last_resolution
-            if app is not self._last_app or resolution is None:
-                table = route_table(app) if app is not None else _NO_ROUTES
-                problem = self._audit(app, table) if app is not None else None
-                resolution = (table, problem)
-                self._last_app, self._last_resolution = app, resolution
-            table, problem = resolution
-            if problem is not None:
+            table = self._route_table(scope)
+            if table is None:
                 await send_error(send, 500, "The service is misconfigured; see its logs.")
                 return
             context = RequestContext(table.match(scope["method"], route_path(scope)))
             scope[CONTEXT_KEY] = context
         await self.handle(scope, receive, send, context)
+
+    def _route_table(self, scope: Scope) -> RouteTable | None:
+        """The route table of the app serving ``scope``; ``None`` when its audit failed."""
+        app = scope.get("app")
+        if app is None:
+            app = self._wrapped
+            if app is _UNKNOWN:  # the .app chain is fixed once built: walk it once
+                app = self._wrapped = self._wrapped_router()
+        resolution = self._last_resolution
+        if app is not self._last_app or resolution is None:
+            table = route_table(app) if app is not None else _NO_ROUTES
+            problem = self._audit(app, table) if app is not None else None
+            resolution = (table, problem)
+            self._last_app, self._last_resolution = app, resolution
+        table, problem = resolution
+        return table if problem is None else None
 
     def _lifespan_send(self, scope: Scope, send: Any, audit: bool) -> Any:
         """Wrap the lifespan ``send``: a misconfigured app fails start-up (not requests), and
@@ -416,21 +442,26 @@ class GeminiMiddleware:
     async def aclose(self) -> None:
         """Release what this middleware opened itself (called at lifespan shutdown)."""
 
-    def _audit(self, app: Any, table: RouteTable) -> PolicyNotEnforcedError | None:
+    def _audit(self, app: Any, table: RouteTable) -> ConfigurationError | None:
         try:
             if app in self._audits:
                 return self._audits[app]
         except TypeError:  # not weak-referenceable: audit every time
             pass
-        problem: PolicyNotEnforcedError | None = None
+        problem: ConfigurationError | None = None
         try:
             table.audit(_enforcers_of_app(app) | self.chain_enforcers())
-        except PolicyNotEnforcedError as exc:
+            self.check_routes(table)
+        except ConfigurationError as exc:
             logger.error("gemini-scale refuses to serve: %s", exc)
             problem = exc
         with contextlib.suppress(TypeError):
             self._audits[app] = problem
         return problem
+
+    def check_routes(self, table: RouteTable) -> None:
+        """Raise :class:`ConfigurationError` if the app's routes are unusable by this
+        middleware (checked once per app, with the enforcement audit)."""
 
     def _wrapped_router(self) -> Any:
         """When we wrap an app from outside (no ``scope["app"]`` yet), the first object down

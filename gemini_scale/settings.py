@@ -68,6 +68,8 @@ class GeminiScaleSettings(BaseSettings):
     """Largest accepted request body."""
     upstream_timeout: float = Field(default=60.0, gt=0)
     """Seconds to wait for the upstream (per read)."""
+    strict_v1: bool = False
+    """``/v1`` refuses the members its published proto lacks, as Google's v1 once did."""
 
     @field_validator("rate_limit", "token_limit", "ip_rate_limit")
     @classmethod

@@ -26,6 +26,7 @@ from collections.abc import Collection, Sequence
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode
 
+from gemini_scale.gemini_json import OPAQUE_MEMBERS, camel_name
 from gemini_scale.memo import remember
 from gemini_scale.policies import CacheScope
 from gemini_scale.principal import Principal
@@ -39,22 +40,6 @@ DEFAULT_QUERY_PARAMS: Final = frozenset({"alt", "pageSize", "pageToken"})
 #: Query parameters never keyed, stored or shown: ``key`` is a credential (C11).
 IGNORED_QUERY_PARAMS: Final = frozenset({"key"})
 _IGNORED: Final = frozenset(name.encode() for name in IGNORED_QUERY_PARAMS)
-
-#: JSON members whose contents are user-named (JSON Schema ``properties``, function-call
-#: ``args`` and responses, ``labels`` maps, raw JSON Schemas): below them keys keep their
-#: spelling. Treating a subtree as opaque can only split keys, never merge two requests.
-OPAQUE_MEMBERS: Final = frozenset(
-    {
-        "args",
-        "response",
-        "properties",
-        "labels",
-        "responseJsonSchema",
-        "_responseJsonSchema",
-        "parametersJsonSchema",
-        "responseJsonSchemaOrdered",
-    }
-)
 
 _INT_LIMIT: Final = 2**53
 _MEMO_SIZE: Final = 4096
@@ -176,24 +161,12 @@ def _decoded_query(query_string: bytes, allowed: Collection[bytes] | None) -> by
 
 # -- body ---------------------------------------------------------------------------------
 
-_camel_memo: dict[str, str] = {}
-
-
-def _camel(name: str) -> str:
-    found = _camel_memo.get(name)
-    if found is None:
-        head, *rest = name.split("_")
-        found = head + "".join(part[:1].upper() + part[1:] for part in rest)
-        remember(_camel_memo, name, found, _MEMO_SIZE)
-    return found
-
-
 def _canonical(value: Any, opaque: bool) -> Any:
     kind = type(value)
     if kind is dict:
         out: dict[str, Any] = {}
         for name, item in value.items():
-            key = name if opaque or "_" not in name or name[0] == "_" else _camel(name)
+            key = name if opaque else camel_name(name)
             if key in out:
                 raise _AmbiguousError
             out[key] = _canonical(item, opaque or key in OPAQUE_MEMBERS)

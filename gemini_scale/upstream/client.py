@@ -50,6 +50,7 @@ from gemini_scale.errors import (
     error_response,
     reason_phrase,
 )
+from gemini_scale.gemini_json import respelled
 from gemini_scale.types import Message, Receive, Scope, Send
 
 __all__ = ["DEFAULT_BASE_URL", "FORWARDED_QUERY_PARAMS", "GeminiUpstream", "UpstreamResponse"]
@@ -344,8 +345,8 @@ class GeminiUpstream:
         """Relay an incoming request upstream with the server key.
 
         Goes to the request's path (or ``path``) with only ``alt``, ``pageSize`` and
-        ``pageToken`` from its query, ``body`` (or the request's own body) and no caller
-        header except ``x-request-id``.
+        ``pageToken`` from its query, ``body`` (or the request's own body; snake_case
+        member names spelled camelCase) and no caller header except ``x-request-id``.
         """
         target = path if path is not None else request.url.path
         query = [
@@ -355,6 +356,7 @@ class GeminiUpstream:
         ]
         if body is None:
             body = await request.body()
+        body = respelled(body)  # both spellings come in; camelCase goes out (DESIGN.md §4)
         extra: dict[str, str] = {}
         request_id = request.headers.get("x-request-id")
         if request_id and len(request_id) <= _REQUEST_ID_MAX and request_id.isprintable():

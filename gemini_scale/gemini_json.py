@@ -1,0 +1,166 @@
+"""Gemini's JSON spelling rules, shared by the cache keys and the version shims.
+
+Gemini reads request bodies with the proto3 JSON mapping: a member may be spelled in
+lowerCamelCase (``generationConfig``) or as the proto field name (``generation_config``),
+and ``20.0`` is read as ``20`` in an integer field (research/gemini-api.md §1.9). Members
+*below* some fields are named by the user, not by the proto (JSON Schema ``properties``,
+function-call ``args``): their spelling is data and must never change.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Final
+
+from gemini_scale.memo import remember
+
+__all__ = [
+    "INTEGER_MEMBERS",
+    "OPAQUE_MEMBERS",
+    "AmbiguousSpellingError",
+    "camel_name",
+    "dump_json",
+    "may_respell",
+    "normalize",
+    "respelled",
+]
+
+#: JSON members whose contents are user-named (JSON Schema ``properties``, function-call
+#: ``args`` and responses, ``labels`` maps, raw JSON Schemas, and the ``Struct``/``Value``
+#: members ``partMetadata``, a schema's ``default`` and ``example``): below them member
+#: names keep their spelling.
+OPAQUE_MEMBERS: Final = frozenset(
+    {
+        "args",
+        "response",
+        "properties",
+        "labels",
+        "partMetadata",
+        "default",
+        "example",
+        "responseJsonSchema",
+        "_responseJsonSchema",
+        "parametersJsonSchema",
+        "responseJsonSchemaOrdered",
+    }
+)
+
+#: Integer members of Gemini requests: a client may send ``20.0`` for them (proto3 JSON
+#: reads it as ``20``), and the head gets ``20``. Other numbers are left as they are.
+INTEGER_MEMBERS: Final = frozenset(
+    {
+        "maxOutputTokens",
+        "candidateCount",
+        "topK",
+        "seed",
+        "thinkingBudget",
+        "outputDimensionality",
+        "logprobs",
+    }
+)
+
+_MEMO_SIZE: Final = 4096
+_MEMO_NAME_MAX: Final = 64
+_INT_LIMIT: Final = 2**53
+_camel_memo: dict[str, str] = {}
+
+
+class AmbiguousSpellingError(ValueError):
+    """One object spells a member both ways (``generationConfig`` and ``generation_config``)."""
+
+
+def camel_name(name: str) -> str:
+    """``generation_config`` -> ``generationConfig`` (names without ``_`` are returned as is;
+    a leading ``_`` marks a private member, kept as written)."""
+    if "_" not in name or name[0] == "_":
+        return name
+    found = _camel_memo.get(name)
+    if found is None:
+        head, *rest = name.split("_")
+        found = head + "".join(part[:1].upper() + part[1:] for part in rest)
+        if len(name) <= _MEMO_NAME_MAX:  # hostile bodies must not fill the memo with megabytes
+            remember(_camel_memo, name, found, _MEMO_SIZE)
+    return found
+
+
+def normalize(value: Any, opaque: bool = False, integer: bool = False) -> tuple[Any, bool]:
+    """``value`` as Gemini's head expects it, and whether anything changed: every proto
+    member name spelled camelCase and integral floats (``20.0``) in
+    :data:`INTEGER_MEMBERS` as integers, except below :data:`OPAQUE_MEMBERS`. Unchanged
+    parts are the same objects. Raises :class:`AmbiguousSpellingError` when one object
+    spells a member both ways and :class:`RecursionError` for absurd nesting."""
+    kind = type(value)
+    if kind is dict:
+        changed = False
+        out: dict[str, Any] = {}
+        for name, item in value.items():
+            key = name if opaque else camel_name(name)
+            if key in out:
+                raise AmbiguousSpellingError(key)
+            new, inner = normalize(
+                item, opaque or key in OPAQUE_MEMBERS, not opaque and key in INTEGER_MEMBERS
+            )
+            out[key] = new
+            changed = changed or inner or key is not name
+        return (out, True) if changed else (value, False)
+    if kind is list:
+        changed = False
+        items = []
+        for item in value:
+            new, inner = normalize(item, opaque)
+            items.append(new)
+            changed = changed or inner
+        return (items, True) if changed else (value, False)
+    if kind is float and integer and value.is_integer() and abs(value) < _INT_LIMIT:
+        return int(value), True
+    return value, False
+
+
+#: A member name with ``_`` (``"generation_config":``), or an integer member sent with a
+#: fraction (``"maxOutputTokens": 20.0``): a body with neither is already spelled as the
+#: head wants it. Either may match inside a string: that only costs a parse.
+_SNAKE_MEMBER: Final = re.compile(rb'_[A-Za-z0-9_]*"\s*:')
+_FRACTIONAL_INTEGERS: Final = tuple(
+    (name.encode(), re.compile(b'"' + name.encode() + rb'"\s*:\s*-?\d+\.'))
+    for name in sorted(INTEGER_MEMBERS)
+)
+_COMPACT: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+_COMPACT_ASCII: Final = json.JSONEncoder(separators=(",", ":"))
+_PRETTY: Final = json.JSONEncoder(indent=2, ensure_ascii=False)
+_PRETTY_ASCII: Final = json.JSONEncoder(indent=2)
+
+
+def dump_json(value: Any, *, pretty: bool = False) -> bytes:
+    """``value`` as UTF-8 JSON (compact, or indented by 2). A string with a lone surrogate
+    (``"\\ud800"`` parses into one) cannot be UTF-8: it is written as its ``\\u`` escape,
+    as the client sent it."""
+    try:
+        return (_PRETTY if pretty else _COMPACT).encode(value).encode()
+    except UnicodeEncodeError:
+        return (_PRETTY_ASCII if pretty else _COMPACT_ASCII).encode(value).encode()
+
+
+def may_respell(raw: bytes) -> bool:
+    """Whether :func:`normalize` might change the JSON body ``raw`` (a cheap, conservative
+    test on the bytes: ``False`` means certainly not)."""
+    if b"_" in raw and _SNAKE_MEMBER.search(raw) is not None:
+        return True
+    return any(
+        name in raw and pattern.search(raw) is not None for name, pattern in _FRACTIONAL_INTEGERS
+    )
+
+
+def respelled(raw: bytes) -> bytes:
+    """The JSON body ``raw`` :func:`normalize`-d, or ``raw`` itself when nothing changes or
+    it is not a JSON object (whoever reads it judges it as it is)."""
+    if not raw or not may_respell(raw):
+        return raw
+    try:
+        body = json.loads(raw)
+        if type(body) is not dict:
+            return raw
+        value, changed = normalize(body)
+    except (ValueError, RecursionError):  # AmbiguousSpellingError is a ValueError
+        return raw
+    return dump_json(value) if changed else raw

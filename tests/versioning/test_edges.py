@@ -1,0 +1,337 @@
+"""Edges of version migration: hostile bodies, framing, caches and compression, several
+deprecations at once, and paths that only look versioned."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.middleware.gzip import GZipMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gemini_scale import (
+    FieldRenamed,
+    Version,
+    VersionBundle,
+    VersionChange,
+    VersionMiddleware,
+    VersionPolicy,
+    gemini_versions,
+)
+from gemini_scale.gemini_json import _camel_memo, camel_name, respelled
+from gemini_scale.types import Message, Scope
+from gemini_scale.versioning import ModelAlias, RequestInfo, streams
+from tests.cache.support import call
+
+OLD, HEAD = "2026-01-01", "2026-03-01"
+RENAMED = VersionBundle(Version(HEAD, FieldRenamed("name", "fullName")), Version(OLD))
+
+
+def scripted(*messages: Message, bundle: VersionBundle = RENAMED) -> VersionMiddleware:
+    """An app that sends exactly ``messages``, behind dated versions."""
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        for message in messages:
+            await send(message)
+
+    return VersionMiddleware(app, versions=None, dated=bundle)
+
+
+def start(status: int = 200, *headers: tuple[bytes, bytes]) -> Message:
+    return {"type": "http.response.start", "status": status,
+            "headers": [(b"content-type", b"application/json"), *headers]}
+
+
+def body(data: bytes, more: bool = False) -> Message:
+    return {"type": "http.response.body", "body": data, "more_body": more}
+
+
+OLD_CLIENT = {"x-api-version": OLD}
+
+
+async def test_a_lone_surrogate_in_a_body_is_not_a_500() -> None:
+    """``"\\ud800"`` parses but is no UTF-8: it goes on escaped, as the client wrote it."""
+    seen: list[bytes] = []
+
+    async def echo(request: Request) -> Response:
+        seen.append(await request.body())
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/v1beta/models/{m}:generateContent", echo, methods=["POST"])])
+    raw = b'{"contents":[{"parts":[{"text":"\\ud800"}]}],"generation_config":{}}'
+    middleware = VersionMiddleware(app)
+    transport = httpx.ASGITransport(middleware)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.post(
+            "/v1/models/m:generateContent", content=raw,
+            headers={"content-type": "application/json"},
+        )
+    assert response.status_code == 200
+    assert json.loads(seen[-1]) == {"contents": [{"parts": [{"text": "\ud800"}]}],
+                                    "generationConfig": {}}
+    assert b"\\ud800" in respelled(raw)  # the upstream client's respelling too
+
+
+def test_long_member_names_are_not_remembered() -> None:
+    before = len(_camel_memo)
+    name = "a_" * 5000
+    assert camel_name(name).startswith("aA")
+    assert len(_camel_memo) == before
+
+
+def test_user_named_struct_members_keep_their_spelling() -> None:
+    raw = json.dumps({
+        "contents": [{"parts": [{"text": "x", "part_metadata": {"source_file": "a.txt"}}]}],
+        "generation_config": {"response_schema": {
+            "type": "object", "default": {"first_name": "Ada"}, "example": {"first_name": "G"},
+        }},
+    }).encode()
+    sent = json.loads(respelled(raw))
+    part = sent["contents"][0]["parts"][0]
+    assert part["partMetadata"] == {"source_file": "a.txt"}
+    schema = sent["generationConfig"]["responseSchema"]
+    assert schema["default"] == {"first_name": "Ada"}
+    assert schema["example"] == {"first_name": "G"}
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+async def test_an_event_too_large_to_hold_is_relayed_and_the_next_one_migrated(
+    monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    monkeypatch.setattr(streams, "MAX_HELD_BYTES", 200)
+    big = b'data: {"fullName":"' + b"x" * 400 + b'"}\r\n\r\n'
+    small = b'data: {"fullName":"y"}\r\n\r\n'
+    stream = big + small
+    messages = [start(200)]
+    messages[0]["headers"] = [(b"content-type", b"text/event-stream")]
+    messages += [body(stream[i : i + chunk], True) for i in range(0, len(stream), chunk)]
+    messages.append(body(b""))
+    recorded = await call(scripted(*messages), "GET", "/x", headers=OLD_CLIENT)
+    assert recorded.body == big + b'data: {"name":"y"}\r\n\r\n'
+
+
+async def test_sse_fields_around_the_data_are_kept() -> None:
+    stream = (
+        b'id: 7\nevent: user\n: note\ndata: {"fullName":"A"}\nretry: 5\n\n'
+        b'\ndata: {"fullName":"B"}\n\n'
+    )
+    recorded = await call(scripted(
+        {"type": "http.response.start", "status": 200,
+         "headers": [(b"content-type", b"text/event-stream")]},
+        body(stream),
+    ), "GET", "/x", headers=OLD_CLIENT)
+    assert recorded.body == (
+        b'id: 7\nevent: user\n: note\ndata: {"name":"A"}\nretry: 5\n\n\ndata: {"name":"B"}\n\n'
+    )
+
+
+async def test_a_json_array_document_is_migrated_whole() -> None:
+    """An array answer with a length is a document: a change on ``*.name`` sees the list."""
+    bundle = VersionBundle(Version(HEAD, FieldRenamed("*.name", "fullName")), Version(OLD))
+    document = b'[{"fullName":"a"},{"fullName":"b"}]'
+    recorded = await call(scripted(
+        start(200, (b"content-length", str(len(document)).encode())), body(document),
+        bundle=bundle,
+    ), "GET", "/x", headers=OLD_CLIENT)
+    assert json.loads(recorded.body) == [{"name": "a"}, {"name": "b"}]
+    assert recorded.headers["content-length"] == str(len(recorded.body))
+
+
+async def test_head_204_and_a_start_without_body_keep_their_framing() -> None:
+    head = await call(scripted(start(200, (b"content-length", b"20")), body(b"")),
+                      "HEAD", "/x", headers=OLD_CLIENT)
+    assert head.headers["content-length"] == "20"
+    empty = await call(scripted(start(204), body(b"")), "GET", "/x", headers=OLD_CLIENT)
+    assert "content-length" not in empty.headers
+    alone = await call(scripted(start(200, (b"content-length", b"0"))), "GET", "/x",
+                       headers=OLD_CLIENT)
+    assert [m["type"] for m in alone.messages] == ["http.response.start"]
+    assert alone.headers["content-length"] == "0"
+
+
+async def test_pathsend_gets_the_start_first() -> None:
+    recorded = await call(scripted(
+        start(200, (b"content-length", b"30")),
+        {"type": "http.response.pathsend", "path": "/tmp/x.json"},
+    ), "GET", "/x", headers=OLD_CLIENT)
+    assert [m["type"] for m in recorded.messages] == [
+        "http.response.start", "http.response.pathsend"
+    ]
+    assert recorded.headers["content-length"] == "30"
+
+
+async def test_an_inner_gzip_layer_does_not_hide_the_answer_from_migration() -> None:
+    async def user(request: Request) -> Response:
+        return JSONResponse({"fullName": "Ada " * 200})
+
+    app = Starlette(routes=[Route("/user", user)])
+    app.add_middleware(GZipMiddleware, minimum_size=10)
+    app.add_middleware(VersionMiddleware, versions=None, dated=RENAMED)
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        old = await client.get("/user", headers={**OLD_CLIENT, "accept-encoding": "gzip"})
+        assert old.json() == {"name": "Ada " * 200}
+        assert "content-encoding" not in old.headers
+        new = await client.get("/user", headers={"accept-encoding": "gzip"})
+        assert new.headers["content-encoding"] == "gzip"
+        assert new.json() == {"fullName": "Ada " * 200}
+    corrupt = await call(scripted(
+        start(200, (b"content-encoding", b"gzip")), body(b"\x1f\x8bnot gzip at all"),
+    ), "GET", "/x", headers=OLD_CLIENT)
+    assert corrupt.headers["content-encoding"] == "gzip"
+    assert corrupt.body == b"\x1f\x8bnot gzip at all"
+
+
+async def test_dated_answers_vary_on_the_header_and_name_the_version_in_etags() -> None:
+    recorded = await call(scripted(
+        start(200, (b"etag", b'"abc"'), (b"content-length", b"16")), body(b'{"fullName":"A"}'),
+    ), "GET", "/x", headers=OLD_CLIENT)
+    assert recorded.headers["vary"] == "X-API-Version"
+    assert recorded.headers["etag"] == f'"abc.v{OLD}"'
+    head = await call(scripted(start(200, (b"etag", b'"abc"')), body(b'{"fullName":"A"}')),
+                      "GET", "/x", headers={"x-api-version": HEAD})
+    assert head.headers["etag"] == '"abc"'
+    assert head.headers["vary"] == "X-API-Version"
+
+
+async def test_refusal_messages_name_each_requests_own_route() -> None:
+    async def ok(request: Request) -> Response:
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/items/{id}", ok, methods=["GET", "DELETE"])])
+    app.add_middleware(
+        VersionMiddleware, versions=None, dated=RENAMED,
+        rules={"/items/{id}": VersionPolicy(added=HEAD), "/reports/{name}": VersionPolicy(
+            added=HEAD)},
+    )
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        first = await client.delete("/items/1", headers=OLD_CLIENT)
+        second = await client.get("/items/2", headers=OLD_CLIENT)
+        alice = await client.get("/reports/alice", headers=OLD_CLIENT)
+        bob = await client.get("/reports/bob", headers=OLD_CLIENT)
+    assert first.json()["error"]["message"].startswith("DELETE /items/{id} ")
+    assert second.json()["error"]["message"].startswith("GET /items/{id} ")
+    assert "alice" not in bob.text
+    assert "bob" in bob.text
+    assert "alice" in alice.text
+
+
+async def test_several_deprecations_make_one_deprecation_and_one_sunset() -> None:
+    early, late = dt.date(2025, 1, 1), dt.date(2026, 1, 1)
+
+    async def generate(request: Request) -> Response:
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/v1beta/models/{model}:generateContent", generate,
+                                  methods=["POST"])])
+    aliases = [ModelAlias("old-model", "new-model", late, late)]
+    app.add_middleware(
+        VersionMiddleware, versions=gemini_versions(aliases=aliases),
+        rules={"POST /v1beta/models/{model}:generateContent": VersionPolicy(
+            deprecated=early, sunset=early, replacement="/v1beta/other")},
+    )
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.post("/v1beta/models/old-model:generateContent", json={})
+    deprecation = response.headers.get_list("deprecation")
+    assert deprecation == [f"@{int(dt.datetime(2025, 1, 1, tzinfo=dt.UTC).timestamp())}"]
+    assert len(response.headers.get_list("sunset")) == 1
+    assert "2025" in response.headers["sunset"]
+    links = response.headers.get_list("link")
+    assert '</v1beta/models/new-model>; rel="successor-version"' in links
+    assert '</v1beta/other>; rel="successor-version"' in links
+
+
+async def test_an_apps_own_versioned_paths_are_not_taken_over() -> None:
+    async def own(request: Request) -> Response:
+        return JSONResponse({"served": request.url.path})
+
+    app = Starlette(routes=[
+        Route("/v1/chat/completions", own, methods=["POST"]),
+        Route("/v2/users", own),
+        Route("/v1beta/models", own),
+    ])
+    app.add_middleware(VersionMiddleware)
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        chat = await client.post("/v1/chat/completions", json={})
+        users = await client.get("/v2/users")
+        models = await client.get("/v1/models")
+        unknown = await client.get("/v9/models")
+    assert chat.json() == {"served": "/v1/chat/completions"}
+    assert users.json() == {"served": "/v2/users"}
+    assert models.json() == {"served": "/v1beta/models"}
+    assert unknown.status_code == 404
+
+
+class RenameLimit(VersionChange):
+    """`limit` is called `page_size`."""
+
+    routes = ("GET /users",)
+
+    def upgrade_request(self, request: RequestInfo) -> None:
+        request.query[:] = [("page_size" if n == "limit" else n, v) for n, v in request.query]
+
+
+async def test_request_hooks_honour_their_routes_and_removals_keep_the_query_bytes() -> None:
+    async def echo(request: Request) -> Response:
+        return JSONResponse({"query": request.scope["query_string"].decode()})
+
+    bundle = VersionBundle(Version(HEAD, RenameLimit()), Version(OLD))
+    app = Starlette(routes=[Route("/users", echo), Route("/orders", echo)])
+    app.add_middleware(VersionMiddleware, dated=bundle)
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        users = await client.get("/users?limit=5", headers=OLD_CLIENT)
+        orders = await client.get("/orders?limit=5", headers=OLD_CLIENT)
+    assert users.json() == {"query": "page_size=5"}
+    assert orders.json() == {"query": "limit=5"}
+    alt = VersionMiddleware(_echo_query_app())
+    recorded = await call(alt, "GET", "/v1beta/models",
+                          query=b"flag&%24alt=json%3Benum-encoding%3Dint&pageSize=5")
+    assert json.loads(recorded.body) == {"query": "flag&pageSize=5"}
+
+
+def _echo_query_app() -> Callable[..., Any]:
+    async def echo(request: Request) -> Response:
+        return JSONResponse({"query": request.scope["query_string"].decode()})
+
+    return Starlette(routes=[Route("/v1beta/models", echo)])
+
+
+async def test_strict_v1_accepts_response_json_schema() -> None:
+    async def echo(request: Request) -> Response:
+        return JSONResponse(await request.json())
+
+    app = Starlette(routes=[Route("/v1beta/models/{m}:generateContent", echo, methods=["POST"])])
+    app.add_middleware(VersionMiddleware, versions=gemini_versions(strict_v1=True))
+    transport = httpx.ASGITransport(app)
+    body = {"contents": [], "generationConfig": {"responseJsonSchema": {"type": "string"}}}
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.post("/v1/models/m:generateContent", json=body)
+    assert response.status_code == 200
+
+
+async def test_header_values_empty_and_impossible_dates() -> None:
+    async def ok(request: Request) -> Response:
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/x", ok)])
+    app.add_middleware(VersionMiddleware, versions=None, dated=RENAMED, unknown="closest")
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        empty = await client.get("/x", headers={"x-api-version": " "})
+        assert empty.headers["x-api-version"] == HEAD
+        for impossible in ("2026-02-30", "2026-13-45", "9999-99-99"):
+            response = await client.get("/x", headers={"x-api-version": impossible})
+            assert response.status_code == 400, impossible
+        waterfall = await client.get("/x", headers={"x-api-version": "2026-02-28"})
+        assert waterfall.headers["x-api-version"] == OLD

@@ -1,0 +1,242 @@
+"""Gemini's /v1 and /v1beta from one head, and the shims old clients need, through the
+example gateway (research/gemini-api.md §5.2; research/security.md D13, D14)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+import httpx
+import pytest
+
+from example_app.standin import ReceivedRequest, create_standin
+from tests.cache.support import call
+from tests.gateway import build, running
+
+GENERATE = {"contents": [{"role": "user", "parts": [{"text": "Say hello"}]}]}
+
+
+@dataclass
+class Gateway:
+    client: httpx.AsyncClient
+    received: list[ReceivedRequest]
+    app: object
+
+    def paths(self) -> list[str]:
+        return [r.path for r in self.received]
+
+
+async def _gateway(env: dict[str, str] | None = None) -> AsyncIterator[Gateway]:
+    received: list[ReceivedRequest] = []
+    app = build({"GEMINI_SCALE_CACHE_TTL": "0", **(env or {})},
+                standin=create_standin(received=received))
+    async with running(app) as client:
+        yield Gateway(client, received, app)
+
+
+@pytest.fixture
+async def gateway() -> AsyncIterator[Gateway]:
+    async for found in _gateway():
+        yield found
+
+
+@pytest.fixture
+async def strict() -> AsyncIterator[Gateway]:
+    async for found in _gateway({"GEMINI_SCALE_STRICT_V1": "1"}):
+        yield found
+
+
+async def test_v1_and_v1beta_are_served_by_one_head(gateway: Gateway) -> None:
+    v1 = await gateway.client.post("/v1/models/gemini-2.5-flash:generateContent", json=GENERATE)
+    beta = await gateway.client.post(
+        "/v1beta/models/gemini-2.5-flash:generateContent", json=GENERATE
+    )
+    assert v1.status_code == beta.status_code == 200
+    assert v1.json() == beta.json()
+    assert gateway.paths() == ["/v1beta/models/gemini-2.5-flash:generateContent"] * 2
+    listed = await gateway.client.get("/v1/models")
+    assert listed.status_code == 200
+    assert listed.json()["models"]
+    assert gateway.paths()[-1] == "/v1beta/models"
+
+
+@pytest.mark.parametrize("prefix", ["/v1", "/v1beta"])
+async def test_both_spellings_accepted_and_forwarded_as_camel_case(
+    gateway: Gateway, prefix: str
+) -> None:
+    body = {
+        "contents": [{"role": "user", "parts": [{"text": "hi"}]}],
+        "generation_config": {"max_output_tokens": 20.0, "temperature": 0.5, "top_p": 1.0},
+        "system_instruction": {"parts": [{"text": "be brief"}]},
+        "tools": [{"function_declarations": [{
+            "name": "lookup",
+            "parameters": {"type": "object", "properties": {"user_id": {"type": "string"}}},
+        }]}],
+    }
+    response = await gateway.client.post(
+        f"{prefix}/models/gemini-2.5-flash:generateContent", json=body
+    )
+    assert response.status_code == 200, response.text
+    sent = json.loads(gateway.received[-1].body)
+    assert sent["generationConfig"] == {"maxOutputTokens": 20, "temperature": 0.5, "topP": 1.0}
+    assert type(sent["generationConfig"]["topP"]) is float
+    assert type(sent["generationConfig"]["maxOutputTokens"]) is int
+    assert sent["systemInstruction"] == {"parts": [{"text": "be brief"}]}
+    declaration = sent["tools"][0]["functionDeclarations"][0]
+    assert declaration["parameters"]["properties"] == {"user_id": {"type": "string"}}
+    assert "generation_config" not in sent
+    assert "system_instruction" not in sent
+
+
+async def test_one_object_spelling_a_member_both_ways_is_400(gateway: Gateway) -> None:
+    body = {**GENERATE, "generationConfig": {}, "generation_config": {}}
+    response = await gateway.client.post("/v1/models/gemini-2.5-flash:generateContent", json=body)
+    assert response.status_code == 400
+    assert response.json()["error"]["status"] == "INVALID_ARGUMENT"
+    assert gateway.received == []
+
+
+async def test_strict_v1_refuses_v1beta_only_members_as_google_did(strict: Gateway) -> None:
+    body = {
+        "contents": [{"role": "user", "parts": [
+            {"text": "hi"}, {"functionCall": {"name": "f", "args": {}}}
+        ]}],
+        "system_instruction": {"parts": [{"text": "be brief"}]},
+        "generationConfig": {"thinkingConfig": {"thinkingBudget": 0}},
+    }
+    response = await strict.client.post("/v1/models/gemini-2.5-flash:generateContent", json=body)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    expected = [
+        'Invalid JSON payload received. Unknown name "system_instruction": Cannot find field.',
+        'Invalid JSON payload received. Unknown name "thinkingConfig" at '
+        "'generation_config': Cannot find field.",
+        'Invalid JSON payload received. Unknown name "functionCall" at '
+        "'contents[0].parts[1]': Cannot find field.",
+    ]
+    assert error["message"] == "\n".join(expected)
+    assert error["status"] == "INVALID_ARGUMENT"
+    violations = error["details"][0]["fieldViolations"]
+    assert error["details"][0]["@type"] == "type.googleapis.com/google.rpc.BadRequest"
+    assert [v["description"] for v in violations] == expected
+    assert violations[1]["field"] == "generation_config"
+    assert strict.received == []
+    # The same body is fine on v1beta, and a plain v1 request is fine too.
+    beta = await strict.client.post(
+        "/v1beta/models/gemini-2.5-flash:generateContent", json=body
+    )
+    assert beta.status_code == 200
+    plain = await strict.client.post("/v1/models/gemini-2.5-flash:generateContent", json=GENERATE)
+    assert plain.status_code == 200
+
+
+async def test_strict_v1_checks_count_tokens_inner_request(strict: Gateway) -> None:
+    body = {"generateContentRequest": {**GENERATE, "tools": []}}
+    response = await strict.client.post("/v1/models/gemini-2.5-flash:countTokens", json=body)
+    assert response.status_code == 400
+    assert "'generate_content_request'" in response.json()["error"]["message"]
+
+
+async def test_retired_model_is_served_by_its_successor_with_headers(gateway: Gateway) -> None:
+    response = await gateway.client.post(
+        "/v1/models/gemini-1.5-flash:generateContent", json=GENERATE
+    )
+    assert response.status_code == 200
+    assert gateway.paths() == ["/v1beta/models/gemini-2.5-flash:generateContent"]
+    deprecation = response.headers["deprecation"]
+    assert deprecation.startswith("@")
+    assert int(deprecation[1:]) == int(
+        dt.datetime(2025, 4, 29, tzinfo=dt.UTC).timestamp()
+    )
+    assert parsedate_to_datetime(response.headers["sunset"]) == dt.datetime(
+        2025, 9, 24, tzinfo=dt.UTC
+    )
+    assert response.headers["link"] == '</v1beta/models/gemini-2.5-flash>; rel="successor-version"'
+    current = await gateway.client.post(
+        "/v1/models/gemini-2.5-flash:generateContent", json=GENERATE
+    )
+    assert "deprecation" not in current.headers
+    assert "link" not in current.headers
+
+
+async def test_retired_model_in_a_count_tokens_body_is_mapped(gateway: Gateway) -> None:
+    body = {"generateContentRequest": {"model": "models/gemini-pro", **GENERATE}}
+    response = await gateway.client.post("/v1beta/models/gemini-pro:countTokens", json=body)
+    assert response.status_code == 200, response.text
+    assert gateway.paths() == ["/v1beta/models/gemini-2.5-pro:countTokens"]
+    sent = json.loads(gateway.received[-1].body)
+    assert sent["generateContentRequest"]["model"] == "models/gemini-2.5-pro"
+
+
+async def test_legacy_alt_parameter_is_removed() -> None:
+    async for gateway in _gateway({"GEMINI_SCALE_CACHE_TTL": "60"}):
+        path = "/v1beta/models/gemini-2.5-flash:countTokens"
+        query = {"$alt": "json;enum-encoding=int"}
+        first = await gateway.client.post(path, params=query, json=GENERATE)
+        second = await gateway.client.post(path, params=query, json=GENERATE)
+        assert first.status_code == second.status_code == 200
+        assert len(gateway.received) == 1  # the parameter no longer defeats the cache
+        assert all(name != "$alt" for name, _ in gateway.received[0].query)
+        assert "hit" in second.headers["cache-status"]
+
+
+async def test_one_cache_entry_serves_every_version() -> None:
+    async for gateway in _gateway({"GEMINI_SCALE_CACHE_TTL": "60"}):
+        v1 = await gateway.client.post("/v1/models/gemini-2.5-flash:countTokens", json=GENERATE)
+        beta = await gateway.client.post(
+            "/v1beta/models/gemini-2.5-flash:countTokens", json=GENERATE
+        )
+        assert v1.json() == beta.json()
+        assert "hit" in beta.headers["cache-status"]
+        assert len(gateway.received) == 1
+
+
+async def test_unknown_and_conflicting_versions(gateway: Gateway) -> None:
+    """D13: an unknown version is 404, an empty segment 404; on a path-versioned route the
+    path decides and ``X-API-Version`` is not consulted (the documented precedence)."""
+    unknown = await gateway.client.get("/v9/models")
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["status"] == "NOT_FOUND"
+    assert "v1beta, v1" in unknown.json()["error"]["message"]
+    alpha = await gateway.client.get("/v1alpha/models")
+    assert alpha.status_code == 404
+    conflicting = await gateway.client.get("/v1beta/models", headers={"X-API-Version": "v1"})
+    assert conflicting.status_code == 200
+    empty = await gateway.client.get("//models")
+    assert empty.status_code == 404
+    assert gateway.paths() == ["/v1beta/models"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/../v1beta/models/gemini-2.5-flash:generateContent",
+        "/v1/./models/gemini-2.5-flash:generateContent",
+        "/v1beta//models/gemini-2.5-flash:generateContent",
+        "/v1beta/models/..;x=y/gemini-2.5-flash:generateContent",
+        "/v1beta/models/../models/gemini-2.5-flash:generateContent",
+        "/v1/models/gemini-2.5-flash:generateContent/..",
+    ],
+)
+async def test_paths_with_dot_segments_are_refused_before_any_layer(
+    gateway: Gateway, path: str
+) -> None:
+    """D14: the server hands these over undecoded of dots; the version layer refuses them
+    (no layer decides on a path that a client and the router read differently)."""
+    token = gateway.client.headers["authorization"]
+    recorded = await call(
+        gateway.app, "POST", path, headers={"authorization": token}, json_body=GENERATE
+    )
+    assert recorded.status in (400, 404)
+    assert json.loads(recorded.body)["error"]["code"] == recorded.status
+    assert gateway.received == []
+
+
+async def test_health_and_metrics_ignore_versions(gateway: Gateway) -> None:
+    for path in ("/healthz", "/readyz", "/metrics"):
+        response = await gateway.client.get(path, headers={"X-API-Version": "2001-01-01"})
+        assert response.status_code == 200, path
+        assert "deprecation" not in response.headers
