@@ -86,11 +86,14 @@ def build_stack(app: Starlette, *, store: Any = None, limits: bool = True) -> AS
     every route); its limits are far above what a run sends.
     """
     # Imported here: the bare baseline must not pay for them.
+    from prometheus_client import CollectorRegistry
+
     from gemini_scale import (
         IPRateLimitMiddleware,
         Issuer,
         JSONBodyMiddleware,
         MemoryStore,
+        MetricsMiddleware,
         OAuth2Middleware,
         RateLimitMiddleware,
         RateLimitPolicy,
@@ -125,6 +128,7 @@ def build_stack(app: Starlette, *, store: Any = None, limits: bool = True) -> AS
     if limits:
         app.add_middleware(IPRateLimitMiddleware, limit=IP_LIMIT, store=store)
     app.add_middleware(VersionMiddleware)
+    app.add_middleware(MetricsMiddleware, registry=CollectorRegistry())
     if isinstance(app, Starlette):
         app.state.dev_issuer = issuer  # how the benchmark gets a valid token
         app.state.bench_store = store  # the in-process checks count its round trips
@@ -444,6 +448,28 @@ def version_2hop_app() -> ASGIApp:
     return app
 
 
+def metrics_app() -> ASGIApp:
+    """``MetricsMiddleware`` alone on the bare app (its own registry; access records go to
+    a logger that is not enabled, as in a service that does not log at INFO)."""
+    from prometheus_client import CollectorRegistry
+
+    from gemini_scale import MetricsMiddleware
+
+    app = bare_app()
+    app.add_middleware(MetricsMiddleware, registry=CollectorRegistry())
+    return app
+
+
+def metrics_asgi_app() -> ASGIApp:
+    """``MetricsMiddleware`` in front of the raw ASGI app: its own cost is this variant's CPU
+    per request minus ``raw-asgi``'s."""
+    from prometheus_client import CollectorRegistry
+
+    from gemini_scale import MetricsMiddleware
+
+    return MetricsMiddleware(raw_asgi_app(), registry=CollectorRegistry())
+
+
 def raw_asgi_variant_app() -> ASGIApp:
     """The hand-written ASGI app alone: the floor the ``version-asgi`` variant is held to."""
     app: Any = raw_asgi_app()
@@ -613,6 +639,8 @@ FACTORIES: dict[str, Callable[[], ASGIApp]] = {
     "fastapi-cache2-redis": fastapi_cache2_redis_app,
     "gateway": gateway_app,
     "version": version_app,
+    "metrics": metrics_app,
+    "metrics-asgi": metrics_asgi_app,
     "version-asgi": version_asgi_app,
     "raw-asgi": raw_asgi_variant_app,
     "version-2hop": version_2hop_app,
@@ -1766,6 +1794,7 @@ def summary(inproc: Sequence[Paired], http: Sequence[Load], startup: Sequence[St
     lines += ratelimit_summary(inproc, http, facts)
     lines += cache_summary(inproc, facts)
     lines += version_summary(inproc)
+    lines += metrics_summary(inproc)
     lines.append(f"       load average at start {load_start}, at end {load_average()} "
                  f"on {cpu_count()} CPUs (other work on the machine adds noise; trust the "
                  "paired deltas and ratios, not absolute figures)")
@@ -1927,28 +1956,41 @@ TARGET_VERSION_HEAD_US = 3.0
 VERSION_VARIANTS = frozenset({"version", "version-asgi", "raw-asgi", "version-2hop"})
 
 
-def version_summary(inproc: Sequence[Paired]) -> list[str]:
-    """The version middleware's targets, from whichever of its variants ran."""
+def layer_summary(
+    inproc: Sequence[Paired], *, layer: str, variant: str, asgi_variant: str, target: float,
+    what: str = "",
+) -> list[str]:
+    """One middleware's cost against its target: ``variant`` (the layer on the bare app)
+    against bare Starlette, and ``asgi_variant`` (the layer on the raw ASGI app) minus
+    ``raw-asgi`` (its own cost, with far less noise)."""
     found = {(p.variant, p.call): p for p in inproc}
     lines: list[str] = []
-    head = {c.name: found[("version", c.name)] for c in CALLS if ("version", c.name) in found}
-    if head:
-        worst = max(p.added_cpu_us for p in head.values())
+    added = {c.name: found[(variant, c.name)] for c in CALLS if (variant, c.name) in found}
+    if added:
+        worst = max(p.added_cpu_us for p in added.values())
         lines.append(
-            f"[{verdict(worst <= TARGET_VERSION_HEAD_US)}] VersionMiddleware, head-version "
-            "request, in-process added CPU: "
-            + ", ".join(f"{c} {signed(p.added_cpu_us)} µs" for c, p in head.items())
-            + f"  (target ≤ {TARGET_VERSION_HEAD_US:.0f} µs)")
-    own = {c.name: found[("version-asgi", c.name)].variant_cpu_us
+            f"[{verdict(worst <= target)}] {layer}{what}, in-process added CPU: "
+            + ", ".join(f"{c} {signed(p.added_cpu_us)} µs" for c, p in added.items())
+            + f"  (target ≤ {target:.0f} µs)")
+    own = {c.name: found[(asgi_variant, c.name)].variant_cpu_us
            - found[("raw-asgi", c.name)].variant_cpu_us
-           for c in CALLS if ("version-asgi", c.name) in found and ("raw-asgi", c.name) in found}
+           for c in CALLS if (asgi_variant, c.name) in found and ("raw-asgi", c.name) in found}
     if own:
         lines.append(
-            f"[{verdict(max(own.values()) <= TARGET_VERSION_HEAD_US)}] VersionMiddleware's own "
-            "cost on a head-version request (in front of a raw ASGI app, minus that app alone; "
-            "less noise than against Starlette): "
+            f"[{verdict(max(own.values()) <= target)}] {layer}'s own cost{what} (in front of "
+            "a raw ASGI app, minus that app alone; less noise than against Starlette): "
             + ", ".join(f"{c} {signed(v)} µs" for c, v in own.items())
-            + f"  (target ≤ {TARGET_VERSION_HEAD_US:.0f} µs)")
+            + f"  (target ≤ {target:.0f} µs)")
+    return lines
+
+
+def version_summary(inproc: Sequence[Paired]) -> list[str]:
+    """The version middleware's targets, from whichever of its variants ran."""
+    lines = layer_summary(
+        inproc, layer="VersionMiddleware", variant="version", asgi_variant="version-asgi",
+        target=TARGET_VERSION_HEAD_US, what=" on a head-version request",
+    )
+    found = {(p.variant, p.call): p for p in inproc}
     hops = {c.name: found[("version-2hop", c.name)] for c in CALLS
             if ("version-2hop", c.name) in found}
     if hops:
@@ -1957,6 +1999,18 @@ def version_summary(inproc: Sequence[Paired]) -> list[str]:
             "added CPU: " + ", ".join(f"{c} {signed(p.added_cpu_us)} µs" for c, p in hops.items())
             + "  (no target; for scale)")
     return lines
+
+
+#: Metrics target (issue 7, "Performance"): at most 5 µs added per request in-process.
+TARGET_METRICS_US = 5.0
+
+
+def metrics_summary(inproc: Sequence[Paired]) -> list[str]:
+    """The metrics middleware's target, from whichever of its variants ran."""
+    return layer_summary(
+        inproc, layer="MetricsMiddleware", variant="metrics", asgi_variant="metrics-asgi",
+        target=TARGET_METRICS_US,
+    )
 
 
 def cleanup_redis() -> str:

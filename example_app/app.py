@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 from starlette.responses import JSONResponse, Response
 
 from example_app.admin_routes import router as admin_router
@@ -26,21 +26,27 @@ from gemini_scale import (
     Issuer,
     JSONBodyMiddleware,
     MemoryStore,
+    MetricsMiddleware,
     OAuth2Middleware,
     Policy,
     RateLimitMiddleware,
     RateLimitPolicy,
     StoreError,
     StreamingASGITransport,
+    UsageAnomalyDetector,
     VersionBundle,
     VersionMiddleware,
     error_response,
     gemini_versions,
     install_error_handlers,
+    metrics_body,
     store_from_url,
 )
 from gemini_scale.types import ASGIApp
 from gemini_scale.versioning import RETIRED_MODELS
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 logger = logging.getLogger("example_app")
 
@@ -78,11 +84,18 @@ def create_upstream(
     )
 
 
-def create_app(settings: GeminiScaleSettings, *, standin: ASGIApp | None = None) -> FastAPI:
+def create_app(
+    settings: GeminiScaleSettings,
+    *,
+    standin: ASGIApp | None = None,
+    registry: CollectorRegistry | None = None,
+) -> FastAPI:
     """Build the gateway from validated settings (see ``docs/configuration.md``).
 
-    ``standin`` replaces the offline stand-in upstream (tests use it to control timing).
+    ``standin`` replaces the offline stand-in upstream (tests use it to control timing);
+    ``registry`` replaces prometheus-client's global registry (tests count exactly).
     """
+    tracing = configure_tracing(settings)
     dev_issuer = (
         DevIssuer(audience=settings.oauth_audience or "gemini-scale")
         if settings.dev_issuer
@@ -137,7 +150,8 @@ def create_app(settings: GeminiScaleSettings, *, standin: ASGIApp | None = None)
 
     @app.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        body, media_type = metrics_body(registry)
+        return Response(body, media_type=media_type)
 
     if dev_issuer is not None:
         dev_issuer.install(app)
@@ -190,7 +204,40 @@ def create_app(settings: GeminiScaleSettings, *, standin: ASGIApp | None = None)
         exempt=PUBLIC_PATHS,
         max_body_bytes=settings.max_body_bytes,
     )
+    app.add_middleware(
+        MetricsMiddleware,
+        registry=registry,
+        trusted_proxies=settings.trusted_proxy_list,
+        access_log=settings.access_log,
+        anomalies=UsageAnomalyDetector(store=store, factor=settings.anomaly_factor,
+                                       registry=registry)
+        if settings.anomaly_factor else None,
+        tracing=tracing,
+    )
     return app
+
+
+def configure_tracing(settings: GeminiScaleSettings) -> bool:
+    """With ``OTEL_EXPORTER_OTLP_ENDPOINT`` set, export traces there (OTLP over HTTP) and
+    say that tracing is on; needs the ``otel`` extra."""
+    if not settings.otel_exporter_otlp_endpoint:
+        return False
+    try:
+        from opentelemetry import trace
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    except ImportError:
+        raise ConfigurationError(
+            "OTEL_EXPORTER_OTLP_ENDPOINT is set but the OpenTelemetry extra is not "
+            "installed: pip install 'gemini-scale[otel]'"
+        ) from None
+    if not isinstance(trace.get_tracer_provider(), TracerProvider):
+        provider = TracerProvider(resource=Resource.create({"service.name": "gemini-scale"}))
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))  # reads OTEL_*
+        trace.set_tracer_provider(provider)
+    return True
 
 
 def api_versions(*, strict_v1: bool = False) -> VersionBundle:

@@ -7,12 +7,14 @@ import sys
 from fastapi import FastAPI
 
 from example_app.app import create_app
-from gemini_scale import ConfigurationError, load_settings
+from gemini_scale import ConfigurationError, configure_logging, load_settings
 
 
 def _from_environment() -> FastAPI:
     try:
-        return create_app(load_settings())
+        settings = load_settings()
+        configure_logging(settings.log_level, settings.log_format)
+        return create_app(settings)
     except ConfigurationError as exc:
         # A clear one-line reason instead of an import traceback.
         sys.stderr.write(f"gemini-scale example gateway cannot start: {exc}\n")

@@ -60,6 +60,8 @@ class JSONBodyMiddleware(GeminiMiddleware):
         path_prefixes: only paths starting with one of these are checked (default: all).
     """
 
+    span_name = "gemini_scale.body"
+
     def __init__(
         self,
         app: ASGIApp,

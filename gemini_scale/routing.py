@@ -29,6 +29,7 @@ from starlette.routing import Host, Mount, Route, compile_path
 
 from gemini_scale.errors import ConfigurationError, PolicyNotEnforcedError, send_error
 from gemini_scale.memo import remember
+from gemini_scale.observability.tracing import _state as _tracing
 from gemini_scale.policies import Policy, policies_of
 from gemini_scale.types import ASGIApp, Scope
 
@@ -39,6 +40,20 @@ CONTEXT_KEY = "gemini_scale"
 #: ``RequestContext.extras`` key a cache sets on a hit: the rate limiter then charges the
 #: request but no tokens.
 CACHE_HIT_KEY = "cache_hit"
+# What the layers decided, left in ``RequestContext.extras`` for the metrics layer and the
+# access log (DESIGN.md §3: it observes what the other middlewares decide).
+#: The cache's outcome: ``hit``, ``coalesced``, ``miss``, ``stored``, ``bypass``, ``request``.
+CACHE_OUTCOME_KEY = "cache"
+#: ``(name prefix, limits, Decision)`` of every rate limiter the request met.
+DECISIONS_KEY = "rate_limits"
+#: Why authentication refused the request (``AuthError.reason``).
+AUTH_REFUSAL_KEY = "auth_refusal"
+#: The ``UsageObserver`` that read the answer's ``usageMetadata`` (set by the token limiter).
+USAGE_KEY = "usage"
+#: ``(model, status, seconds, error)`` of the upstream call (set by ``GeminiUpstream``).
+UPSTREAM_KEY = "upstream"
+#: The client's API version (set by ``VersionMiddleware``).
+API_VERSION_EXTRA = "api_version"
 _LIFESPAN_KEY = "gemini_scale.lifespan"
 
 _EMPTY: Mapping[type[Policy], Policy] = {}
@@ -348,6 +363,8 @@ class GeminiMiddleware:
     """
 
     enforces: ClassVar[frozenset[type[Policy]]] = frozenset()
+    span_name: ClassVar[str | None] = "gemini_scale.middleware"
+    """The name of the OpenTelemetry span around :meth:`handle` when tracing is on."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -383,7 +400,12 @@ class GeminiMiddleware:
                 return
             context = RequestContext(table.match(scope["method"], route_path(scope)))
             scope[CONTEXT_KEY] = context
-        await self.handle(scope, receive, send, context)
+        tracer = _tracing.tracer
+        if tracer is None or self.span_name is None:
+            await self.handle(scope, receive, send, context)
+            return
+        with tracer.start_as_current_span(self.span_name):
+            await self.handle(scope, receive, send, context)
 
     def _route_table(self, scope: Scope) -> RouteTable | None:
         """The route table of the app serving ``scope``; ``None`` when its audit failed."""
@@ -503,8 +525,14 @@ def policy_for(context: RequestContext, rules: Rules, kind: type[P], scope: Scop
 
 
 __all__ = [
+    "API_VERSION_EXTRA",
+    "AUTH_REFUSAL_KEY",
     "CACHE_HIT_KEY",
+    "CACHE_OUTCOME_KEY",
     "CONTEXT_KEY",
+    "DECISIONS_KEY",
+    "UPSTREAM_KEY",
+    "USAGE_KEY",
     "GeminiMiddleware",
     "RequestContext",
     "RouteMatch",

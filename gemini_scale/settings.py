@@ -70,6 +70,34 @@ class GeminiScaleSettings(BaseSettings):
     """Seconds to wait for the upstream (per read)."""
     strict_v1: bool = False
     """``/v1`` refuses the members its published proto lacks, as Google's v1 once did."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """Level of every log record, access records included (INFO)."""
+    log_format: Literal["json", "text"] = "json"
+    """One JSON object per record, or ``key=value`` text lines."""
+    access_log: bool = True
+    """One access record per request (logger ``gemini_scale.access``)."""
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None, validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_ENDPOINT")
+    )
+    """OpenTelemetry's own variable: set, traces are exported there (needs the ``otel``
+    extra)."""
+    anomaly_factor: float = Field(default=5.0, ge=0)
+    """A principal's usage this many times its own baseline is flagged; ``0`` turns the
+    detector off."""
+
+    @field_validator("anomaly_factor")
+    @classmethod
+    def _factor(cls, value: float) -> float:
+        if 0 < value <= 1:
+            raise ValueError("0 (off) or more than 1: usage this many times its baseline")
+        return value
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _case(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        return value.lower() if value.lower() in ("json", "text") else value.upper()
 
     @field_validator("rate_limit", "token_limit", "ip_rate_limit")
     @classmethod

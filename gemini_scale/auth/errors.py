@@ -12,6 +12,8 @@ class AuthError(GeminiScaleError):
     status_code: int = 401
     error: str | None = "invalid_token"
     """RFC 6750 error code for ``WWW-Authenticate`` (``None``: a bare challenge)."""
+    reason: str = "invalid_token"
+    """Why, for metrics and logs: a fixed word, never input."""
 
     def __init__(self, description: str = "The access token is invalid.") -> None:
         super().__init__(description)
@@ -22,6 +24,7 @@ class MissingCredentialsError(AuthError):
     """No credential was sent, or one in a scheme we do not accept: a bare challenge (401)."""
 
     error = None
+    reason = "missing_credentials"
 
     def __init__(self, description: str = "Authentication is required.") -> None:
         super().__init__(description)
@@ -32,6 +35,7 @@ class InvalidRequestError(AuthError):
 
     status_code = 400
     error = "invalid_request"
+    reason = "invalid_request"
 
     def __init__(self, description: str = "The authorization request is malformed.") -> None:
         super().__init__(description)
@@ -46,6 +50,7 @@ class InsufficientScopeError(AuthError):
 
     status_code = 403
     error = "insufficient_scope"
+    reason = "insufficient_scope"
 
     def __init__(self, required: frozenset[str]) -> None:
         super().__init__("The access token does not grant the required scope.")
@@ -61,6 +66,7 @@ class IdentityProviderUnavailableError(AuthError):
 
     status_code = 503
     error = None
+    reason = "identity_provider_unavailable"
 
     def __init__(
         self,

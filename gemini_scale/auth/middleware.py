@@ -26,7 +26,14 @@ from gemini_scale.body import replay_receive
 from gemini_scale.errors import ConfigurationError, canonical_status, send_error
 from gemini_scale.policies import Policy, PublicPolicy, ScopePolicy
 from gemini_scale.principal import Principal
-from gemini_scale.routing import GeminiMiddleware, RequestContext, Rules, policy_for, route_path
+from gemini_scale.routing import (
+    AUTH_REFUSAL_KEY,
+    GeminiMiddleware,
+    RequestContext,
+    Rules,
+    policy_for,
+    route_path,
+)
 from gemini_scale.types import SYSTEM_CLOCK, ASGIApp, Clock, Receive, Scope, Send
 
 if TYPE_CHECKING:
@@ -66,6 +73,8 @@ class OAuth2Middleware(GeminiMiddleware):
             created on first use and closed at shutdown).
         clock: time source (tests).
     """
+
+    span_name = "gemini_scale.auth"
 
     enforces = frozenset({ScopePolicy, PublicPolicy})
 
@@ -139,6 +148,7 @@ class OAuth2Middleware(GeminiMiddleware):
             if required is not None and not principal.scopes.issuperset(required.scopes):
                 raise InsufficientScopeError(required.scopes)
         except AuthError as refused:
+            context.extras[AUTH_REFUSAL_KEY] = refused.reason
             logger.info(
                 "refused %s %s: %s",
                 scope["method"],

@@ -56,6 +56,7 @@ from gemini_scale.caching.keys import ALL_TAG, model_tag, principal_tag, tenant_
 from gemini_scale.caching.scripts import FOUND, GONE, LOCK, LOCKED, POLL, STORE
 from gemini_scale.errors import ConfigurationError, StoreError, StoreUnavailableError
 from gemini_scale.memo import remember
+from gemini_scale.observability.metrics import record_store_error
 from gemini_scale.stores.base import Store, ttl_ms
 from gemini_scale.stores.memory import MemoryStore
 from gemini_scale.stores.scripts import COMPARE_AND_DELETE
@@ -264,6 +265,7 @@ class CacheEngine:
     def _failed(self, exc: StoreError) -> StoreError:
         now = self.clock.monotonic()
         self.stats.store_errors += 1
+        record_store_error("cache")
         if isinstance(exc, StoreUnavailableError):
             self._down_until = now + self.retry_after
         if now - self._last_warning >= self.log_interval:

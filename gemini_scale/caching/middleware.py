@@ -34,6 +34,7 @@ from gemini_scale.policies import GENERATION_MODES, CachePolicy, GenerationMode,
 from gemini_scale.principal import Principal
 from gemini_scale.routing import (
     CACHE_HIT_KEY,
+    CACHE_OUTCOME_KEY,
     GeminiMiddleware,
     RequestContext,
     Rules,
@@ -42,9 +43,6 @@ from gemini_scale.routing import (
 from gemini_scale.stores.base import Store
 from gemini_scale.types import SYSTEM_CLOCK, ASGIApp, Clock, Receive, Scope, Send
 
-#: ``RequestContext.extras`` key of the outcome: ``hit``, ``coalesced``, ``miss``,
-#: ``bypass`` (not cacheable, or the store failed) or ``request`` (the client said so).
-CACHE_OUTCOME_KEY: Final = "cache"
 #: ``RequestContext.extras`` key of the entry key (for ``CacheEngine.invalidate(keys=...)``).
 CACHE_KEY_KEY: Final = "cache_key"
 
@@ -109,6 +107,8 @@ class CacheMiddleware(GeminiMiddleware):
         lock_ttl, wait_timeout: single-flight lock lifetime and longest follower wait.
         clock: time source for freshness and ``Age``.
     """
+
+    span_name = "gemini_scale.cache"
 
     enforces = frozenset({CachePolicy})
 
@@ -335,6 +335,7 @@ class CacheMiddleware(GeminiMiddleware):
         found = recorder.response(created=self.clock.time(), ttl=plan.policy.ttl)
         if found is not None:
             await self.engine.put(x.key, found, flight)
+            x.context.extras[CACHE_OUTCOME_KEY] = "stored"
         return found
 
     async def _bypass(self, x: _Exchange) -> None:

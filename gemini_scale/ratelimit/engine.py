@@ -27,6 +27,7 @@ import anyio
 
 from gemini_scale.errors import StoreError
 from gemini_scale.memo import remember
+from gemini_scale.observability.metrics import record_store_error
 from gemini_scale.ratelimit.metrics import record_degraded, record_recovered
 from gemini_scale.ratelimit.scripts import ACQUIRE, SETTLE
 from gemini_scale.stores.base import Store
@@ -520,6 +521,7 @@ class RateLimiter:
             await task
 
     def _warn(self, exc: Exception) -> None:
+        record_store_error("ratelimit")
         now = time.monotonic()
         if now - self._last_warning >= 10.0:  # once per interval, not per request (B15)
             self._last_warning = now

@@ -22,6 +22,7 @@ def _metrics() -> tuple[Counter, Gauge]:
     degraded = Gauge(
         "gemini_scale_ratelimit_store_degraded",
         "1 while the rate-limit store is failing (circuit open), else 0.",
+        multiprocess_mode="livemax",  # several workers: 1 while any living one is degraded
     )
     return decisions, degraded
 

@@ -27,6 +27,8 @@ from gemini_scale.ratelimit.engine import (
 from gemini_scale.ratelimit.usage import UsageObserver, estimate_request_tokens
 from gemini_scale.routing import (
     CACHE_HIT_KEY,
+    DECISIONS_KEY,
+    USAGE_KEY,
     GeminiMiddleware,
     RequestContext,
     Rules,
@@ -48,8 +50,6 @@ _IDENTITY_CACHE_SIZE = 10_000
 _CLIENT_IP: tuple[LimitKey, ...] = ("client_ip",)
 #: Longest ``X-Forwarded-For`` (all lines) whose bucket is memoised; longer ones are parsed.
 _FORWARDED_MEMO_MAX = 256
-#: ``RequestContext.extras`` key of the decisions made for a request, outermost first.
-DECISIONS_KEY = "rate_limits"
 
 
 class _Plan(NamedTuple):
@@ -90,6 +90,8 @@ class RateLimitMiddleware(GeminiMiddleware):
         refund_delay: seconds a refund to a shared store may wait for its bucket's next
             acquire, which carries it in the same script (``0``: a round trip at once).
     """
+
+    span_name = "gemini_scale.rate_limit"
 
     enforces = frozenset({RateLimitPolicy})
     #: Whether route marks and rules apply (the per-address limiter uses only its default).
@@ -369,6 +371,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         costs: Sequence[int],
     ) -> None:
         observer = UsageObserver(count=self.count)
+        context.extras[USAGE_KEY] = observer  # the metrics layer reads the usage too
         status: list[int] = []
 
         async def observing_send(message: Message) -> None:
@@ -402,6 +405,7 @@ class IPRateLimitMiddleware(RateLimitMiddleware):
     """
 
     enforces = frozenset()
+    span_name = "gemini_scale.rate_limit.client_ip"
     route_policies = False
     name_prefix = "ip-"
     namespace = "rl-ip"

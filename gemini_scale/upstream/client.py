@@ -31,10 +31,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import Any
+from typing import Any, Final
 
 import anyio
 import httpx
@@ -51,6 +52,8 @@ from gemini_scale.errors import (
     reason_phrase,
 )
 from gemini_scale.gemini_json import respelled
+from gemini_scale.observability import tracing
+from gemini_scale.observability.metrics import BoundedLabel, families
 from gemini_scale.types import Message, Receive, Scope, Send
 
 __all__ = ["DEFAULT_BASE_URL", "FORWARDED_QUERY_PARAMS", "GeminiUpstream", "UpstreamResponse"]
@@ -167,6 +170,8 @@ class UpstreamResponse(Response):
         self.raw_headers = list(headers)
         self._upstream = upstream
         self._event_stream = event_stream
+        self.model = "(unknown)"
+        """The model label of the call, for the broken-stream metric."""
 
     @property
     def event_stream(self) -> bool:
@@ -223,6 +228,7 @@ class UpstreamResponse(Response):
 
     async def _end_broken_stream(self, send: Send, exc: Exception, tail: bytes) -> None:
         timed_out = isinstance(exc, httpx.TimeoutException)
+        families().upstream_errors.labels(self.model, "broken_stream").inc()
         logger.warning(
             "upstream stream broke after the response started: %s", type(exc).__name__
         )
@@ -387,9 +393,27 @@ class GeminiUpstream:
         key = self._pick_key()
         if key is not None:
             headers["x-goog-api-key"] = key
+        model = _model_label(path)
+        with tracing.span("gemini_scale.upstream", kind="CLIENT", **{
+            "http.request.method": method, "gen_ai.request.model": model,
+        }):
+            tracing.inject(headers)  # W3C traceparent, when tracing is on
+            return await self._send(method, path, query, body, headers=headers, model=model)
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        query: Sequence[tuple[str, str]],
+        body: bytes | None,
+        *,
+        headers: dict[str, str],
+        model: str,
+    ) -> Response:
         started = time.monotonic()
         if self._client.is_closed:
             logger.warning("upstream %s %s: client closed", method, path)
+            _record(model, None, 0.0, "unavailable")
             return UpstreamUnavailableError().response()
         outgoing = self._client.build_request(
             method, self._base_url + path, params=list(query), content=body, headers=headers
@@ -397,21 +421,26 @@ class GeminiUpstream:
         try:
             upstream = await self._client.send(outgoing, stream=True)
         except httpx.TransportError as exc:
+            elapsed = time.monotonic() - started
             logger.warning(
                 "upstream %s %s failed after %.3fs: %s",
-                method, path, time.monotonic() - started, type(exc).__name__,
+                method, path, elapsed, type(exc).__name__,
             )
-            return _failure_response(exc)
-        logger.debug(
-            "upstream %s %s -> %d in %.3fs",
-            method, path, upstream.status_code, time.monotonic() - started,
-        )
-        if 200 <= upstream.status_code < 300:
-            return self._relay_response(upstream)
+            response = _failure_response(exc)
+            _record(model, None, elapsed,
+                    "timeout" if response.status_code == 504 else "unavailable")
+            return response
+        elapsed = time.monotonic() - started
+        status = upstream.status_code
+        logger.debug("upstream %s %s -> %d in %.3fs", method, path, status, elapsed)
+        if 200 <= status < 300:
+            _record(model, status, elapsed, None)
+            return self._relay_response(upstream, model)
+        _record(model, status, elapsed, "status_4xx" if status < 500 else "status_5xx")
         return await self._error_response(upstream, method, path)
 
     @staticmethod
-    def _relay_response(upstream: httpx.Response) -> UpstreamResponse:
+    def _relay_response(upstream: httpx.Response, model: str) -> UpstreamResponse:
         content_type = upstream.headers.get("content-type", "")
         event_stream = content_type.split(";")[0].strip().lower() == "text/event-stream"
         raw: list[tuple[bytes, bytes]] = []
@@ -426,7 +455,9 @@ class GeminiUpstream:
         # "identity", so a length is only still true for an unencoded body.
         if length is not None and not event_stream and encoding == "identity":
             raw.append((b"content-length", length.encode("latin-1")))
-        return UpstreamResponse(upstream, headers=raw, event_stream=event_stream)
+        response = UpstreamResponse(upstream, headers=raw, event_stream=event_stream)
+        response.model = model
+        return response
 
     @staticmethod
     async def _error_response(upstream: httpx.Response, method: str, path: str) -> Response:
@@ -468,6 +499,24 @@ class GeminiUpstream:
         for name, value in extra.items():
             response.headers[name] = value
         return response
+
+
+_MODEL_IN_PATH: Final = re.compile(r"/models/([^/:]+)")
+_MODELS: Final = BoundedLabel(100)
+
+
+def _model_label(path: str) -> str:
+    found = _MODEL_IN_PATH.search(path)
+    return _MODELS(found.group(1)) if found else "(none)"
+
+
+def _record(model: str, status: int | None, seconds: float, error: str | None) -> None:
+    """The upstream metrics of one call (docs/operations/metrics.md)."""
+    fams = families()
+    if status is not None:
+        fams.upstream_duration.labels(model, str(status)).observe(seconds)
+    if error is not None:
+        fams.upstream_errors.labels(model, error).inc()
 
 
 async def _read_limited(response: httpx.Response, limit: int) -> bytes | None:

@@ -31,6 +31,7 @@ from gemini_scale.gemini_json import dump_json
 from gemini_scale.memo import remember
 from gemini_scale.policies import Policy, VersionPolicy
 from gemini_scale.routing import (
+    API_VERSION_EXTRA,
     CONTEXT_KEY,
     GeminiMiddleware,
     RequestContext,
@@ -355,6 +356,9 @@ class VersionMiddleware(GeminiMiddleware):
         ):
             scope = self._rewrite(scope, selected, path)
         scope[API_VERSION_KEY] = selected.version.name
+        context = scope.get(CONTEXT_KEY)
+        if context is not None:  # an outer layer (the metrics layer) reads it there
+            context.extras[API_VERSION_EXTRA] = selected.version.name
         app = scope.get("app")
         resolution = self._last_resolution
         if resolution is not None and app is self._last_app and resolution[1] is None:

@@ -1,0 +1,81 @@
+"""Structured logs: one access record per request, JSON or ``key=value`` lines.
+
+The access record holds what an operator needs to follow one request (its id, who made it,
+which route and model, what the layers decided, tokens, timing) and nothing that must never
+reach a log: no bearer token, API key, query string or prompt text. Fields are attached to
+the record as ``record.access``; :class:`JSONFormatter` renders them (and any other
+``extra`` fields) as one JSON object per line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Mapping
+from typing import Any, Final, Literal
+
+__all__ = ["ACCESS_LOGGER", "JSONFormatter", "KeyValueFormatter", "configure_logging"]
+
+#: The logger access records go to (INFO).
+ACCESS_LOGGER: Final = "gemini_scale.access"
+
+#: ``LogRecord`` attributes that are not ``extra`` fields.
+_STANDARD: Final = frozenset(
+    {*vars(logging.LogRecord("", 0, "", 0, "", None, None)), "message", "asctime", "taskName"}
+)
+
+
+def _fields(record: logging.LogRecord) -> dict[str, Any]:
+    fields = {
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        + f".{int(record.msecs):03d}Z",
+        "level": record.levelname,
+        "logger": record.name,
+        "message": record.getMessage(),
+    }
+    for name, value in vars(record).items():
+        if name not in _STANDARD and not name.startswith("_"):
+            if isinstance(value, Mapping) and name == "access":
+                fields.update(value)
+            else:
+                fields[name] = value
+    if record.exc_info:
+        fields["exception"] = logging.Formatter().formatException(record.exc_info)
+    return fields
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per record: time, level, logger, message and the ``extra`` fields
+    (an access record's fields at the top level)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return json.dumps(_fields(record), default=str, separators=(",", ":"))
+
+
+class KeyValueFormatter(logging.Formatter):
+    """``time level logger message key=value ...`` lines, for people reading a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = _fields(record)
+        head = " ".join(str(fields.pop(k)) for k in ("time", "level", "logger", "message"))
+        rest = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in fields.items())
+        return f"{head} {rest}" if rest else head
+
+
+def configure_logging(
+    level: str | int = "INFO", fmt: Literal["json", "text"] = "json"
+) -> logging.Handler:
+    """Send every log record (access records included) to stderr at ``level``, as JSON or
+    text; returns the handler installed on the root logger (replacing one installed by an
+    earlier call)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JSONFormatter() if fmt == "json" else KeyValueFormatter())
+    handler.set_name("gemini_scale")
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if h.get_name() == "gemini_scale"]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper() if isinstance(level, str) else level)
+    return handler

@@ -1,0 +1,411 @@
+"""``MetricsMiddleware``: the outermost layer. A request id, timing, and one record of what
+every layer decided, as Prometheus metrics and one access-log record per request.
+
+It is a pure-ASGI ``send`` wrapper: the answer streams through untouched (time to first
+byte is when the first body chunk passes). What the other layers decided reaches it through
+the request context (``RequestContext.extras``): the route template they matched, the
+version, the principal, why authentication refused, each rate limiter's decision, the
+cache's outcome, the answer's token usage. Nothing is read from raw paths, and no principal
+or client-chosen value becomes a label without a bound.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Final
+
+from gemini_scale.keys import TrustedProxies
+from gemini_scale.observability import tracing
+from gemini_scale.observability.logs import ACCESS_LOGGER
+from gemini_scale.observability.metrics import BoundedLabel, Families, families
+from gemini_scale.observability.request_id import REQUEST_ID_HEADER, RequestIds
+from gemini_scale.observability.tracing import _state as _tracing
+from gemini_scale.ratelimit.usage import UsageObserver
+from gemini_scale.routing import (
+    API_VERSION_EXTRA,
+    AUTH_REFUSAL_KEY,
+    CACHE_OUTCOME_KEY,
+    DECISIONS_KEY,
+    USAGE_KEY,
+    GeminiMiddleware,
+    RequestContext,
+)
+from gemini_scale.types import ASGIApp, Message, Receive, Scope, Send
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from gemini_scale.observability.anomaly import UsageAnomalyDetector
+
+__all__ = ["MetricsMiddleware"]
+
+access_logger = logging.getLogger(ACCESS_LOGGER)
+
+UNMATCHED: Final = "(unmatched)"
+_NONE: Final = "none"
+_PROVIDER: Final = "gcp.gemini"
+#: Gemini custom methods and their GenAI ``gen_ai.operation.name``.
+_OPERATIONS: Final = {
+    "generateContent": "generate_content",
+    "streamGenerateContent": "stream_generate_content",
+    "countTokens": "count_tokens",
+    "embedContent": "embed_content",
+    "batchEmbedContents": "batch_embed_contents",
+}
+_GENERATIONS: Final = frozenset({"generate_content", "stream_generate_content"})
+_CACHE_RESULTS: Final = {
+    "hit": "hit", "coalesced": "coalesced", "miss": "miss", "stored": "stored",
+    "bypass": "bypass", "request": "bypass",
+}
+_STATUS: Final = {code: str(code) for code in range(100, 600)}
+
+
+class MetricsMiddleware(GeminiMiddleware):
+    """Request ids, timing, Prometheus metrics and access logs for every HTTP request.
+
+    Options:
+        registry: the Prometheus registry (default: prometheus-client's global one).
+        trusted_proxies: networks whose ``X-Request-ID`` is kept; any other client's is
+            replaced by a generated id. Every answer carries exactly one ``X-Request-ID``.
+        access_log: write one INFO record per request to ``gemini_scale.access``.
+        anomalies: a :class:`~gemini_scale.observability.anomaly.UsageAnomalyDetector`
+            told each principal's requests and tokens.
+        tracing: turn OpenTelemetry tracing on (needs the ``otel`` extra).
+        max_models, max_tenants: how many distinct model ids and tenants become label
+            values; the rest are ``(other)``.
+    """
+
+    span_name = None  # it opens the server span itself
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        registry: CollectorRegistry | None = None,
+        trusted_proxies: TrustedProxies | Iterable[str] = (),
+        access_log: bool = True,
+        anomalies: UsageAnomalyDetector | None = None,
+        tracing: bool = False,
+        max_models: int = 100,
+        max_tenants: int = 1000,
+    ) -> None:
+        super().__init__(app)
+        self.families: Families = families(registry)
+        self.request_ids = RequestIds(trusted_proxies)
+        self.access_log = access_log
+        self.anomalies = anomalies
+        self._models = BoundedLabel(max_models)
+        self._tenants = BoundedLabel(max_tenants)
+        # (method, template, status, version) -> its duration and first-byte children:
+        # .labels() costs more than the observation itself.
+        self._children: dict[tuple[str, str, int, str], tuple[Any, Any]] = {}
+        # (operation, model) -> its GenAI children.
+        self._genai: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
+        if tracing:
+            from gemini_scale.observability.tracing import enable_tracing
+
+            enable_tracing()
+
+    async def before_shutdown(self) -> None:
+        """Stop the anomaly detector and send its last counts while the app's store is
+        still open (the app closes it in its own shutdown)."""
+        if self.anomalies is not None:
+            await self.anomalies.aclose()
+
+    async def handle(
+        self, scope: Scope, receive: Receive, send: Send, context: RequestContext
+    ) -> None:
+        started = time.perf_counter()
+        request_id, taken = self.request_ids(scope)
+        if not taken:  # inner layers, the app and the upstream call see this id only
+            headers = scope["headers"]
+            for name, _ in headers:
+                if name == REQUEST_ID_HEADER:
+                    headers = [h for h in headers if h[0] != REQUEST_ID_HEADER]
+                    break
+            scope["headers"] = [*headers, (REQUEST_ID_HEADER, request_id)]
+        exchange = _Exchange(send, request_id, started, context)
+        try:
+            if _tracing.tracer is None:
+                await self.app(scope, receive, exchange)
+            else:
+                await self._traced(scope, receive, exchange, context)
+        except OSError:  # uvicorn's ClientDisconnect: the client went away mid-answer
+            exchange.gone = True
+            raise
+        except BaseException:
+            if not exchange.status:
+                exchange.status = 500  # what the server answers for us
+            raise
+        finally:
+            self._record(scope, context, exchange)
+
+    async def _traced(
+        self, scope: Scope, receive: Receive, exchange: _Exchange, context: RequestContext
+    ) -> None:
+        """The request inside a server span (continuing the caller's W3C trace)."""
+        method = scope["method"]
+        span = tracing.server_span(method, scope["headers"], **{"http.request.method": method})
+        with span as opened:
+            try:
+                await self.app(scope, receive, exchange)
+            finally:  # the route is known now (after the version layer's rewrite)
+                route = context.route
+                template = route.template if route is not None else UNMATCHED
+                opened.update_name(f"{method} {template}")
+                opened.set_attribute("http.route", template)
+                opened.set_attribute("http.response.status_code", exchange.status or 500)
+
+    def _record(self, scope: Scope, context: RequestContext, x: _Exchange) -> None:
+        ended = time.perf_counter()
+        method: str = scope["method"]
+        route = context.route
+        template = route.template if route is not None else UNMATCHED
+        extras = context.extras
+        version = extras.get(API_VERSION_EXTRA) or _NONE
+        status = x.status or (499 if x.gone else 500)  # 499: the client closed the request
+        fams = self.families
+        key = (method, template, status, version)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                fams.requests.labels(method, template, _STATUS.get(status, "500"), version),
+                fams.first_byte.labels(method, template),
+            )
+        children[0].observe(ended - x.started)
+        if x.first_byte:
+            children[1].observe(x.first_byte - x.started)
+        if x.gone or (x.status and not x.complete):
+            x.gone = True
+            fams.disconnects.labels(template).inc()
+        if extras or (route is not None and route.params):
+            self._record_facts(scope, context, x, template, ended)
+        elif self.access_log and access_logger.isEnabledFor(logging.INFO):
+            self._log(scope, context, x, template, ended)
+
+    def _record_facts(
+        self, scope: Scope, context: RequestContext, x: _Exchange, template: str, ended: float
+    ) -> None:
+        fams = self.families
+        extras = context.extras
+        refusal = extras.get(AUTH_REFUSAL_KEY)
+        if refusal is not None:
+            fams.auth_refusals.labels(refusal).inc()
+        for prefix, _limits, decision in extras.get(DECISIONS_KEY, ()):
+            fams.ratelimit_decisions.labels(*_decision_labels(prefix, decision)).inc()
+        cache = extras.get(CACHE_OUTCOME_KEY)
+        if cache is not None:
+            fams.cache_results.labels(template, _CACHE_RESULTS.get(cache, "bypass")).inc()
+        model, operation = _gemini_call(context)
+        tokens_in = tokens_out = None
+        if model is not None and operation is not None:
+            model = self._models(model)
+            genai = self._genai.get((operation, model))
+            if genai is None:
+                labels = (operation, model, _PROVIDER)
+                genai = self._genai[(operation, model)] = (
+                    fams.genai_duration.labels(*labels),
+                    fams.genai_first_token.labels(*labels),
+                    fams.genai_tokens.labels(*labels, "input"),
+                    fams.genai_tokens.labels(*labels, "output"),
+                )
+            genai[0].observe(ended - x.started)
+            if operation == "stream_generate_content" and x.first_byte:
+                genai[1].observe(x.first_byte - x.started)
+            tokens_in, tokens_out = _usage(extras.get(USAGE_KEY) or x.observer)
+            if tokens_in or tokens_out:
+                tenant = self._tenant(context)
+                if tokens_in:
+                    genai[2].observe(tokens_in)
+                    fams.tokens.labels(model, tenant, "input").inc(tokens_in)
+                if tokens_out:
+                    genai[3].observe(tokens_out)
+                    fams.tokens.labels(model, tenant, "output").inc(tokens_out)
+        if self.anomalies is not None and context.principal is not None:
+            principal = context.principal
+            self.anomalies.observe(
+                f"{principal.issuer} {principal.subject}",
+                tokens=(tokens_in or 0) + (tokens_out or 0),
+            )
+        if self.access_log and access_logger.isEnabledFor(logging.INFO):
+            self._log(
+                scope, context, x, template, ended, tokens_in=tokens_in, tokens_out=tokens_out
+            )
+
+    def _tenant(self, context: RequestContext) -> str:
+        principal = context.principal
+        tenant = getattr(principal, "tenant", None) if principal is not None else None
+        return self._tenants(tenant) if tenant else "(none)"
+
+    def _log(
+        self,
+        scope: Scope,
+        context: RequestContext,
+        x: _Exchange,
+        template: str,
+        ended: float,
+        *,
+        tokens_in: int | None = None,
+        tokens_out: int | None = None,
+    ) -> None:
+        extras = context.extras
+        principal = context.principal
+        route = context.route
+        record: dict[str, Any] = {
+            "request_id": x.request_id.decode("latin-1"),
+            "method": scope["method"],
+            "route": template,
+            "status": x.status or 500,
+            "api_version": extras.get(API_VERSION_EXTRA),
+            "model": route.params.get("model") if route is not None else None,
+            "principal": getattr(principal, "subject", None),
+            "tenant": getattr(principal, "tenant", None),
+            "auth_refusal": extras.get(AUTH_REFUSAL_KEY),
+            "cache": extras.get(CACHE_OUTCOME_KEY),
+            "rate_limit": _limit_state(extras.get(DECISIONS_KEY, ())),
+            "tokens_in": tokens_in,
+            "tokens_out": tokens_out,
+            "ttfb_ms": round((x.first_byte - x.started) * 1000, 3) if x.first_byte else None,
+            "duration_ms": round((ended - x.started) * 1000, 3),
+            "bytes": x.sent,
+            "client_disconnected": x.gone,
+        }
+        access_logger.info(
+            "%s %s %s", scope["method"], template, x.status or 500,
+            extra={"access": {k: v for k, v in record.items() if v is not None}},
+        )
+
+
+class _Exchange:
+    """The server-facing ``send``: adds the request id, notes the status, the first body
+    byte, the bytes sent and whether the answer completed."""
+
+    __slots__ = ("complete", "context", "first_byte", "gone", "observer", "request_id", "send",
+                 "sent", "started", "status")
+
+    def __init__(
+        self, send: Send, request_id: bytes, started: float, context: RequestContext
+    ) -> None:
+        self.send = send
+        self.request_id = request_id
+        self.started = started
+        self.context = context
+        self.status = 0
+        self.first_byte = 0.0
+        self.sent = 0
+        self.complete = False
+        self.gone = False
+        self.observer: UsageObserver | None = None
+
+    async def __call__(self, message: Message) -> None:
+        kind = message["type"]
+        if kind == "http.response.body":
+            body = message.get("body", b"")
+            if body:
+                if not self.first_byte:
+                    self.first_byte = time.perf_counter()
+                self.sent += len(body)
+            more = message.get("more_body", False)
+            if self.observer is not None:
+                self.observer.feed(body)
+                if not more:
+                    self.observer.finish()
+            if not more:
+                self.complete = True
+        elif kind == "http.response.start":
+            self.status = message["status"]
+            headers = message.get("headers", ())
+            for name, _ in headers:
+                if name == REQUEST_ID_HEADER:  # exactly one id goes out: ours
+                    headers = [h for h in headers if h[0] != REQUEST_ID_HEADER]
+                    break
+            # A new list (the app may reuse its own, a cache does), in the message it sent.
+            message["headers"] = [*headers, (REQUEST_ID_HEADER, self.request_id)]
+            if self.context.route is not None:
+                self._observe_usage(message)
+        elif kind == "http.response.pathsend":
+            self.complete = True
+        await self.send(message)
+
+    def _observe_usage(self, start: Message) -> None:
+        """Read the usage of a generation's answer ourselves when no token limiter does
+        (token counts and embeddings carry no ``usageMetadata``)."""
+        context = self.context
+        if USAGE_KEY in context.extras or _gemini_call(context)[1] not in _GENERATIONS:
+            return
+        observer = self.observer = UsageObserver()
+        content_type = next(
+            (v.decode("latin-1") for k, v in start.get("headers", ()) if k == b"content-type"),
+            None,
+        )
+        observer.start(start["status"], content_type)
+
+
+def _decision_labels(prefix: str, decision: Any) -> tuple[str, str]:
+    """``(limit, outcome)`` of one rate limiter's decision."""
+    who = "client_ip " if prefix else ""
+    if decision.degraded:
+        return f"{who}any", "degraded"
+    if decision.allowed:
+        tightest = decision.tightest()
+        limit = tightest[0] if tightest is not None else None
+        outcome = "allowed"
+    else:
+        refused = [s for s in decision.states if s.retry_after is not None]
+        limit = refused[0].limit if refused else None
+        outcome = "refused"
+    if limit is None:
+        return f"{who}any", outcome
+    return f"{who}{limit.kind} {limit.amount}/{limit.window}s", outcome
+
+
+def _limit_state(decisions: Iterable[tuple[str, Any, Any]]) -> str | None:
+    """The access log's view of the limits: the outcome of each limiter the request met."""
+    states = [" ".join(_decision_labels(prefix, d)[::-1]) for prefix, _, d in decisions]
+    return "; ".join(states) or None
+
+
+def _gemini_call(context: RequestContext) -> tuple[str | None, str | None]:
+    """``(model, operation)`` of a Gemini model route (``/models/{model}:method``)."""
+    route = context.route
+    if route is None:
+        return None, None
+    model = route.params.get("model")
+    if model is None:
+        return None, None
+    template = route.template
+    operation = _operation_of.get(template, _UNKNOWN)
+    if operation is _UNKNOWN:
+        operation = _OPERATIONS.get(template.rpartition(":")[2])
+        if len(_operation_of) < 4096:
+            _operation_of[template] = operation
+    return model, operation
+
+
+_UNKNOWN: Final = ""
+#: route template -> its GenAI operation (``None``: not a Gemini model method).
+_operation_of: dict[str, str | None] = {}
+
+
+def _usage(observer: Any) -> tuple[int | None, int | None]:
+    """Input and output tokens from the answer's ``usageMetadata``, when something read it."""
+    usage = getattr(observer, "usage", None)
+    if not isinstance(usage, dict):
+        return None, None
+    prompt = usage.get("promptTokenCount")
+    total = usage.get("totalTokenCount")
+    output = usage.get("candidatesTokenCount")
+    thoughts = usage.get("thoughtsTokenCount")
+    tokens_in = prompt if isinstance(prompt, int) else None
+    if isinstance(output, int) or isinstance(thoughts, int):
+        tokens_out = (output if isinstance(output, int) else 0) + (
+            thoughts if isinstance(thoughts, int) else 0
+        )
+    elif isinstance(total, int) and tokens_in is not None:
+        tokens_out = max(0, total - tokens_in)
+    else:
+        tokens_out = None
+    return tokens_in, tokens_out
+

@@ -1,0 +1,60 @@
+"""Request ids: the trusted proxy's ``X-Request-ID``, or one generated here (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable
+from typing import Final
+
+from gemini_scale.keys import TrustedProxies
+from gemini_scale.memo import remember
+from gemini_scale.types import Scope
+
+__all__ = ["REQUEST_ID_HEADER", "RequestIds"]
+
+REQUEST_ID_HEADER: Final = b"x-request-id"
+#: What an id from a proxy may look like: a UUID, a hex digest, ``trace-123:abc``... Anything
+#: else (spaces, quotes, control bytes: log injection) is replaced.
+_VALID: Final = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
+_PEERS_MEMO: Final = 1024
+
+
+class RequestIds:
+    """Pick a request's id: the ``X-Request-ID`` of a trusted proxy when it is well formed,
+    else a new one (32 hex digits: a random prefix per process, then a counter). A value
+    from any other client is replaced: it would let a client forge or collide ids in the
+    logs."""
+
+    __slots__ = ("_any", "_count", "_peers", "_prefix", "trusted")
+
+    def __init__(self, trusted_proxies: TrustedProxies | Iterable[str] = ()) -> None:
+        self.trusted = (
+            trusted_proxies if isinstance(trusted_proxies, TrustedProxies)
+            else TrustedProxies(trusted_proxies)
+        )
+        self._peers: dict[object, bool] = {}
+        self._any = bool(self.trusted)
+        # A random 64-bit prefix per instance (so per worker process) and a counter: unique
+        # without a system call per request. Ids are identifiers, not secrets.
+        self._prefix = os.urandom(8).hex().encode()
+        self._count = int.from_bytes(os.urandom(4), "big")
+
+    def __call__(self, scope: Scope) -> tuple[bytes, bool]:
+        """``(id, taken)``: the id, and whether it is the proxy's own (already in the
+        request's headers)."""
+        if self._any:
+            client = scope.get("client")
+            peer = client[0] if client else None
+            trusted = self._peers.get(peer)
+            if trusted is None:
+                trusted = isinstance(peer, str) and peer in self.trusted
+                remember(self._peers, peer, trusted, _PEERS_MEMO)
+            if trusted:
+                for name, value in scope["headers"]:
+                    if name == REQUEST_ID_HEADER:
+                        if _VALID.fullmatch(value):
+                            return bytes(value), True
+                        break
+        self._count += 1
+        return self._prefix + b"%016x" % self._count, False
