@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from fastapi import FastAPI
@@ -14,6 +15,9 @@ def _from_environment() -> FastAPI:
     try:
         settings = load_settings()
         configure_logging(settings.log_level, settings.log_format)
+        # The gateway writes its own access record (gemini_scale.access); uvicorn's would
+        # repeat it with the raw query string, where a client's ?key= would be logged.
+        logging.getLogger("uvicorn.access").disabled = True
         return create_app(settings)
     except ConfigurationError as exc:
         # A clear one-line reason instead of an import traceback.

@@ -65,7 +65,7 @@ _SIGNALS: tuple[tuple[Signal, int], ...] = (("requests", 1), ("tokens", 2))
 
 #: Principals per script call: a flush of more is split, so one script never blocks a
 #: shared Redis (the rate limiter's hot path) for long.
-_BATCH = 1_000
+_BATCH = 100  # principals per script call: no call holds Redis (or the loop) for long
 #: A store failure is logged at most this often (seconds).
 _WARN_EVERY = 60.0
 #: Integers per principal in the script's reply.
@@ -575,6 +575,8 @@ class UsageAnomalyDetector:
                 raise
             else:
                 found += self._verdicts(part, reply)
+            if start + _BATCH < len(batch):
+                await asyncio.sleep(0)  # let requests run between parts
         for anomaly in found:
             await self._announce(anomaly)
         return found

@@ -50,6 +50,10 @@ class BoundedLabel:
         self._seen: set[str] = set()
         self._lock = threading.Lock()
 
+    def known(self, value: str) -> str:
+        """``value`` if it is already a label value, else :data:`OTHER` (admits nothing)."""
+        return value if value in self._seen else OTHER
+
     def __call__(self, value: str) -> str:
         if value in self._seen:
             return value

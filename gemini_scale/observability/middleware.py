@@ -26,6 +26,7 @@ from gemini_scale.ratelimit.usage import UsageObserver
 from gemini_scale.routing import (
     API_VERSION_EXTRA,
     AUTH_REFUSAL_KEY,
+    CACHE_HIT_KEY,
     CACHE_OUTCOME_KEY,
     DECISIONS_KEY,
     USAGE_KEY,
@@ -60,6 +61,35 @@ _CACHE_RESULTS: Final = {
     "bypass": "bypass", "request": "bypass",
 }
 _STATUS: Final = {code: str(code) for code in range(100, 600)}
+#: OpenTelemetry's rule for ``http.request.method``: the known methods, else ``_OTHER``.
+_METHODS: Final = {m: m for m in (
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT", "QUERY",
+)}
+_OTHER_METHOD: Final = "_OTHER"
+#: Distinct (method, route, status, version) kept with their children; more are labelled on
+#: each request (label values are bounded anyway; this bounds the memo).
+_MAX_CHILDREN: Final = 4096
+
+
+def _status_label(x: _Exchange) -> str:
+    """The status recorded: the one sent, 500 when the app failed, 499 when the client left
+    before any answer."""
+    if x.failed:
+        return "500"
+    if not x.status:
+        return "499" if x.gone else "500"
+    return _STATUS.get(x.status, "500")
+
+
+async def _send_crash(x: _Exchange) -> None:
+    from gemini_scale.errors import error_body, error_headers
+
+    body = error_body(500, "An internal error has occurred.")
+    try:
+        await x({"type": "http.response.start", "status": 500, "headers": error_headers(body)})
+        await x({"type": "http.response.body", "body": body, "more_body": False})
+    except OSError:
+        x.gone = True
 
 
 class MetricsMiddleware(GeminiMiddleware):
@@ -100,7 +130,7 @@ class MetricsMiddleware(GeminiMiddleware):
         self._tenants = BoundedLabel(max_tenants)
         # (method, template, status, version) -> its duration and first-byte children:
         # .labels() costs more than the observation itself.
-        self._children: dict[tuple[str, str, int, str], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, str, int, str, bool], tuple[Any, Any]] = {}
         # (operation, model) -> its GenAI children.
         self._genai: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
         if tracing:
@@ -118,26 +148,30 @@ class MetricsMiddleware(GeminiMiddleware):
         self, scope: Scope, receive: Receive, send: Send, context: RequestContext
     ) -> None:
         started = time.perf_counter()
-        request_id, taken = self.request_ids(scope)
-        if not taken:  # inner layers, the app and the upstream call see this id only
-            headers = scope["headers"]
-            for name, _ in headers:
-                if name == REQUEST_ID_HEADER:
-                    headers = [h for h in headers if h[0] != REQUEST_ID_HEADER]
-                    break
-            scope["headers"] = [*headers, (REQUEST_ID_HEADER, request_id)]
+        ids = self.request_ids
+        request_id = ids.from_proxy(scope) if ids.any_trusted else None
+        if request_id is None:
+            request_id = ids.new()
+        # Inner layers, the app and the upstream call see this one id only.
+        headers = scope["headers"]
+        for name, _ in headers:
+            if name == REQUEST_ID_HEADER:
+                headers = [h for h in headers if h[0] != REQUEST_ID_HEADER]
+                break
+        scope["headers"] = [*headers, (REQUEST_ID_HEADER, request_id)]
         exchange = _Exchange(send, request_id, started, context)
         try:
             if _tracing.tracer is None:
                 await self.app(scope, receive, exchange)
             else:
                 await self._traced(scope, receive, exchange, context)
-        except OSError:  # uvicorn's ClientDisconnect: the client went away mid-answer
-            exchange.gone = True
-            raise
-        except BaseException:
-            if not exchange.status:
-                exchange.status = 500  # what the server answers for us
+        except BaseException as exc:
+            if not exchange.gone:  # the app failed (not the client): the answer is a 500
+                exchange.failed = True
+                if not exchange.status and isinstance(exc, Exception):
+                    # Answer it here, with the request id; the server's own 500 (or
+                    # Starlette's error middleware) sees the answer started and stays quiet.
+                    await _send_crash(exchange)
             raise
         finally:
             self._record(scope, context, exchange)
@@ -165,22 +199,28 @@ class MetricsMiddleware(GeminiMiddleware):
         template = route.template if route is not None else UNMATCHED
         extras = context.extras
         version = extras.get(API_VERSION_EXTRA) or _NONE
-        status = x.status or (499 if x.gone else 500)  # 499: the client closed the request
         fams = self.families
-        key = (method, template, status, version)
+        key = (method, template, x.status, version, x.failed)
         children = self._children.get(key)
         if children is None:
-            children = self._children[key] = (
-                fams.requests.labels(method, template, _STATUS.get(status, "500"), version),
-                fams.first_byte.labels(method, template),
-            )
+            label = _METHODS.get(method, _OTHER_METHOD)  # methods are a client's choice
+            if len(self._children) < _MAX_CHILDREN:
+                children = self._children[key] = (
+                    fams.requests.labels(label, template, _status_label(x), version),
+                    fams.first_byte.labels(label, template),
+                )
+            else:
+                children = (
+                    fams.requests.labels(label, template, _status_label(x), version),
+                    fams.first_byte.labels(label, template),
+                )
         children[0].observe(ended - x.started)
         if x.first_byte:
             children[1].observe(x.first_byte - x.started)
-        if x.gone or (x.status and not x.complete):
-            x.gone = True
+        if x.gone or (x.status and not x.complete and not x.failed):
+            x.gone = True  # the app stopped on a disconnect it read, or the send failed
             fams.disconnects.labels(template).inc()
-        if extras or (route is not None and route.params):
+        if extras or context.principal is not None or (route is not None and route.params):
             self._record_facts(scope, context, x, template, ended)
         elif self.access_log and access_logger.isEnabledFor(logging.INFO):
             self._log(scope, context, x, template, ended)
@@ -201,28 +241,7 @@ class MetricsMiddleware(GeminiMiddleware):
         model, operation = _gemini_call(context)
         tokens_in = tokens_out = None
         if model is not None and operation is not None:
-            model = self._models(model)
-            genai = self._genai.get((operation, model))
-            if genai is None:
-                labels = (operation, model, _PROVIDER)
-                genai = self._genai[(operation, model)] = (
-                    fams.genai_duration.labels(*labels),
-                    fams.genai_first_token.labels(*labels),
-                    fams.genai_tokens.labels(*labels, "input"),
-                    fams.genai_tokens.labels(*labels, "output"),
-                )
-            genai[0].observe(ended - x.started)
-            if operation == "stream_generate_content" and x.first_byte:
-                genai[1].observe(x.first_byte - x.started)
-            tokens_in, tokens_out = _usage(extras.get(USAGE_KEY) or x.observer)
-            if tokens_in or tokens_out:
-                tenant = self._tenant(context)
-                if tokens_in:
-                    genai[2].observe(tokens_in)
-                    fams.tokens.labels(model, tenant, "input").inc(tokens_in)
-                if tokens_out:
-                    genai[3].observe(tokens_out)
-                    fams.tokens.labels(model, tenant, "output").inc(tokens_out)
+            tokens_in, tokens_out = self._record_call(context, x, model, operation, ended)
         if self.anomalies is not None and context.principal is not None:
             principal = context.principal
             self.anomalies.observe(
@@ -233,6 +252,40 @@ class MetricsMiddleware(GeminiMiddleware):
             self._log(
                 scope, context, x, template, ended, tokens_in=tokens_in, tokens_out=tokens_out
             )
+
+    def _record_call(
+        self, context: RequestContext, x: _Exchange, model: str, operation: str, ended: float
+    ) -> tuple[int | None, int | None]:
+        """The GenAI metrics of a Gemini model call; its input and output tokens."""
+        fams = self.families
+        extras = context.extras
+        # Only an answered call admits a model id to the label: refused requests (an
+        # anonymous flood of made-up ids) must not use up the bound.
+        model = self._models(model) if 200 <= x.status < 300 else self._models.known(model)
+        genai = self._genai.get((operation, model))
+        if genai is None:
+            labels = (operation, model, _PROVIDER)
+            genai = self._genai[(operation, model)] = (
+                fams.genai_duration.labels(*labels),
+                fams.genai_first_token.labels(*labels),
+                fams.genai_tokens.labels(*labels, "input"),
+                fams.genai_tokens.labels(*labels, "output"),
+            )
+        genai[0].observe(ended - x.started)
+        if operation == "stream_generate_content" and x.first_byte:
+            genai[1].observe(x.first_byte - x.started)
+        if extras.get(CACHE_HIT_KEY):
+            return None, None  # a hit burnt no tokens (DESIGN.md §3)
+        tokens_in, tokens_out = _usage(extras.get(USAGE_KEY) or x.observer)
+        if tokens_in or tokens_out:
+            tenant = self._tenant(context)
+            if tokens_in:
+                genai[2].observe(tokens_in)
+                fams.tokens.labels(model, tenant, "input").inc(tokens_in)
+            if tokens_out:
+                genai[3].observe(tokens_out)
+                fams.tokens.labels(model, tenant, "output").inc(tokens_out)
+        return tokens_in, tokens_out
 
     def _tenant(self, context: RequestContext) -> str:
         principal = context.principal
@@ -255,9 +308,9 @@ class MetricsMiddleware(GeminiMiddleware):
         route = context.route
         record: dict[str, Any] = {
             "request_id": x.request_id.decode("latin-1"),
-            "method": scope["method"],
+            "method": scope["method"][:16],
             "route": template,
-            "status": x.status or 500,
+            "status": int(_status_label(x)),
             "api_version": extras.get(API_VERSION_EXTRA),
             "model": route.params.get("model") if route is not None else None,
             "principal": getattr(principal, "subject", None),
@@ -273,7 +326,7 @@ class MetricsMiddleware(GeminiMiddleware):
             "client_disconnected": x.gone,
         }
         access_logger.info(
-            "%s %s %s", scope["method"], template, x.status or 500,
+            "%s %s %s", scope["method"][:16], template, _status_label(x),
             extra={"access": {k: v for k, v in record.items() if v is not None}},
         )
 
@@ -282,8 +335,8 @@ class _Exchange:
     """The server-facing ``send``: adds the request id, notes the status, the first body
     byte, the bytes sent and whether the answer completed."""
 
-    __slots__ = ("complete", "context", "first_byte", "gone", "observer", "request_id", "send",
-                 "sent", "started", "status")
+    __slots__ = ("complete", "context", "failed", "first_byte", "gone", "observer",
+                 "request_id", "send", "sent", "started", "status")
 
     def __init__(
         self, send: Send, request_id: bytes, started: float, context: RequestContext
@@ -296,7 +349,8 @@ class _Exchange:
         self.first_byte = 0.0
         self.sent = 0
         self.complete = False
-        self.gone = False
+        self.gone = False  # the client went away (a send failed, or the app stopped early)
+        self.failed = False  # the app raised
         self.observer: UsageObserver | None = None
 
     async def __call__(self, message: Message) -> None:
@@ -318,8 +372,8 @@ class _Exchange:
             self.status = message["status"]
             headers = message.get("headers", ())
             for name, _ in headers:
-                if name == REQUEST_ID_HEADER:  # exactly one id goes out: ours
-                    headers = [h for h in headers if h[0] != REQUEST_ID_HEADER]
+                if name.lower() == REQUEST_ID_HEADER:  # exactly one id goes out: ours
+                    headers = [h for h in headers if h[0].lower() != REQUEST_ID_HEADER]
                     break
             # A new list (the app may reuse its own, a cache does), in the message it sent.
             message["headers"] = [*headers, (REQUEST_ID_HEADER, self.request_id)]
@@ -327,7 +381,11 @@ class _Exchange:
                 self._observe_usage(message)
         elif kind == "http.response.pathsend":
             self.complete = True
-        await self.send(message)
+        try:
+            await self.send(message)
+        except OSError:  # the server says the client is gone (ASGI 2.4)
+            self.gone = True
+            raise
 
     def _observe_usage(self, start: Message) -> None:
         """Read the usage of a generation's answer ourselves when no token limiter does

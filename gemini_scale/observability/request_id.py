@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from collections.abc import Iterable
 from typing import Final
 
@@ -26,7 +27,7 @@ class RequestIds:
     from any other client is replaced: it would let a client forge or collide ids in the
     logs."""
 
-    __slots__ = ("_any", "_count", "_peers", "_prefix", "trusted")
+    __slots__ = ("__weakref__", "_any", "_count", "_peers", "_prefix", "trusted")
 
     def __init__(self, trusted_proxies: TrustedProxies | Iterable[str] = ()) -> None:
         self.trusted = (
@@ -37,24 +38,57 @@ class RequestIds:
         self._any = bool(self.trusted)
         # A random 64-bit prefix per instance (so per worker process) and a counter: unique
         # without a system call per request. Ids are identifiers, not secrets.
+        self._reseed()
+        _instances.add(self)
+
+    def _reseed(self) -> None:
         self._prefix = os.urandom(8).hex().encode()
         self._count = int.from_bytes(os.urandom(4), "big")
 
     def __call__(self, scope: Scope) -> tuple[bytes, bool]:
         """``(id, taken)``: the id, and whether it is the proxy's own (already in the
         request's headers)."""
-        if self._any:
-            client = scope.get("client")
-            peer = client[0] if client else None
-            trusted = self._peers.get(peer)
-            if trusted is None:
-                trusted = isinstance(peer, str) and peer in self.trusted
-                remember(self._peers, peer, trusted, _PEERS_MEMO)
-            if trusted:
-                for name, value in scope["headers"]:
-                    if name == REQUEST_ID_HEADER:
-                        if _VALID.fullmatch(value):
-                            return bytes(value), True
-                        break
+        found = self.from_proxy(scope) if self._any else None
+        if found is not None:
+            return found, True
+        return self.new(), False
+
+    def from_proxy(self, scope: Scope) -> bytes | None:
+        """The well-formed ``X-Request-ID`` of a trusted proxy, if the peer is one."""
+        client = scope.get("client")
+        peer = client[0] if client else None
+        trusted = self._peers.get(peer)
+        if trusted is None:
+            trusted = isinstance(peer, str) and peer in self.trusted
+            remember(self._peers, peer, trusted, _PEERS_MEMO)
+        if trusted:
+            found = None  # the last one: a proxy that appends its own id wins over the client
+            for name, value in scope["headers"]:
+                if name == REQUEST_ID_HEADER:
+                    found = value
+            if found is not None and _VALID.fullmatch(found):
+                return bytes(found)
+        return None
+
+    def new(self) -> bytes:
+        """A new id."""
         self._count += 1
-        return self._prefix + b"%016x" % self._count, False
+        return self._prefix + b"%016x" % self._count
+
+    @property
+    def any_trusted(self) -> bool:
+        """Whether any proxy is trusted (otherwise every id is new)."""
+        return self._any
+
+
+_instances: weakref.WeakSet[RequestIds] = weakref.WeakSet()
+
+
+def _reseed_after_fork() -> None:
+    # A worker forked from a parent that built the app (gunicorn --preload) must not
+    # continue the parent's sequence: every worker would hand out the same ids.
+    for ids in list(_instances):
+        ids._reseed()
+
+
+os.register_at_fork(after_in_child=_reseed_after_fork)

@@ -1,0 +1,161 @@
+"""Edges of the metrics layer: bounded methods and models, crashes, disconnects, cache hits,
+request ids from proxies, apps and forks."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from gemini_scale import MetricsMiddleware
+from gemini_scale.observability.request_id import RequestIds
+from gemini_scale.types import Message
+from tests.cache.support import call, http_scope
+from tests.gateway import build, running
+
+GENERATE = "/v1beta/models/{model}:generateContent"
+
+
+def samples(registry: CollectorRegistry, family: str) -> list[Any]:
+    return [s for m in registry.collect() if m.name == family for s in m.samples]
+
+
+async def _ok(request: Request) -> Response:
+    return JSONResponse({"ok": True})
+
+
+def _app() -> Starlette:
+    return Starlette(routes=[Route("/x", _ok, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
+                            Route(GENERATE, _ok, methods=["POST"])])
+
+
+async def test_http_methods_are_bounded() -> None:
+    registry = CollectorRegistry()
+    app = MetricsMiddleware(_app(), registry=registry, access_log=False)
+    for i in range(200):
+        await call(app, f"M{i:03d}", "/x")
+    await call(app, "GET", "/x")
+    methods = {s.labels["http_request_method"]
+               for s in samples(registry, "http_server_request_duration_seconds")}
+    assert methods == {"_OTHER", "GET"}
+
+
+async def test_refused_requests_cannot_use_up_the_model_labels() -> None:
+    registry = CollectorRegistry()
+
+    async def generate(request: Request) -> Response:
+        known = request.path_params["model"] == "gemini-2.5-flash"
+        return JSONResponse({}, status_code=200 if known else 401)
+
+    routed = Starlette(routes=[Route(GENERATE, generate, methods=["POST"])])
+    app = MetricsMiddleware(routed, registry=registry, access_log=False, max_models=3)
+    for i in range(20):
+        await call(app, "POST", f"/v1beta/models/junk-{i}:generateContent")
+    await call(app, "POST", "/v1beta/models/gemini-2.5-flash:generateContent")
+    models = {s.labels["gen_ai_request_model"]
+              for s in samples(registry, "gen_ai_server_request_duration_seconds")}
+    assert models == {"(other)", "gemini-2.5-flash"}
+
+
+async def test_a_crash_is_a_500_with_the_request_id_and_not_a_disconnect() -> None:
+    registry = CollectorRegistry()
+
+    async def boom(request: Request) -> Response:
+        raise TimeoutError("the app's own timeout")  # an OSError subclass
+
+    app = MetricsMiddleware(Starlette(routes=[Route("/boom", boom)]), registry=registry,
+                            access_log=False)
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    with pytest.raises(TimeoutError):
+        await app(http_scope("GET", "/boom"), receive, send)
+    starts = [m for m in sent if m["type"] == "http.response.start"]
+    assert len(starts) == 1
+    assert starts[0]["status"] == 500
+    assert [k for k, _ in starts[0]["headers"]].count(b"x-request-id") == 1
+    assert registry.get_sample_value("http_server_request_duration_seconds_count", {
+        "http_request_method": "GET", "http_route": "/boom", "http_response_status_code": "500",
+        "gemini_api_version": "none"}) == 1
+    assert not samples(registry, "gemini_scale_client_disconnects")
+
+
+async def test_a_failing_send_is_a_disconnect() -> None:
+    registry = CollectorRegistry()
+    app = MetricsMiddleware(_app(), registry=registry, access_log=False)
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: Message) -> None:
+        raise OSError("client gone")
+
+    with pytest.raises(OSError, match="client gone"):
+        await app(http_scope("GET", "/x"), receive, send)
+    assert registry.get_sample_value(
+        "gemini_scale_client_disconnects_total", {"http_route": "/x"}
+    ) == 1
+
+
+async def test_cache_hits_burn_no_tokens() -> None:
+    registry = CollectorRegistry()
+    app = build({"GEMINI_SCALE_CACHE_TTL": "60", "GEMINI_SCALE_CACHE_GENERATION": "all"},
+                registry=registry)
+    body = {"contents": [{"role": "user", "parts": [{"text": "tokens once"}]}]}
+    async with running(app) as client:
+        first = await client.post("/v1beta/models/gemini-2.5-flash:generateContent", json=body)
+        second = await client.post("/v1beta/models/gemini-2.5-flash:generateContent", json=body)
+    assert "hit" in second.headers["cache-status"]
+    prompt = first.json()["usageMetadata"]["promptTokenCount"]
+    assert registry.get_sample_value("gemini_scale_tokens_total", {
+        "gen_ai_request_model": "gemini-2.5-flash", "tenant": "(none)",
+        "gen_ai_token_type": "input"}) == prompt
+
+
+async def test_request_ids_from_proxies_and_apps() -> None:
+    async def upper(request: Request) -> Response:
+        return JSONResponse({"seen": request.headers.getlist("x-request-id")},
+                            headers={"X-Request-ID": "app-own"})
+
+    app = MetricsMiddleware(Starlette(routes=[Route("/x", upper)]), registry=CollectorRegistry(),
+                            access_log=False, trusted_proxies=["127.0.0.0/8"])
+    recorded = await call(app, "GET", "/x", headers=[("x-request-id", "client-chosen"),
+                                                     ("x-request-id", "proxy-appended-1")])
+    ids = [v for k, v in recorded.messages[0]["headers"] if k.lower() == b"x-request-id"]
+    assert ids == [b"proxy-appended-1"]
+    assert b'"seen":["proxy-appended-1"]' in recorded.body
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.filterwarnings("ignore:.*fork.*:DeprecationWarning")
+def test_forked_workers_do_not_share_ids() -> None:
+    ids = RequestIds()
+    ids.new()
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next id goes to the parent
+        os.write(write, ids.new())
+        os._exit(0)
+    os.close(write)
+    child = os.read(read, 64)
+    os.close(read)
+    os.waitpid(pid, 0)
+    assert child[:16] != ids.new()[:16]
+
+
+def test_ids_are_unique_per_instance() -> None:
+    a, b = RequestIds(), RequestIds()
+    made = {a.new() for _ in range(1000)} | {b.new() for _ in range(1000)}
+    assert len(made) == 2000
+
