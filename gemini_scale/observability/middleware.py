@@ -358,21 +358,20 @@ class _Exchange:
         if kind == "http.response.body":
             body = message.get("body", b"")
             if body:
-                if not self.first_byte:
+                if not self.sent:
                     self.first_byte = time.perf_counter()
                 self.sent += len(body)
-            more = message.get("more_body", False)
             if self.observer is not None:
                 self.observer.feed(body)
-                if not more:
+                if not message.get("more_body", False):
                     self.observer.finish()
-            if not more:
+            if not message.get("more_body", False):
                 self.complete = True
         elif kind == "http.response.start":
             self.status = message["status"]
             headers = message.get("headers", ())
             for name, _ in headers:
-                if name.lower() == REQUEST_ID_HEADER:  # exactly one id goes out: ours
+                if len(name) == 12 and name.lower() == REQUEST_ID_HEADER:  # exactly one id
                     headers = [h for h in headers if h[0].lower() != REQUEST_ID_HEADER]
                     break
             # A new list (the app may reuse its own, a cache does), in the message it sent.
