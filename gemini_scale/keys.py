@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Final, TypeAlias
 from gemini_scale.auth.api_keys import APIKeys
 from gemini_scale.auth.middleware import principal_of
 from gemini_scale.errors import ConfigurationError
+from gemini_scale.memo import remember
 from gemini_scale.policies import LIMIT_KEYS, LimitKey
 from gemini_scale.principal import Principal
 from gemini_scale.routing import CONTEXT_KEY, RequestContext
@@ -38,6 +39,7 @@ IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 #: The client address when the server reports no peer at all (``scope["client"]`` absent or
 #: ``None``: uvicorn on a unix socket, some test clients). Every such request shares it.
 UNKNOWN_CLIENT: Final = "unknown"
+_PEERS_MEMO: Final = 1024
 
 #: Every bucket dimension, in the canonical order of :attr:`Identity.parts`.
 DIMENSIONS: Final[tuple[LimitKey, ...]] = LIMIT_KEYS
@@ -143,12 +145,23 @@ class TrustedProxies:
 
     networks: tuple[IPNetwork, ...]
     """The trusted networks; IPv4-mapped IPv6 networks are stored as IPv4."""
+    _peers: dict[object, bool] = field(repr=False, compare=False, hash=False)
 
     def __init__(self, networks: Iterable[str | IPNetwork | IPAddress] = ()) -> None:
         if isinstance(networks, str):
             networks = [part for part in networks.split(",") if part.strip()]
         parsed = tuple(_network(value, n) for n, value in enumerate(networks, start=1))
         object.__setattr__(self, "networks", tuple(dict.fromkeys(parsed)))
+        object.__setattr__(self, "_peers", {})
+
+    def trusts_peer(self, peer: object) -> bool:
+        """Whether the TCP peer (``scope["client"][0]``, a string or ``None``) is a trusted
+        proxy; remembered per peer (bounded), since the same few peers ask on every request."""
+        found = self._peers.get(peer)
+        if found is None:
+            found = isinstance(peer, str) and peer in self
+            remember(self._peers, peer, found, _PEERS_MEMO)
+        return found
 
     def __contains__(self, address: object) -> bool:
         """Whether ``address`` (an IP string or address object) is a trusted proxy."""

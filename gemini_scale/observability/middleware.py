@@ -22,7 +22,7 @@ from gemini_scale.observability.logs import ACCESS_LOGGER
 from gemini_scale.observability.metrics import BoundedLabel, Families, families
 from gemini_scale.observability.request_id import REQUEST_ID_HEADER, RequestIds
 from gemini_scale.observability.tracing import _state as _tracing
-from gemini_scale.ratelimit.usage import UsageObserver
+from gemini_scale.ratelimit.usage import UsageObserver, usage_tokens
 from gemini_scale.routing import (
     API_VERSION_EXTRA,
     AUTH_REFUSAL_KEY,
@@ -451,18 +451,5 @@ def _usage(observer: Any) -> tuple[int | None, int | None]:
     usage = getattr(observer, "usage", None)
     if not isinstance(usage, dict):
         return None, None
-    prompt = usage.get("promptTokenCount")
-    total = usage.get("totalTokenCount")
-    output = usage.get("candidatesTokenCount")
-    thoughts = usage.get("thoughtsTokenCount")
-    tokens_in = prompt if isinstance(prompt, int) else None
-    if isinstance(output, int) or isinstance(thoughts, int):
-        tokens_out = (output if isinstance(output, int) else 0) + (
-            thoughts if isinstance(thoughts, int) else 0
-        )
-    elif isinstance(total, int) and tokens_in is not None:
-        tokens_out = max(0, total - tokens_in)
-    else:
-        tokens_out = None
-    return tokens_in, tokens_out
+    return usage_tokens(usage, "input"), usage_tokens(usage, "output")
 

@@ -9,7 +9,6 @@ from collections.abc import Iterable
 from typing import Final
 
 from gemini_scale.keys import TrustedProxies
-from gemini_scale.memo import remember
 from gemini_scale.types import Scope
 
 __all__ = ["REQUEST_ID_HEADER", "RequestIds"]
@@ -18,7 +17,6 @@ REQUEST_ID_HEADER: Final = b"x-request-id"
 #: What an id from a proxy may look like: a UUID, a hex digest, ``trace-123:abc``... Anything
 #: else (spaces, quotes, control bytes: log injection) is replaced.
 _VALID: Final = re.compile(rb"[A-Za-z0-9._:/+=-]{1,128}")
-_PEERS_MEMO: Final = 1024
 
 
 class RequestIds:
@@ -27,14 +25,13 @@ class RequestIds:
     from any other client is replaced: it would let a client forge or collide ids in the
     logs."""
 
-    __slots__ = ("__weakref__", "_any", "_count", "_peers", "_prefix", "trusted")
+    __slots__ = ("__weakref__", "_any", "_count", "_prefix", "trusted")
 
     def __init__(self, trusted_proxies: TrustedProxies | Iterable[str] = ()) -> None:
         self.trusted = (
             trusted_proxies if isinstance(trusted_proxies, TrustedProxies)
             else TrustedProxies(trusted_proxies)
         )
-        self._peers: dict[object, bool] = {}
         self._any = bool(self.trusted)
         # A random 64-bit prefix per instance (so per worker process) and a counter: unique
         # without a system call per request. Ids are identifiers, not secrets.
@@ -56,12 +53,7 @@ class RequestIds:
     def from_proxy(self, scope: Scope) -> bytes | None:
         """The well-formed ``X-Request-ID`` of a trusted proxy, if the peer is one."""
         client = scope.get("client")
-        peer = client[0] if client else None
-        trusted = self._peers.get(peer)
-        if trusted is None:
-            trusted = isinstance(peer, str) and peer in self.trusted
-            remember(self._peers, peer, trusted, _PEERS_MEMO)
-        if trusted:
+        if self.trusted.trusts_peer(client[0] if client else None):
             found = None  # the last one: a proxy that appends its own id wins over the client
             for name, value in scope["headers"]:
                 if name == REQUEST_ID_HEADER:

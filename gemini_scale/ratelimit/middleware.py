@@ -146,7 +146,6 @@ class RateLimitMiddleware(GeminiMiddleware):
         self._plans: dict[int, tuple[RateLimitPolicy, _Plan]] = {}
         self._budgets: dict[tuple[int, str], tuple[RateLimitPolicy, str]] = {}
         self._addresses: dict[tuple[Any, tuple[bytes, ...]], Identity | None] = {}
-        self._peers: dict[Any, bool] = {}
 
     async def before_shutdown(self) -> None:
         """Send the refunds the limiter still owes its store, while the store is open."""
@@ -217,7 +216,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         client = scope.get("client")
         peer = client[0] if client else None
         forwarded: tuple[bytes, ...] = ()
-        if self.trusted and self._trusted_peer(peer):  # only then is X-Forwarded-For read
+        if self.trusted and self.trusted.trusts_peer(peer):  # only then is X-Forwarded-For read
             forwarded = tuple(
                 value for name, value in scope["headers"] if name.lower() == b"x-forwarded-for"
             )
@@ -228,14 +227,6 @@ class RateLimitMiddleware(GeminiMiddleware):
         if found is None:
             found = identity(scope, _CLIENT_IP, trusted=self.trusted)
             remember(self._addresses, key, found, _IDENTITY_CACHE_SIZE)
-        return found
-
-    def _trusted_peer(self, peer: Any) -> bool:
-        """Whether the peer is one of the trusted proxies (memoised per peer; bounded)."""
-        found = self._peers.get(peer)
-        if found is None:
-            found = isinstance(peer, str) and peer in self.trusted
-            remember(self._peers, peer, found, _IDENTITY_CACHE_SIZE)
         return found
 
     def _budget(self, policy: RateLimitPolicy, context: RequestContext) -> str:
