@@ -394,11 +394,16 @@ class GeminiMiddleware:
         context = scope.get(CONTEXT_KEY)
         if context is None:
             # Outermost gemini-scale middleware: resolve the route once for all layers.
-            table = self._route_table(scope)
+            resolution = self._last_resolution
+            if resolution is not None and (scope.get("app") or self._wrapped) is self._last_app:
+                table = resolution[0] if resolution[1] is None else None  # the usual app
+            else:
+                table = self._route_table(scope)
             if table is None:
                 await send_error(send, 500, "The service is misconfigured; see its logs.")
                 return
-            context = RequestContext(table.match(scope["method"], route_path(scope)))
+            path = scope["path"] if not scope.get("root_path") else route_path(scope)
+            context = RequestContext(table.match(scope["method"], path))
             scope[CONTEXT_KEY] = context
         tracer = _tracing.tracer
         if tracer is None or self.span_name is None:

@@ -17,12 +17,13 @@ from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 from gemini_scale.keys import TrustedProxies
+from gemini_scale.memo import remember
 from gemini_scale.observability import tracing
 from gemini_scale.observability.logs import ACCESS_LOGGER
 from gemini_scale.observability.metrics import BoundedLabel, Families, families
 from gemini_scale.observability.request_id import REQUEST_ID_HEADER, RequestIds
 from gemini_scale.observability.tracing import _state as _tracing
-from gemini_scale.ratelimit.usage import UsageObserver, usage_tokens
+from gemini_scale.ratelimit.usage import UsageObserver, body_usage, usage_split
 from gemini_scale.routing import (
     API_VERSION_EXTRA,
     AUTH_REFUSAL_KEY,
@@ -43,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = ["MetricsMiddleware"]
 
 access_logger = logging.getLogger(ACCESS_LOGGER)
+_now: Final = time.perf_counter
 
 UNMATCHED: Final = "(unmatched)"
 _NONE: Final = "none"
@@ -130,9 +132,11 @@ class MetricsMiddleware(GeminiMiddleware):
         self._tenants = BoundedLabel(max_tenants)
         # (method, template, status, version) -> its duration and first-byte children:
         # .labels() costs more than the observation itself.
-        self._children: dict[tuple[str, str, int, str, bool], tuple[Any, Any]] = {}
+        self._children: dict[tuple[str, str, int, str | None, bool], tuple[Any, Any]] = {}
         # (operation, model) -> its GenAI children.
         self._genai: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
+        # (model, tenant) -> its input and output token counters.
+        self._token_counters: dict[tuple[str, str], tuple[Any, Any]] = {}
         if tracing:
             from gemini_scale.observability.tracing import enable_tracing
 
@@ -147,7 +151,7 @@ class MetricsMiddleware(GeminiMiddleware):
     async def handle(
         self, scope: Scope, receive: Receive, send: Send, context: RequestContext
     ) -> None:
-        started = time.perf_counter()
+        started = _now()
         ids = self.request_ids
         request_id = ids.from_proxy(scope) if ids.any_trusted else None
         if request_id is None:
@@ -193,57 +197,32 @@ class MetricsMiddleware(GeminiMiddleware):
                 opened.set_attribute("http.response.status_code", exchange.status or 500)
 
     def _record(self, scope: Scope, context: RequestContext, x: _Exchange) -> None:
-        ended = time.perf_counter()
-        method: str = scope["method"]
+        ended = _now()
         route = context.route
         template = route.template if route is not None else UNMATCHED
         extras = context.extras
-        version = extras.get(API_VERSION_EXTRA) or _NONE
-        fams = self.families
-        key = (method, template, x.status, version, x.failed)
+        key = (scope["method"], template, x.status, extras.get(API_VERSION_EXTRA), x.failed)
         children = self._children.get(key)
         if children is None:
-            label = _METHODS.get(method, _OTHER_METHOD)  # methods are a client's choice
-            if len(self._children) < _MAX_CHILDREN:
-                children = self._children[key] = (
-                    fams.requests.labels(label, template, _status_label(x), version),
-                    fams.first_byte.labels(label, template),
-                )
-            else:
-                children = (
-                    fams.requests.labels(label, template, _status_label(x), version),
-                    fams.first_byte.labels(label, template),
-                )
+            children = self._new_children(key, x)
         children[0].observe(ended - x.started)
         if x.first_byte:
             children[1].observe(x.first_byte - x.started)
         if x.gone or (x.status and not x.complete and not x.failed):
             x.gone = True  # the app stopped on a disconnect it read, or the send failed
-            fams.disconnects.labels(template).inc()
-        if extras or context.principal is not None or (route is not None and route.params):
-            self._record_facts(scope, context, x, template, ended)
-        elif self.access_log and access_logger.isEnabledFor(logging.INFO):
-            self._log(scope, context, x, template, ended)
-
-    def _record_facts(
-        self, scope: Scope, context: RequestContext, x: _Exchange, template: str, ended: float
-    ) -> None:
-        fams = self.families
-        extras = context.extras
-        refusal = extras.get(AUTH_REFUSAL_KEY)
-        if refusal is not None:
-            fams.auth_refusals.labels(refusal).inc()
-        for prefix, _limits, decision in extras.get(DECISIONS_KEY, ()):
-            fams.ratelimit_decisions.labels(*_decision_labels(prefix, decision)).inc()
-        cache = extras.get(CACHE_OUTCOME_KEY)
-        if cache is not None:
-            fams.cache_results.labels(template, _CACHE_RESULTS.get(cache, "bypass")).inc()
-        model, operation = _gemini_call(context)
+            self.families.disconnects.labels(template).inc()
+        if extras:
+            self._record_extras(extras, template)
+        call = x.call
+        if call is None and route is not None and route.params:
+            call = _gemini_call(context)  # no answer started
         tokens_in = tokens_out = None
-        if model is not None and operation is not None:
-            tokens_in, tokens_out = self._record_call(context, x, model, operation, ended)
-        if self.anomalies is not None and context.principal is not None:
-            principal = context.principal
+        if call is not None:
+            model, operation = call
+            if model is not None and operation is not None:
+                tokens_in, tokens_out = self._record_call(context, x, model, operation, ended)
+        principal = context.principal
+        if self.anomalies is not None and principal is not None:
             self.anomalies.observe(
                 f"{principal.issuer} {principal.subject}",
                 tokens=(tokens_in or 0) + (tokens_out or 0),
@@ -253,18 +232,45 @@ class MetricsMiddleware(GeminiMiddleware):
                 scope, context, x, template, ended, tokens_in=tokens_in, tokens_out=tokens_out
             )
 
+    def _new_children(
+        self, key: tuple[str, str, int, str | None, bool], x: _Exchange
+    ) -> tuple[Any, Any]:
+        """The request-duration and first-byte children of a (method, route, status,
+        version) and remembers them (bounded)."""
+        method, template, _, version, _ = key
+        label = _METHODS.get(method, _OTHER_METHOD)  # methods are a client's choice
+        fams = self.families
+        children = (
+            fams.requests.labels(label, template, _status_label(x), version or _NONE),
+            fams.first_byte.labels(label, template),
+        )
+        if len(self._children) < _MAX_CHILDREN:
+            self._children[key] = children
+        return children
+
+    def _record_extras(self, extras: dict[str, Any], template: str) -> None:
+        """What authentication, the rate limiters and the cache decided."""
+        fams = self.families
+        refusal = extras.get(AUTH_REFUSAL_KEY)
+        if refusal is not None:
+            fams.auth_refusals.labels(refusal).inc()
+        for prefix, _limits, decision in extras.get(DECISIONS_KEY, ()):
+            fams.ratelimit_decisions.labels(*_decision_labels(prefix, decision)).inc()
+        cache = extras.get(CACHE_OUTCOME_KEY)
+        if cache is not None:
+            fams.cache_results.labels(template, _CACHE_RESULTS.get(cache, "bypass")).inc()
+
     def _record_call(
         self, context: RequestContext, x: _Exchange, model: str, operation: str, ended: float
     ) -> tuple[int | None, int | None]:
         """The GenAI metrics of a Gemini model call; its input and output tokens."""
-        fams = self.families
-        extras = context.extras
         # Only an answered call admits a model id to the label: refused requests (an
         # anonymous flood of made-up ids) must not use up the bound.
         model = self._models(model) if 200 <= x.status < 300 else self._models.known(model)
         genai = self._genai.get((operation, model))
         if genai is None:
             labels = (operation, model, _PROVIDER)
+            fams = self.families
             genai = self._genai[(operation, model)] = (
                 fams.genai_duration.labels(*labels),
                 fams.genai_first_token.labels(*labels),
@@ -274,23 +280,39 @@ class MetricsMiddleware(GeminiMiddleware):
         genai[0].observe(ended - x.started)
         if operation == "stream_generate_content" and x.first_byte:
             genai[1].observe(x.first_byte - x.started)
-        if extras.get(CACHE_HIT_KEY):
+        extras = context.extras
+        if extras and extras.get(CACHE_HIT_KEY):
             return None, None  # a hit burnt no tokens (DESIGN.md §3)
-        tokens_in, tokens_out = _usage(extras.get(USAGE_KEY) or x.observer)
+        if x.wants_usage:  # what we read (so far, if the answer stopped early)
+            usage = x.usage if x.observer is None else x.observer.usage
+        else:  # what the token limiter read
+            usage = getattr(extras.get(USAGE_KEY), "usage", None) if extras else None
+        if type(usage) is not dict:
+            return None, None
+        tokens_in, tokens_out = usage_split(usage)
         if tokens_in or tokens_out:
-            tenant = self._tenant(context)
+            principal = context.principal
+            tenant = getattr(principal, "tenant", None) if principal is not None else None
+            tenant = self._tenants(tenant) if tenant else "(none)"
+            counters = self._token_counters.get((model, tenant))
+            if counters is None:
+                fams = self.families
+                counters = remember(
+                    self._token_counters,
+                    (model, tenant),
+                    (
+                        fams.tokens.labels(model, tenant, "input"),
+                        fams.tokens.labels(model, tenant, "output"),
+                    ),
+                    _MAX_CHILDREN,
+                )
             if tokens_in:
                 genai[2].observe(tokens_in)
-                fams.tokens.labels(model, tenant, "input").inc(tokens_in)
+                counters[0].inc(tokens_in)
             if tokens_out:
                 genai[3].observe(tokens_out)
-                fams.tokens.labels(model, tenant, "output").inc(tokens_out)
+                counters[1].inc(tokens_out)
         return tokens_in, tokens_out
-
-    def _tenant(self, context: RequestContext) -> str:
-        principal = context.principal
-        tenant = getattr(principal, "tenant", None) if principal is not None else None
-        return self._tenants(tenant) if tenant else "(none)"
 
     def _log(
         self,
@@ -333,10 +355,12 @@ class MetricsMiddleware(GeminiMiddleware):
 
 class _Exchange:
     """The server-facing ``send``: adds the request id, notes the status, the first body
-    byte, the bytes sent and whether the answer completed."""
+    byte, the bytes sent and whether the answer completed; reads a generation's usage when
+    no token limiter does."""
 
-    __slots__ = ("complete", "context", "failed", "first_byte", "gone", "observer",
-                 "request_id", "send", "sent", "started", "status")
+    __slots__ = ("call", "complete", "context", "failed", "first_byte", "gone", "headers",
+                 "observer", "request_id", "send", "sent", "started", "status", "usage",
+                 "wants_usage")
 
     def __init__(
         self, send: Send, request_id: bytes, started: float, context: RequestContext
@@ -351,7 +375,10 @@ class _Exchange:
         self.complete = False
         self.gone = False  # the client went away (a send failed, or the app stopped early)
         self.failed = False  # the app raised
-        self.observer: UsageObserver | None = None
+        self.call: tuple[str | None, str | None] | None = None  # (model, operation)
+        self.wants_usage = False
+        self.usage: Any = None  # the answer's usageMetadata, when we read it ourselves
+        self.observer: UsageObserver | None = None  # reads it from a body in several parts
 
     async def __call__(self, message: Message) -> None:
         kind = message["type"]
@@ -359,14 +386,13 @@ class _Exchange:
             body = message.get("body", b"")
             if body:
                 if not self.sent:
-                    self.first_byte = time.perf_counter()
+                    self.first_byte = _now()
                 self.sent += len(body)
-            if self.observer is not None:
-                self.observer.feed(body)
-                if not message.get("more_body", False):
-                    self.observer.finish()
-            if not message.get("more_body", False):
+            more = message.get("more_body", False)
+            if not more:
                 self.complete = True
+            if self.wants_usage:
+                self._read_usage(body, more)
         elif kind == "http.response.start":
             self.status = message["status"]
             headers = message.get("headers", ())
@@ -377,7 +403,7 @@ class _Exchange:
             # A new list (the app may reuse its own, a cache does), in the message it sent.
             message["headers"] = [*headers, (REQUEST_ID_HEADER, self.request_id)]
             if self.context.route is not None:
-                self._observe_usage(message)
+                self._want_usage(headers)
         elif kind == "http.response.pathsend":
             self.complete = True
         try:
@@ -386,18 +412,34 @@ class _Exchange:
             self.gone = True
             raise
 
-    def _observe_usage(self, start: Message) -> None:
+    def _want_usage(self, headers: Iterable[tuple[bytes, bytes]]) -> None:
         """Read the usage of a generation's answer ourselves when no token limiter does
         (token counts and embeddings carry no ``usageMetadata``)."""
         context = self.context
-        if USAGE_KEY in context.extras or _gemini_call(context)[1] not in _GENERATIONS:
+        call = self.call = _gemini_call(context)  # the route is final once the answer starts
+        if call[1] not in _GENERATIONS or USAGE_KEY in context.extras:
             return
-        observer = self.observer = UsageObserver()
-        content_type = next(
-            (v.decode("latin-1") for k, v in start.get("headers", ()) if k == b"content-type"),
-            None,
-        )
-        observer.start(start["status"], content_type)
+        self.wants_usage = True
+        self.headers = headers
+
+    def _read_usage(self, body: bytes, more: bool) -> None:
+        observer = self.observer
+        if observer is None:
+            if not more and body[:1] == b"{":  # a whole JSON answer: the usual one
+                self.usage = body_usage(body)
+                return
+            content_type = next(
+                (v.decode("latin-1") for k, v in self.headers if k == b"content-type"), None
+            )
+            if not more:  # the whole answer in one message
+                self.usage = body_usage(body, content_type)
+                return
+            observer = self.observer = UsageObserver()
+            observer.start(self.status, content_type)
+        if more:
+            observer.feed(body)
+        else:
+            observer.feed_last(body)
 
 
 def _decision_labels(prefix: str, decision: Any) -> tuple[str, str]:
@@ -445,11 +487,4 @@ _UNKNOWN: Final = ""
 #: route template -> its GenAI operation (``None``: not a Gemini model method).
 _operation_of: dict[str, str | None] = {}
 
-
-def _usage(observer: Any) -> tuple[int | None, int | None]:
-    """Input and output tokens from the answer's ``usageMetadata``, when something read it."""
-    usage = getattr(observer, "usage", None)
-    if not isinstance(usage, dict):
-        return None, None
-    return usage_tokens(usage, "input"), usage_tokens(usage, "output")
 

@@ -25,14 +25,15 @@ class RequestIds:
     from any other client is replaced: it would let a client forge or collide ids in the
     logs."""
 
-    __slots__ = ("__weakref__", "_any", "_count", "_prefix", "trusted")
+    __slots__ = ("__weakref__", "_count", "_prefix", "any_trusted", "trusted")
 
     def __init__(self, trusted_proxies: TrustedProxies | Iterable[str] = ()) -> None:
         self.trusted = (
             trusted_proxies if isinstance(trusted_proxies, TrustedProxies)
             else TrustedProxies(trusted_proxies)
         )
-        self._any = bool(self.trusted)
+        #: Whether any proxy is trusted (otherwise every id is new).
+        self.any_trusted = bool(self.trusted)
         # A random 64-bit prefix per instance (so per worker process) and a counter: unique
         # without a system call per request. Ids are identifiers, not secrets.
         self._reseed()
@@ -45,7 +46,7 @@ class RequestIds:
     def __call__(self, scope: Scope) -> tuple[bytes, bool]:
         """``(id, taken)``: the id, and whether it is the proxy's own (already in the
         request's headers)."""
-        found = self.from_proxy(scope) if self._any else None
+        found = self.from_proxy(scope) if self.any_trusted else None
         if found is not None:
             return found, True
         return self.new(), False
@@ -66,11 +67,6 @@ class RequestIds:
         """A new id."""
         self._count += 1
         return self._prefix + b"%016x" % self._count
-
-    @property
-    def any_trusted(self) -> bool:
-        """Whether any proxy is trusted (otherwise every id is new)."""
-        return self._any
 
 
 _instances: weakref.WeakSet[RequestIds] = weakref.WeakSet()

@@ -370,9 +370,10 @@ class RateLimitMiddleware(GeminiMiddleware):
                 status.append(message["status"])
                 observer.start(message["status"], _content_type(message))
             elif message["type"] == "http.response.body":
-                observer.feed(message.get("body", b""))
-                if not message.get("more_body", False):
-                    observer.finish()
+                if message.get("more_body", False):
+                    observer.feed(message.get("body", b""))
+                else:
+                    observer.feed_last(message.get("body", b""))
             await send(message)
 
         try:

@@ -35,11 +35,15 @@ from collections.abc import Callable, Mapping
 from itertools import islice
 from typing import Any, Final, Literal
 
+import orjson
+
 __all__ = [
     "CHARS_PER_TOKEN",
     "MEDIA_PART_TOKENS",
     "UsageObserver",
+    "body_usage",
     "estimate_request_tokens",
+    "usage_split",
     "usage_tokens",
 ]
 
@@ -341,6 +345,86 @@ def usage_tokens(usage: Mapping[str, Any], count: Count = "total") -> int | None
     return (prompt or 0) + (tool_use or 0) + (candidates or 0) + (thoughts or 0)
 
 
+def usage_split(usage: Mapping[str, Any]) -> tuple[int | None, int | None]:
+    """``(input, output)``: :func:`usage_tokens` for both counts at once."""
+    prompt, candidates = usage.get("promptTokenCount"), usage.get("candidatesTokenCount")
+    tool_use, thoughts = usage.get("toolUsePromptTokenCount", 0), usage.get("thoughtsTokenCount", 0)
+    if (  # the common case: Gemini's camelCase integers, none negative or past the cap
+        type(prompt) is int and type(candidates) is int
+        and type(tool_use) is int and type(thoughts) is int
+        and 0 <= (prompt | candidates | tool_use | thoughts) < _MAX_ESTIMATE
+        and "tool_use_prompt_token_count" not in usage and "thoughts_token_count" not in usage
+    ):
+        return prompt + tool_use, candidates + thoughts
+    return usage_tokens(usage, "input"), usage_tokens(usage, "output")
+
+
+def body_usage(body: bytes, content_type: str | None = None) -> Mapping[str, Any] | None:
+    """The ``usageMetadata`` of a whole answer body, as :class:`UsageObserver` reads it
+    (``usage``), without building an observer for the usual JSON answer."""
+    if body[:1] == b"{":
+        read = _whole_json(body, _DEFAULT_BUFFER)
+        if read is not None:
+            usage = read[0]
+            if type(usage) is dict and (
+                type(usage.get("totalTokenCount")) is int or usage_tokens(usage) is not None
+            ):
+                return usage
+            return None
+    observer = UsageObserver()
+    observer.start(200, content_type)
+    observer.feed_last(body)
+    return observer.usage
+
+
+_USAGE_MEMBER: Final = b'"usageMetadata"'
+_DEFAULT_BUFFER: Final = 1 << 20
+#: Bodies up to this size are parsed whole (orjson's fixed cost is most of the time).
+_PARSE_WHOLE: Final = 2048
+
+
+def _whole_json(body: bytes, max_buffer: int) -> tuple[Any, bool] | None:
+    """``(usageMetadata, error seen)`` of a whole JSON object body, or ``None`` when it must
+    be read incrementally (too big, too deep, or not JSON).
+
+    A small body is parsed whole. In a bigger one, Gemini writes ``usageMetadata`` after
+    the candidates, so the body's last ``"usageMetadata"`` is read on its own: ``{`` plus
+    the text from there to the end is valid JSON exactly when that text closes one object,
+    that is, when the member is the document's own and not one nested in the candidates (a
+    function call's arguments, say) or in a string. Only that tail is parsed, however long
+    the answer. A body that names an ``"error"`` anywhere is parsed whole.
+    """
+    size = len(body)
+    if size > _PARSE_WHOLE or size > max_buffer:  # else parsing it all costs less
+        at = body.rfind(_USAGE_MEMBER)
+        if at > 0 and size - at < max_buffer and b'"error"' not in body:
+            try:
+                tail = orjson.loads(b"{" + body[at:])
+            except orjson.JSONDecodeError:
+                tail = None
+            if type(tail) is dict:
+                return tail["usageMetadata"], False
+        if size > min(max_buffer, _COPY_LIMIT):
+            return None
+    try:
+        value = _loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if type(value) is not dict:
+        return None
+    return value.get("usageMetadata", value.get("usage_metadata")), value.get("error") is not None
+
+
+def _loads(raw: bytes | bytearray) -> Any:
+    """``raw`` parsed: by orjson (several times faster) when it accepts it, else by
+    :func:`json.loads` (``NaN``, UTF-16, deep nesting), so what parses is what json.loads
+    accepts. Integers past 64 bits come back as floats, which count the same here."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
+
+
 _QUOTE: Final = 0x22
 _BACKSLASH: Final = 0x5C
 _COLON: Final = 0x3A
@@ -595,7 +679,7 @@ class UsageObserver:
         kind: Kind = "auto",
         *,
         count: Count = "total",
-        max_buffer: int = 1 << 20,
+        max_buffer: int = _DEFAULT_BUFFER,
     ) -> None:
         if kind not in ("json", "sse", "json_array", "auto"):
             raise ValueError(f"unknown kind {kind!r}")
@@ -650,10 +734,33 @@ class UsageObserver:
             return
         self._finished = True
         if self._mode == "json" and not self._streaming:
+            raw, self._buffer = self._buffer, bytearray()
             try:
-                self._finish_json()
+                self._finish_json(raw)
             except Exception:
                 self._fail()
+
+    def feed_last(self, chunk: bytes | bytearray | memoryview) -> None:
+        """:meth:`feed` the last chunk, then :meth:`finish`.
+
+        A whole JSON body in one chunk (the usual non-streamed answer) is parsed at once,
+        without being copied or framed first.
+        """
+        if (
+            self._mode == _UNDECIDED
+            and not self._finished
+            and type(chunk) is bytes
+            and chunk[:1] == b"{"
+        ):
+            read = _whole_json(chunk, self.max_buffer)
+            if read is not None:
+                self._mode = "json"
+                self._finished = self._parsed_whole = True
+                self.events += 1
+                self._apply(read[1], read[0])
+                return
+        self.feed(chunk)
+        self.finish()
 
     @property
     def overflow(self) -> bool:
@@ -733,22 +840,21 @@ class UsageObserver:
         """Read a whole SSE event; ``False`` if it is too deeply nested for json.loads."""
         if b"usage" in raw or b'"error"' in raw:  # else it holds neither
             try:
-                self._apply_value(json.loads(raw))
+                self._apply_value(_loads(raw))
             except ValueError:
                 pass  # not JSON: no usage
             except RecursionError:
                 return False
         return True
 
-    def _finish_json(self) -> None:
-        raw = self._buffer
-        self._buffer = bytearray()
+    def _finish_json(self, raw: bytes | bytearray) -> None:
         try:
-            value = json.loads(raw)
+            value = _loads(raw)
         except ValueError:
             return
         except RecursionError:  # deep nesting: the scanner has no recursion limit
-            assert self._scanner is not None
+            if self._scanner is None:
+                self._scanner = _Scanner(1, self.max_buffer, self._apply_captures)
             self._streaming = True
             self._scanner.feed(bytes(raw), 0, len(raw))
             return
@@ -768,7 +874,7 @@ class UsageObserver:
         usage: Any = None
         if raw is not None:
             try:
-                usage = json.loads(raw)
+                usage = _loads(raw)
             except (ValueError, RecursionError):
                 usage = None
         self.events += 1

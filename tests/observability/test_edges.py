@@ -3,6 +3,7 @@ request ids from proxies, apps and forks."""
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -162,3 +163,84 @@ def test_ids_are_unique_per_instance() -> None:
     made = {a.new() for _ in range(1000)} | {b.new() for _ in range(1000)}
     assert len(made) == 2000
 
+
+
+def _usage(prompt: int, candidates: int) -> dict[str, int]:
+    return {"promptTokenCount": prompt, "candidatesTokenCount": candidates,
+            "totalTokenCount": prompt + candidates}
+
+
+def _answer_app(chunks: list[bytes], media: str) -> Starlette:
+    """A Gemini generation route whose answer is ``chunks``, one body message each."""
+
+    class Answer:  # an ASGI endpoint (Starlette calls a plain function with a Request)
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", media.encode())]})
+            for i, chunk in enumerate(chunks):
+                await send({"type": "http.response.body", "body": chunk,
+                            "more_body": i < len(chunks) - 1})
+
+    routes = [Route(path, Answer(), methods=["POST"]) for path in (
+        GENERATE, "/v1beta/models/{model}:streamGenerateContent")]
+    return Starlette(routes=routes)
+
+
+def _tokens(registry: CollectorRegistry, kind: str) -> float | None:
+    return registry.get_sample_value("gemini_scale_tokens_total", {
+        "gen_ai_request_model": "gemini-2.5-flash", "tenant": "(none)",
+        "gen_ai_token_type": kind})
+
+
+_ANSWER = json.dumps({"candidates": [{"content": {"parts": [{"text": "hi"}]}}],
+                      "usageMetadata": _usage(4, 9)}).encode()
+_SSE = b"".join(b"data: " + json.dumps({"usageMetadata": _usage(4, n)}).encode() + b"\r\n\r\n"
+                for n in (1, 5, 9))
+
+
+@pytest.mark.parametrize(
+    ("operation", "chunks", "media"),
+    [
+        ("generateContent", [_ANSWER], "application/json"),  # one message: the quick path
+        ("generateContent", [_ANSWER[:20], _ANSWER[20:]], "application/json"),
+        ("generateContent", [_ANSWER, b""], "application/json"),
+        ("streamGenerateContent", [_SSE[:30], _SSE[30:70], _SSE[70:]], "text/event-stream"),
+        ("streamGenerateContent", [_SSE], "text/event-stream"),  # a stream in one message
+    ],
+)
+async def test_without_a_token_limiter_the_layer_reads_the_usage_itself(
+    operation: str, chunks: list[bytes], media: str
+) -> None:
+    registry = CollectorRegistry()
+    app = MetricsMiddleware(_answer_app(chunks, media), registry=registry, access_log=False)
+    recorded = await call(app, "POST", f"/v1beta/models/gemini-2.5-flash:{operation}",
+                          json_body={})
+    assert b"".join(m.get("body", b"") for m in recorded.messages[1:]) == b"".join(chunks)
+    assert (_tokens(registry, "input"), _tokens(registry, "output")) == (4, 9)
+
+
+async def test_a_stream_cut_short_counts_the_usage_seen_so_far() -> None:
+    registry = CollectorRegistry()
+    events = _SSE.split(b"\r\n\r\n")
+    chunks = [events[0] + b"\r\n\r\n", events[1] + b"\r\n\r\n", events[2]]
+    app = MetricsMiddleware(_answer_app(chunks, "text/event-stream"), registry=registry,
+                            access_log=False)
+    await call(app, "POST", "/v1beta/models/gemini-2.5-flash:streamGenerateContent",
+               json_body={}, disconnect_after=2)
+    assert (_tokens(registry, "input"), _tokens(registry, "output")) == (4, 5)
+
+
+async def test_a_cache_hit_burns_no_tokens_without_a_limiter_too() -> None:
+    from gemini_scale import CacheMiddleware, MemoryStore
+    from gemini_scale.policies import CachePolicy
+
+    registry = CollectorRegistry()
+    inner = CacheMiddleware(_answer_app([_ANSWER], "application/json"), store=MemoryStore(),
+                            default=CachePolicy(ttl=60, scope="shared", generation="all",
+                                                methods=frozenset({"POST"})))
+    app = MetricsMiddleware(inner, registry=registry, access_log=False)
+    path = "/v1beta/models/gemini-2.5-flash:generateContent"
+    await call(app, "POST", path, json_body={"contents": []})
+    hit = await call(app, "POST", path, json_body={"contents": []})
+    assert "hit" in hit.headers["cache-status"]
+    assert (_tokens(registry, "input"), _tokens(registry, "output")) == (4, 9)

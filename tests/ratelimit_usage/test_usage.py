@@ -20,11 +20,14 @@ from typing import Any, Literal
 import httpx
 import pytest
 
+import gemini_scale.ratelimit.usage as usage_module
 from example_app.standin import create_standin, estimate_tokens
 from gemini_scale.ratelimit.usage import (
     MEDIA_PART_TOKENS,
     UsageObserver,
+    body_usage,
     estimate_request_tokens,
+    usage_split,
     usage_tokens,
 )
 from gemini_scale.upstream import StreamingASGITransport
@@ -718,13 +721,13 @@ def test_feeding_is_linear_in_the_body_size() -> None:
 def test_each_event_is_parsed_once(sse_raw: bytes, monkeypatch: pytest.MonkeyPatch) -> None:
     events = len(sse_expectations(sse_raw))
     calls: list[int] = []
-    real_loads = json.loads
+    real_loads = usage_module._loads
 
-    def counting_loads(raw: Any, **kwargs: Any) -> Any:
+    def counting_loads(raw: Any) -> Any:
         calls.append(len(raw))
-        return real_loads(raw, **kwargs)
+        return real_loads(raw)
 
-    monkeypatch.setattr(json, "loads", counting_loads)  # the module the observer calls
+    monkeypatch.setattr(usage_module, "_loads", counting_loads)  # what the observer calls
     for max_buffer in (1 << 20, SMALL_BUFFER):
         calls.clear()
         observer = observe([sse_raw[i : i + 1] for i in range(len(sse_raw))], max_buffer=max_buffer)
@@ -903,3 +906,120 @@ def test_an_internal_error_stops_observing_without_raising(
     assert observer.overflow
     assert observer.tokens is None
     assert "usage observer failed" in caplog.text
+
+
+# -- the quick readings: usage_split and body_usage ---------------------------------------
+
+_COUNT_VALUES: tuple[Any, ...] = (None, 0, 7, -3, 2.5, float("nan"), "12", True, 10**30)
+_COUNT_NAMES = (
+    ("promptTokenCount", "prompt_token_count"),
+    ("toolUsePromptTokenCount", "tool_use_prompt_token_count"),
+    ("candidatesTokenCount", "candidates_token_count"),
+    ("thoughtsTokenCount", "thoughts_token_count"),
+    ("totalTokenCount", "total_token_count"),
+)
+
+
+def test_usage_split_is_usage_tokens_for_input_and_output() -> None:
+    """Every shape of usageMetadata (both spellings, odd values, missing counts): the quick
+    path gives exactly what the general one gives."""
+    rng = random.Random(7)
+    for _ in range(5000):
+        usage: dict[str, Any] = {}
+        for camel, snake in _COUNT_NAMES:
+            for name in (camel, snake):
+                if rng.random() < 0.4:
+                    usage[name] = rng.choice(_COUNT_VALUES)
+        expected = (usage_tokens(usage, "input"), usage_tokens(usage, "output"))
+        assert usage_split(usage) == expected, usage
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"candidates": [], "usageMetadata": {"promptTokenCount": 4, "totalTokenCount": 9}}',
+        b'{"usage_metadata": {"prompt_token_count": 4, "candidates_token_count": 5}}',
+        b'{"usageMetadata": {"totalTokenCount": NaN}, "x": 1}',  # json.loads only
+        b'{"usageMetadata": {"promptTokenCount": 123456789012345678901234567890}}',
+        b'{"usageMetadata": {}}',
+        b'{"usageMetadata": {"promptTokenCount": 1}, "error": {"code": 500}}',
+        b'{"error": {"code": 429}}',
+        b'{"usageMetadata": ' + b"[" * 3000 + b"]" * 3000 + b"}",  # too deep for json.loads
+        b'{"usageMetadata": {"totalTokenCount": 5}',  # cut short
+        b'data: {"usageMetadata": {"totalTokenCount": 6}}\r\n\r\n',
+        b'[{"usageMetadata": {"totalTokenCount": 8}}]',
+        b"",
+        b'{"text": "' + b"x" * 40000 + b'", "usageMetadata": {"totalTokenCount": 11}}',
+    ],
+)
+def test_body_usage_reads_what_the_observer_reads(body: bytes) -> None:
+    observer = UsageObserver()
+    observer.start(200, "application/json")
+    observer.feed(body)
+    observer.finish()
+    assert body_usage(body, "application/json") == observer.usage
+
+
+def test_feed_last_is_feed_then_finish() -> None:
+    body = b'{"usageMetadata": {"promptTokenCount": 2, "totalTokenCount": 5}}'
+    for chunks in ([body], [body[:10], body[10:]], [b"", body]):
+        one, two = UsageObserver(), UsageObserver()
+        for observer in (one, two):
+            observer.start(200, "application/json")
+        for chunk in chunks[:-1]:
+            one.feed(chunk)
+            two.feed(chunk)
+        one.feed_last(chunks[-1])
+        two.feed(chunks[-1])
+        two.finish()
+        assert (one.usage, one.tokens, one.complete, one.events) == (
+            two.usage, two.tokens, two.complete, two.events
+        )
+
+
+def _reference_usage(body: bytes) -> Any:
+    """What a whole parse finds: the document's own usageMetadata when it has counts."""
+    usage = json.loads(body).get("usageMetadata")
+    return usage if isinstance(usage, dict) and usage_tokens(usage) is not None else None
+
+
+def _decoy() -> dict[str, Any]:
+    return {"usageMetadata": {"totalTokenCount": 999, "promptTokenCount": 998}}
+
+
+@pytest.mark.parametrize("size", [0, 200, 40_000, 300_000])
+def test_only_the_documents_own_usage_member_counts(size: int) -> None:
+    """The quick reading takes the last ``"usageMetadata"`` only when it is the document's
+    own: decoys nested in a function call's arguments, in text, after the real member or
+    instead of it are never read."""
+    rng = random.Random(size)
+    text = "x" * size
+    real = {"promptTokenCount": 4, "candidatesTokenCount": 5, "totalTokenCount": 9}
+    shapes: list[dict[str, Any]] = [
+        {"candidates": [{"content": {"parts": [{"text": text}]}}], "usageMetadata": real},
+        {"candidates": [{"content": {"parts": [{"functionCall": {"args": _decoy()}}]}}],
+         "usageMetadata": real, "modelVersion": "m"},
+        {"candidates": [{"content": {"parts": [{"functionCall": {"args": _decoy()}}]}}]},
+        {"usageMetadata": real, "candidates": [{"content": {"parts": [
+            {"text": text}, {"functionCall": {"args": _decoy()}}]}}]},
+        {"candidates": [{"content": {"parts": [
+            {"text": '"usageMetadata": {"totalTokenCount": 7}}'}]}}], "usageMetadata": real},
+        {"candidates": [], "note": "usageMetadata", "usageMetadata": real,
+         "x": {"y": [1, {"z": 2}]}},
+        {"candidates": [{"content": {"parts": [{"text": text}]}}], "usageMetadata": real,
+         "extra": _decoy()},
+        {"usageMetadata": real, "error": {"code": 500, "usageMetadata": {"totalTokenCount": 1}}},
+    ]
+    for shape in shapes:
+        for indent in (None, 1):
+            body = json.dumps(shape, indent=indent).encode()
+            expected = _reference_usage(body)
+            assert body_usage(body) == expected, body[-300:]
+            observer = UsageObserver()
+            observer.start(200, "application/json")
+            observer.feed_last(body)
+            assert observer.usage == expected
+            assert observer.error_seen == ("error" in shape)
+            split = rng.randrange(1, len(body))
+            stepped = observe([body[:split], body[split:]])
+            assert stepped.usage == expected
