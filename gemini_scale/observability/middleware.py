@@ -45,6 +45,7 @@ __all__ = ["MetricsMiddleware"]
 
 access_logger = logging.getLogger(ACCESS_LOGGER)
 _now: Final = time.perf_counter
+_INFO: Final = logging.INFO
 
 UNMATCHED: Final = "(unmatched)"
 _NONE: Final = "none"
@@ -71,6 +72,8 @@ _OTHER_METHOD: Final = "_OTHER"
 #: Distinct (method, route, status, version) kept with their children; more are labelled on
 #: each request (label values are bounded anyway; this bounds the memo).
 _MAX_CHILDREN: Final = 4096
+#: A call's GenAI children (duration, first token, input and output tokens) and model label.
+_GenAI = tuple[Any, Any, Any, Any, str]
 
 
 def _status_label(x: _Exchange) -> str:
@@ -133,8 +136,8 @@ class MetricsMiddleware(GeminiMiddleware):
         # (method, template, status, version) -> its duration and first-byte children:
         # .labels() costs more than the observation itself.
         self._children: dict[tuple[str, str, int, str | None, bool], tuple[Any, Any]] = {}
-        # (operation, model) -> its GenAI children.
-        self._genai: dict[tuple[str, str], tuple[Any, Any, Any, Any]] = {}
+        # (operation, model) -> its GenAI children and model label.
+        self._genai: dict[tuple[str, str], _GenAI] = {}
         # (model, tenant) -> its input and output token counters.
         self._token_counters: dict[tuple[str, str], tuple[Any, Any]] = {}
         if tracing:
@@ -227,7 +230,7 @@ class MetricsMiddleware(GeminiMiddleware):
                 f"{principal.issuer} {principal.subject}",
                 tokens=(tokens_in or 0) + (tokens_out or 0),
             )
-        if self.access_log and access_logger.isEnabledFor(logging.INFO):
+        if self.access_log and access_logger.isEnabledFor(_INFO):
             self._log(
                 scope, context, x, template, ended, tokens_in=tokens_in, tokens_out=tokens_out
             )
@@ -260,23 +263,34 @@ class MetricsMiddleware(GeminiMiddleware):
         if cache is not None:
             fams.cache_results.labels(template, _CACHE_RESULTS.get(cache, "bypass")).inc()
 
+    def _new_genai(self, operation: str, model: str, answered: bool) -> _GenAI:
+        """The GenAI children of a call (remembered once its model id is a label value)."""
+        # Only an answered call admits a model id to the label: refused requests (an
+        # anonymous flood of made-up ids) must not use up the bound.
+        label = self._models(model) if answered else self._models.known(model)
+        labels = (operation, label, _PROVIDER)
+        fams = self.families
+        genai = (
+            fams.genai_duration.labels(*labels),
+            fams.genai_first_token.labels(*labels),
+            fams.genai_tokens.labels(*labels, "input"),
+            fams.genai_tokens.labels(*labels, "output"),
+            label,
+        )
+        if label == model:
+            self._genai[(operation, model)] = genai
+        return genai
+
     def _record_call(
         self, context: RequestContext, x: _Exchange, model: str, operation: str, ended: float
     ) -> tuple[int | None, int | None]:
         """The GenAI metrics of a Gemini model call; its input and output tokens."""
         # Only an answered call admits a model id to the label: refused requests (an
         # anonymous flood of made-up ids) must not use up the bound.
-        model = self._models(model) if 200 <= x.status < 300 else self._models.known(model)
-        genai = self._genai.get((operation, model))
+        genai = self._genai.get((operation, model))  # only admitted model ids are keys
         if genai is None:
-            labels = (operation, model, _PROVIDER)
-            fams = self.families
-            genai = self._genai[(operation, model)] = (
-                fams.genai_duration.labels(*labels),
-                fams.genai_first_token.labels(*labels),
-                fams.genai_tokens.labels(*labels, "input"),
-                fams.genai_tokens.labels(*labels, "output"),
-            )
+            genai = self._new_genai(operation, model, 200 <= x.status < 300)
+        model = genai[4]
         genai[0].observe(ended - x.started)
         if operation == "stream_generate_content" and x.first_byte:
             genai[1].observe(x.first_byte - x.started)
@@ -402,7 +416,8 @@ class _Exchange:
                     break
             # A new list (the app may reuse its own, a cache does), in the message it sent.
             message["headers"] = [*headers, (REQUEST_ID_HEADER, self.request_id)]
-            if self.context.route is not None:
+            route = self.context.route
+            if route is not None and route.params:  # a Gemini model route, perhaps
                 self._want_usage(headers)
         elif kind == "http.response.pathsend":
             self.complete = True
@@ -444,10 +459,9 @@ class _Exchange:
 
 def _decision_labels(prefix: str, decision: Any) -> tuple[str, str]:
     """``(limit, outcome)`` of one rate limiter's decision."""
-    who = "client_ip " if prefix else ""
     if decision.degraded:
-        return f"{who}any", "degraded"
-    if decision.allowed:
+        limit, outcome = None, "degraded"
+    elif decision.allowed:
         tightest = decision.tightest()
         limit = tightest[0] if tightest is not None else None
         outcome = "allowed"
@@ -455,9 +469,20 @@ def _decision_labels(prefix: str, decision: Any) -> tuple[str, str]:
         refused = [s for s in decision.states if s.retry_after is not None]
         limit = refused[0].limit if refused else None
         outcome = "refused"
-    if limit is None:
-        return f"{who}any", outcome
-    return f"{who}{limit.kind} {limit.amount}/{limit.window}s", outcome
+    # Memoised by the limit's identity (a policy's limits live as long as the policy; the
+    # entry holds the limit, so its id cannot be reused meanwhile).
+    key = (prefix, id(limit))
+    found = _limit_labels.get(key)
+    if found is not None and found[0] is limit:
+        return found[1], outcome
+    who = "client_ip " if prefix else ""
+    label = f"{who}{limit.kind} {limit.amount}/{limit.window}s" if limit else f"{who}any"
+    remember(_limit_labels, key, (limit, label), _MAX_CHILDREN)
+    return label, outcome
+
+
+#: (limiter prefix, id(limit)) -> (the limit, its label value).
+_limit_labels: dict[tuple[str, int], tuple[Any, str]] = {}
 
 
 def _limit_state(decisions: Iterable[tuple[str, Any, Any]]) -> str | None:

@@ -21,7 +21,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 import anyio
 
@@ -93,6 +93,9 @@ class Reservation(NamedTuple):
     """Charged on the replica's local fallback store, not the shared one."""
 
 
+_UNSET: Final[Any] = object()
+
+
 class Decision:
     """The outcome of :meth:`RateLimiter.acquire`.
 
@@ -102,7 +105,7 @@ class Decision:
     """
 
     __slots__ = ("_costs", "_keys", "_limits", "_local", "_raw", "_reservation", "_states",
-                 "allowed", "degraded")
+                 "_tightest", "allowed", "degraded")
 
     allowed: bool
     degraded: bool
@@ -124,6 +127,7 @@ class Decision:
         self._keys: tuple[str, ...] = ()
         self._costs: Sequence[int] = ()
         self._local = False
+        self._tightest: Any = _UNSET
 
     @classmethod
     def from_reply(
@@ -148,6 +152,7 @@ class Decision:
         decision._local = local
         decision._states = None
         decision._reservation = None
+        decision._tightest = _UNSET
         return decision
 
     def __repr__(self) -> str:
@@ -196,6 +201,12 @@ class Decision:
     def tightest(self) -> tuple[Limit, int, float] | None:
         """``(limit, remaining, reset_after)`` of the limit closest to exhaustion (the
         smallest remaining share; the sooner reset on a tie), or ``None`` with no limits."""
+        found = self._tightest
+        if found is _UNSET:  # the headers and the metrics both ask
+            found = self._tightest = self._find_tightest()
+        return found  # type: ignore[no-any-return]
+
+    def _find_tightest(self) -> tuple[Limit, int, float] | None:
         raw = self._raw
         best: tuple[Limit, int, float] | None = None
         if not raw:
