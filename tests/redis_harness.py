@@ -39,12 +39,20 @@ REDIS_CLI = shutil.which("redis-cli")
 HOST = "127.0.0.1"
 
 
+#: A cluster node also listens on its port + 10000, and redis-server refuses a port whose
+#: bus port would pass 65535 ("Redis port number too high").
+MAX_PORT = 65535 - 10000
+
+
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
+    """A TCP port on loopback that nothing listens on right now (at most :data:`MAX_PORT`)."""
+    for _ in range(1000):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((HOST, 0))
+            port: int = sock.getsockname()[1]
+        if port <= MAX_PORT:
+            return port
+    raise RuntimeError(f"no free loopback port at or below {MAX_PORT}")
 
 
 def sync_client(port: int, *, timeout: float = 1.0) -> redis.Redis:

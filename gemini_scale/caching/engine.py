@@ -3,7 +3,9 @@ generations, invalidation and single flight. Tested without ASGI.
 
 Store layout (relative keys; the store adds its prefix), every key with a TTL:
 
-- ``cache:{<key>}``: an entry (:class:`~gemini_scale.caching.entry.StoredResponse`);
+- ``cache:{<key>}``: an entry (:class:`~gemini_scale.caching.entry.StoredResponse`), encoded
+  (a plain ``MemoryStore`` holds the object itself: nothing is encoded or decoded, see
+  :attr:`CacheEngine.objects`);
 - ``cache:{<key>}:lock``: the single-flight lock of a key (same hash slot as the entry, so
   a follower's poll reads both in one script on Redis Cluster too);
 - ``cache:gen:{<tag digest>}``: the current generation of a tag, absent until the tag is
@@ -47,12 +49,12 @@ import math
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import anyio
 
 from gemini_scale.caching.entry import CorruptEntryError, StoredResponse
-from gemini_scale.caching.keys import ALL_TAG, model_tag, principal_tag, tenant_tag
+from gemini_scale.caching.keys import ALL_TAG, entry_key, model_tag, principal_tag, tenant_tag
 from gemini_scale.caching.scripts import FOUND, GONE, LOCK, LOCKED, POLL, STORE
 from gemini_scale.errors import ConfigurationError, StoreError, StoreUnavailableError
 from gemini_scale.memo import remember
@@ -99,6 +101,10 @@ class Flight:
     response: StoredResponse | None = None
     token: bytes | None = None
     """The store lock's value while this process's leader holds it."""
+
+
+def _generations_suffix(generations: Sequence[str]) -> bytes:
+    return b"\x00" + ",".join(generations).encode("ascii")
 
 
 def _positive(name: str, value: float, *, zero: bool = False) -> float:
@@ -153,8 +159,6 @@ class CacheEngine:
         self.store = store
         self.clock = clock
         self.namespace = namespace
-        # A plain MemoryStore (not a subclass that may override ``get``) is read synchronously.
-        self._get_now = store.get_now if type(store) is MemoryStore else None
         self.lock_ttl = _positive("lock_ttl", lock_ttl)
         self.wait_timeout = _positive("wait_timeout", wait_timeout, zero=True)
         self.poll_interval = _positive("poll_interval", poll_interval)
@@ -169,6 +173,12 @@ class CacheEngine:
         self.log_interval = _positive("log_interval", log_interval, zero=True)
         in_process = isinstance(store, MemoryStore)
         self.distributed_lock = not in_process if distributed_lock is None else distributed_lock
+        # A plain MemoryStore (not a subclass that may override its methods) holds entries
+        # as objects: nothing is encoded on a write or decoded on a read. Not written so
+        # with a distributed lock, whose scripts hand entries around as bytes.
+        self._memory = store if type(store) is MemoryStore else None
+        self.objects = None if self.distributed_lock else self._memory
+        """The store entries are written to as objects (see :meth:`put_now`), or ``None``."""
         self.stats = CacheStats()
         # A MemoryStore hands back the very bytes object it was given, so an entry decoded
         # once is recognised by identity on every later hit (no re-parsing).
@@ -177,7 +187,8 @@ class CacheEngine:
         self._generations: dict[str, tuple[str, float]] = {}
         # material -> (key, epoch, fresh until): keys stay valid while no generation changed
         self._keys: dict[bytes, tuple[str, int, float]] = {}
-        self._epoch = 0
+        self.epoch = 0
+        """Grows whenever a remembered generation changes: keys made before are stale."""
         self._down_until = -math.inf
         self._last_warning = -math.inf
 
@@ -208,13 +219,12 @@ class CacheEngine:
     @staticmethod
     def key(material: bytes, generations: Sequence[str]) -> str:
         """An entry key from a request's framed key material and its tags' generations."""
-        joined = ",".join(generations).encode("ascii")
-        return hashlib.sha256(material + b"\x00" + joined).hexdigest()[:32]
+        return entry_key(material + _generations_suffix(generations))
 
     def known_key(self, material: bytes) -> str | None:
         """The key :meth:`key_for` gave ``material`` if it is still valid, without waiting."""
         known = self._keys.get(material)
-        if known is not None and known[1] == self._epoch and known[2] > self.clock.monotonic():
+        if known is not None and known[1] == self.epoch and known[2] > self.clock.monotonic():
             return known[0]
         return None
 
@@ -226,6 +236,15 @@ class CacheEngine:
         remembered = self.known_key(material)
         if remembered is not None:
             return remembered
+        suffix, fresh_until = await self.generations(tags)
+        key = entry_key(material + suffix)
+        remember(self._keys, material, (key, self.epoch, fresh_until), _KEYS_SIZE)
+        return key
+
+    async def generations(self, tags: Sequence[str]) -> tuple[bytes, float]:
+        """What :meth:`key` appends to key material for ``tags`` (their current
+        generations), and until when (monotonic) it holds unless :attr:`epoch` grows.
+        Raises ``StoreError``."""
         now = self.clock.monotonic()
         memo = self._generations
         generations: list[str] = []
@@ -236,9 +255,7 @@ class CacheEngine:
                 found = await self._generation(tag, now)
             generations.append(found[0])
             fresh_until = min(fresh_until, found[1])
-        key = self.key(material, generations)
-        remember(self._keys, material, (key, self._epoch, fresh_until), _KEYS_SIZE)
-        return key
+        return _generations_suffix(generations), fresh_until
 
     # -- store calls
 
@@ -276,7 +293,14 @@ class CacheEngine:
     # -- generations and invalidation
 
     async def _generation(self, tag: str, now: float) -> tuple[str, float]:
+        epoch = self.epoch
         raw = await self._run(self.store.get, self._generation_name(tag))
+        if self.epoch != epoch:
+            # Generations changed while we read (an invalidation here, or another read):
+            # one remembered since is newer than what we read, which must not replace it.
+            found = self._generations.get(tag)
+            if found is not None and found[1] > now:
+                return found
         known = (raw.decode("ascii", "replace") if raw else _NO_GENERATION, now + self.tag_refresh)
         self._remember_generation(tag, known)
         return known
@@ -285,10 +309,10 @@ class CacheEngine:
         memo = self._generations
         previous = memo.get(tag)
         if previous is not None and previous[0] != known[0]:
-            self._epoch += 1  # remembered keys that used the old generation are stale
+            self.epoch += 1  # remembered keys that used the old generation are stale
         if previous is None and len(memo) >= _GENERATIONS_SIZE:
             memo.clear()
-            self._epoch += 1
+            self.epoch += 1
         memo[tag] = known
 
     async def invalidate(self, *, tags: Iterable[str] = (), keys: Iterable[str] = ()) -> int:
@@ -307,7 +331,7 @@ class CacheEngine:
                 self._generation_name(tag), generation.encode(), ttl=self.max_ttl + self.lock_ttl
             )
             self._remember_generation(tag, (generation, self.clock.monotonic() + self.tag_refresh))
-            self._epoch += 1
+            self.epoch += 1
             count += 1
         names = [self.entry_name(key) for key in keys]
         if names:
@@ -316,17 +340,25 @@ class CacheEngine:
 
     # -- entries
 
+    def held(self, name: str) -> StoredResponse | Literal[False] | None:
+        """On a ``MemoryStore``: the fresh entry stored as ``name`` (:meth:`entry_name`),
+        or ``None``, synchronously. ``False``: ask :meth:`get` (another store, or the value
+        there is not an entry object but bytes)."""
+        memory = self._memory
+        if memory is None:
+            return False
+        found = memory.get_object(name)
+        if type(found) is StoredResponse:
+            return found if found.expires > self.clock.time() else None
+        return None if found is None else False
+
     async def get(self, key: str) -> StoredResponse | None:
         """The fresh entry ``key``, or ``None``. Raises ``StoreError`` when the store fails."""
         name = f"{self.namespace}:{{{key}}}"
-        get_now = self._get_now
-        if get_now is not None:  # a plain MemoryStore: no coroutine, nothing to time out
-            try:
-                raw = get_now(name)
-            except StoreError as exc:
-                raise self._failed(exc) from exc
-        else:
-            raw = await self._run(self.store.get, name)
+        found = self.held(name)
+        if found is not False:
+            return found
+        raw = await self._run(self.store.get, name)
         if raw is None:
             return None
         return await self._fresh(name, raw)
@@ -359,11 +391,14 @@ class CacheEngine:
         """Store ``response`` under ``key`` until it expires (at most ``max_ttl``); whether
         it was stored (a store failure is logged, never raised). A leader passes its
         ``flight``: the store lock is released in the same round trip."""
+        held = self.put_now(key, response)
+        if held is not None:
+            return held
         ttl = min(response.expires - response.created, self.max_ttl)
         if ttl <= 0:
             return False
-        raw = response.encode()
         name = self.entry_name(key)
+        raw = response.encode()
         try:
             if flight is None or flight.token is None:
                 await self._run(self.store.set, name, raw, ttl=ttl)
@@ -377,7 +412,30 @@ class CacheEngine:
         self.stats.stored += 1
         return True
 
+    def put_now(self, key: str, response: StoredResponse) -> bool | None:
+        """:meth:`put` without waiting, when the store holds :attr:`objects` (no store lock
+        is ever held then); ``None``: it does not, :meth:`put`."""
+        objects = self.objects
+        if objects is None:
+            return None
+        ttl = min(response.expires - response.created, self.max_ttl)
+        if ttl <= 0:
+            return False
+        objects.set_object(self.entry_name(key), response, ttl=ttl, size=response.held_bytes)
+        self.stats.stored += 1
+        return True
+
     # -- single flight
+
+    def lead(self, key: str) -> Flight | None:
+        """The flight of ``key`` this request leads, when that is known without waiting:
+        in-process coordination only, and no request of this process is on ``key``. Then
+        :meth:`land` it as after :meth:`join`. ``None``: :meth:`join`."""
+        flights = self._flights
+        if self.distributed_lock or key in flights:
+            return None
+        flight = flights[key] = Flight(key)
+        return flight
 
     async def join(self, key: str) -> tuple[Flight | None, StoredResponse | None]:
         """Join the single flight of ``key`` after a miss.
@@ -400,9 +458,10 @@ class CacheEngine:
                 self.stats.wait_timeouts += 1
                 return None, None
             return None, flight.response
-        flight = self._flights[key] = Flight(key)
-        if not self.distributed_lock:
+        flight = self.lead(key)
+        if flight is not None:
             return flight, None
+        flight = self._flights[key] = Flight(key)
         try:
             leads, response = await self._lock_or_wait(flight)
         except BaseException:

@@ -26,12 +26,13 @@ from collections.abc import Collection, Sequence
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode
 
+from gemini_scale.caching.request import is_deterministic
 from gemini_scale.gemini_json import OPAQUE_MEMBERS, camel_name
 from gemini_scale.memo import remember
 from gemini_scale.policies import CacheScope
 from gemini_scale.principal import Principal
 
-KEY_SCHEMA: Final = b"gemini-scale:cache:v1"
+KEY_SCHEMA: Final = b"gemini-scale:cache:v2"
 
 #: Query parameters that are part of the key by default: those the Gemini surface reads
 #: (``alt`` switches SSE and JSON; paging). A request with any other parameter, apart
@@ -191,26 +192,53 @@ def canonical_json(body: Any) -> bytes:
     return domain + _SORTED_JSON.encode(value).encode()
 
 
+#: A JSON body's canonical digest and whether it asks for a deterministic generation.
+BodyFacts = tuple[bytes, bool]
+_EMPTY_BODY: Final[BodyFacts] = (b"", False)
+#: ``parsed`` of :meth:`BodyDigests.facts` when the caller has not parsed the body.
+UNPARSED: Final[Any] = object()
+
+
 class BodyDigests:
     """Canonical body digests, remembered by the raw body's SHA-256 (a pure function of
-    the bytes), so a repeated body costs one hash instead of a canonical re-encoding."""
+    the bytes), so a repeated body costs one hash instead of a parse and a canonical
+    re-encoding."""
 
     __slots__ = ("_memo", "_size")
 
     def __init__(self, size: int = _MEMO_SIZE) -> None:
-        self._memo: dict[bytes, bytes] = {}
+        self._memo: dict[bytes, BodyFacts] = {}
         self._size = size
 
-    def digest(self, raw: bytes, parsed: Any) -> bytes | None:
-        """The digest of ``parsed`` (the JSON of ``raw``); ``None`` if it is too deep."""
+    def facts(self, raw: bytes, parsed: Any = UNPARSED) -> BodyFacts | None:
+        """The canonical digest of the JSON body ``raw`` and whether it is deterministic
+        (:func:`~gemini_scale.caching.request.is_deterministic`). ``parsed``: the JSON of
+        ``raw`` if the caller has it; else ``raw`` is parsed here, and ``None`` is returned
+        when it is not a JSON object. ``None`` too when it is nested too deep."""
         if not raw:
-            return b""
+            return _EMPTY_BODY
         fingerprint = hashlib.sha256(raw).digest()
         found = self._memo.get(fingerprint)
         if found is None:
             try:
-                found = hashlib.sha256(canonical_json(parsed)).digest()
-            except RecursionError:
+                if parsed is UNPARSED:
+                    parsed = json.loads(raw)
+                    if type(parsed) is not dict:
+                        return None
+                found = (hashlib.sha256(canonical_json(parsed)).digest(),
+                         is_deterministic(parsed))
+            except (ValueError, RecursionError):  # not JSON (or not UTF-8), or too deep
                 return None
             remember(self._memo, fingerprint, found, self._size)
         return found
+
+    def digest(self, raw: bytes, parsed: Any) -> bytes | None:
+        """The digest of ``parsed`` (the JSON of ``raw``); ``None`` if it is too deep."""
+        found = self.facts(raw, parsed)
+        return None if found is None else found[0]
+
+
+def entry_key(material: bytes) -> str:
+    """An entry key: 128 bits of the SHA-256 of ``material`` (framed parts, then ``\\x00``
+    and the tags' generations), in hex."""
+    return hashlib.sha256(material).hexdigest()[:32]

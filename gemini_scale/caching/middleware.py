@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping, Sequence
-from typing import Final
+from typing import Any, Final, Literal
 
 from gemini_scale.auth.middleware import principal_of
-from gemini_scale.body import BODY_KEY, JSON_KEY, BodyRefusedError, load_json_body, replay_receive
+from gemini_scale.body import BODY_KEY, JSON_KEY, is_json_content_type, replay_receive
 from gemini_scale.caching.engine import CacheEngine, Flight
 from gemini_scale.caching.entry import StoredResponse
-from gemini_scale.caching.keys import DEFAULT_QUERY_PARAMS, BodyDigests
+from gemini_scale.caching.keys import DEFAULT_QUERY_PARAMS, UNPARSED, BodyDigests, BodyFacts
 from gemini_scale.caching.recorder import Recorder
 from gemini_scale.caching.request import (
     STREAM_METHOD,
     content_length,
-    generation_allowed,
+    generation_permitted,
     header_fields,
+    replay_messages,
 )
 from gemini_scale.caching.semantics import (
     BYPASS,
@@ -27,7 +28,7 @@ from gemini_scale.caching.semantics import (
     etag_matches,
     not_modified_headers,
 )
-from gemini_scale.caching.signature import Plan, Signature, Signatures
+from gemini_scale.caching.signature import Known, Plan, Signature, Signatures
 from gemini_scale.errors import ConfigurationError, StoreError, send_error
 from gemini_scale.memo import remember
 from gemini_scale.policies import GENERATION_MODES, CachePolicy, GenerationMode, Policy
@@ -53,23 +54,34 @@ _PLANS_SIZE: Final = 1_000
 _AGES: Final = tuple(str(age).encode() for age in range(3600))
 
 
+def _is_json(content_type: bytes | None) -> bool:
+    return content_type == b"application/json" or is_json_content_type(content_type)
+
+
 class _Exchange:
     """One request on its way through the cache."""
 
-    __slots__ = ("context", "if_none_match", "key", "plan", "receive", "scope", "send")
+    __slots__ = ("body", "context", "fields", "key", "plan", "receive", "scope", "send")
 
     def __init__(
         self, scope: Scope, receive: Receive, send: Send, context: RequestContext, plan: Plan,
-        *, if_none_match: bytes | None,
+        *, fields: dict[bytes, bytes],
     ) -> None:
         self.scope = scope
         self.receive = receive
         self.send = send
         self.context = context
         self.plan = plan
-        self.if_none_match = if_none_match
+        self.fields = fields
+        """The request's header fields (:func:`header_fields`)."""
         self.key = ""
+        self.body: bytes | None = None
+        """The body, when the cache read it (the app gets it replayed)."""
 
+    def app_receive(self) -> Receive:
+        """The ``receive`` the app gets: the body the cache read, then the server's."""
+        body = self.body
+        return self.receive if body is None else replay_receive(body, self.receive)
 
 
 class CacheMiddleware(GeminiMiddleware):
@@ -166,7 +178,7 @@ class CacheMiddleware(GeminiMiddleware):
         self.age = age
         self.expose_key = expose_key
         self._plans: dict[int, Plan] = {}
-        self._signatures = Signatures(self.query_params)
+        self._signatures = Signatures(self.query_params, engine)
         self._digests = BodyDigests()
 
     def _plan(self, policy: CachePolicy) -> Plan:
@@ -198,64 +210,73 @@ class CacheMiddleware(GeminiMiddleware):
         if method not in plan.methods:
             await self.app(scope, receive, send)  # PURGE, DELETE...: the app's business (C25)
             return
-        fields = header_fields(scope["headers"])
-        x = _Exchange(
-            scope, receive, send, context, plan, if_none_match=fields.get(b"if-none-match")
-        )
-        path: str = scope["path"]
-        if not plan.streams and path.endswith(STREAM_METHOD):
+        x = _Exchange(scope, receive, send, context, plan, fields=header_fields(scope["headers"]))
+        known = await self._known(x)
+        if known is None or known[1] is None:
             await self._bypass(x)
             return
+        x.key = known[1]
+        context.extras[CACHE_KEY_KEY] = x.key
+        control = x.fields.get(b"cache-control")
+        # An in-process store answers without a coroutine (``False``: ask it with one).
+        found = self.engine.held(known[2]) if control is None else False
+        if found:
+            self.engine.stats.hits += 1
+            await self._serve(x, found, HIT)
+            return
+        await self._lookup(x, RequestDirectives.parse(control), found)
+
+    async def _known(self, x: _Exchange) -> Known | None:
+        """What the request's signature means (its entry key and name), or ``None`` when
+        it is not cacheable (or the store failed): then it bypasses the cache."""
+        scope, plan, context = x.scope, x.plan, x.context
+        method: str = scope["method"]
+        path: str = scope["path"]
+        if not plan.streams and path.endswith(STREAM_METHOD):
+            return None
         body = b""
         if method != "GET" and method != "HEAD":  # noqa: PLR1714 (two compares are cheapest)
-            x.receive, digest = await self._body(x, content_length(fields))
-            if digest is None or not generation_allowed(
-                path, context.extras.get(JSON_KEY), plan.generation
-            ):
-                await self._bypass(x)
-                return
-            body = digest
+            facts = await self._body(x, context.extras)
+            if facts is None or not generation_permitted(path, plan.generation, facts[1]):
+                return None
+            body = facts[0]
         principal = context.principal
         if not isinstance(principal, Principal):
             principal = principal_of(scope)
         signature: Signature = (
             plan, id(principal), b"GET" if method == "HEAD" else method.encode(), path,
-            scope["query_string"], tuple(map(fields.get, plan.vary)), body,
+            scope["query_string"], tuple(map(x.fields.get, plan.vary)), body,
         )
-        route = context.route
-        known = self._signatures.get(
-            signature, principal, route.params.get("model") if route is not None else None
-        )
-        material = known[1]
-        if material is None:
-            await self._bypass(x)
-            return
-        engine = self.engine
-        key = engine.known_key(material)
-        if key is None:
+        signatures = self._signatures
+        known = signatures.get(signature, principal)
+        if known is None:
+            route = context.route
+            model = route.params.get("model") if route is not None else None
             try:
-                key = await engine.key_for(material, known[2])
+                known = await signatures.describe(signature, principal, model)
             except StoreError:
-                await self._bypass(x)
-                return
-        x.key = key
-        context.extras[CACHE_KEY_KEY] = key
-        await self._lookup(x, RequestDirectives.parse(fields.get(b"cache-control")))
+                return None
+        return known
 
-    async def _lookup(self, x: _Exchange, directives: RequestDirectives) -> None:
-        head = x.scope["method"] == "HEAD"
-        stats = self.engine.stats
+    async def _lookup(
+        self, x: _Exchange, directives: RequestDirectives,
+        found: StoredResponse | Literal[False] | None,
+    ) -> None:
+        """Answer from the store what ``directives`` allow, else forward (``found``: what
+        the store holds, ``False`` when it is still to be asked)."""
         if not (directives.no_cache or directives.no_store):
-            try:
-                found = await self.engine.get(x.key)
-            except StoreError:
-                await self._bypass(x)
-                return
+            engine = self.engine
+            if found is False:
+                try:
+                    found = await engine.get(x.key)
+                except StoreError:
+                    await self._bypass(x)
+                    return
             if found is not None and (
                 directives.max_age is None
                 or self.clock.time() - found.created <= directives.max_age
             ):
-                stats.hits += 1
+                engine.stats.hits += 1
                 await self._serve(x, found, HIT)
                 return
             if directives.only_if_cached:
@@ -263,17 +284,25 @@ class CacheMiddleware(GeminiMiddleware):
                 await send_error(x.send, 504, "The answer is not in the cache (only-if-cached).",
                                  headers={"cache-status": label})
                 return
+        await self._miss(x, directives)
+
+    async def _miss(self, x: _Exchange, directives: RequestDirectives) -> None:
+        """Not answered from the store: forward (a miss joins the key's single flight)."""
+        stats = self.engine.stats
         stats.misses += 1
+        head = x.scope["method"] == "HEAD"
         if head or directives.no_cache or directives.no_store:
             x.context.extras[CACHE_OUTCOME_KEY] = "miss" if head else "request"
             keep = directives.no_cache and not (head or directives.no_store)
             await self._forward(x, MISS if head else REQUESTED, store=keep)
             return
-        flight, found = await self.engine.join(x.key)
-        if found is not None:
-            stats.coalesced += 1
-            await self._serve(x, found, COLLAPSED)
-            return
+        flight = self.engine.lead(x.key)
+        if flight is None:
+            flight, found = await self.engine.join(x.key)
+            if found is not None:
+                stats.coalesced += 1
+                await self._serve(x, found, COLLAPSED)
+                return
         x.context.extras[CACHE_OUTCOME_KEY] = "miss"
         stored = None
         try:
@@ -302,7 +331,7 @@ class CacheMiddleware(GeminiMiddleware):
             age = max(0, int(self.clock.time() - found.created))
             headers.append((b"age", _AGES[age] if age < len(_AGES) else str(age).encode()))
         send = x.send
-        match = x.if_none_match
+        match = x.fields.get(b"if-none-match")
         if match is not None and etag_matches(match, found.etag):
             headers = not_modified_headers(headers)
             await send({"type": "http.response.start", "status": 304, "headers": headers})
@@ -320,54 +349,71 @@ class CacheMiddleware(GeminiMiddleware):
         plan = x.plan
         recorder = Recorder(
             x.send,
-            label=label,
-            detail=self._detail(x.key),
+            plan,
+            label,
+            detail=self._detail(x.key) if self.expose_key else b"",
             store=store,
-            limit=plan.max_bytes,
-            vary=plan.vary_set,
-            private=plan.private,
             stream=x.scope["path"].endswith(STREAM_METHOD),
-            streams=plan.streams,
-            if_none_match=x.if_none_match,
+            if_none_match=x.fields.get(b"if-none-match"),
         )
-        await self.app(x.scope, x.receive, recorder)
-        await recorder.returned()
+        await self.app(x.scope, x.app_receive(), recorder)
+        if recorder.holding:
+            await recorder.returned()
         found = recorder.response(created=self.clock.time(), ttl=plan.policy.ttl)
         if found is not None:
-            await self.engine.put(x.key, found, flight)
+            if self.engine.put_now(x.key, found) is None:
+                await self.engine.put(x.key, found, flight)
             x.context.extras[CACHE_OUTCOME_KEY] = "stored"
         return found
 
     async def _bypass(self, x: _Exchange) -> None:
         self.engine.stats.bypassed += 1
         x.context.extras[CACHE_OUTCOME_KEY] = "bypass"
-        recorder = Recorder(
-            x.send, label=BYPASS, store=False, limit=0, vary=(), private=x.plan.private,
-            stream=False, streams=False, if_none_match=None,
-        )
-        await self.app(x.scope, x.receive, recorder)
+        recorder = Recorder(x.send, x.plan, BYPASS, store=False)
+        await self.app(x.scope, x.app_receive(), recorder)
 
-    async def _body(self, x: _Exchange, length: int | None) -> tuple[Receive, bytes | None]:
-        """The canonical body digest (``None``: do not cache), and the ``receive`` to use.
+    async def _body(self, x: _Exchange, extras: dict[str, Any]) -> BodyFacts | None:
+        """The canonical body digest and determinism (``None``: do not cache).
 
-        The body is read only when no outer layer did, when it declares a length within
-        ``max_body_bytes``; a body the cache cannot key is replayed to the app untouched.
+        An outer layer's reading (``extras["body"]``) is used as it is. Else the body is
+        read here when it declares a JSON ``Content-Type`` and a length within
+        ``max_body_bytes``, and is replayed to the app as it came (the parsed body is not
+        published: a repeated body is not parsed at all, its digest is remembered).
         """
-        extras = x.context.extras
-        receive = x.receive
         raw: bytes | None = extras.get(BODY_KEY)
-        if raw is None:
-            if length is None or length > self.max_body_bytes:
-                return receive, None
-            try:
-                receive = await load_json_body(x.scope, receive, x.context, self.max_body_bytes)
-            except BodyRefusedError:
-                raw = extras.get(BODY_KEY)  # read but not JSON: replay it as it came
-                return (receive if raw is None else replay_receive(raw, receive)), None
-            raw = extras[BODY_KEY]
-        if len(raw) > self.max_body_bytes:
-            return receive, None
-        return receive, self._digests.digest(raw, extras.get(JSON_KEY))
+        if raw is not None:
+            if len(raw) > self.max_body_bytes:
+                return None
+            return self._digests.facts(raw, extras.get(JSON_KEY, UNPARSED))
+        length = content_length(x.fields)
+        if (
+            length is None
+            or length > self.max_body_bytes
+            or (length and not _is_json(x.fields.get(b"content-type")))
+        ):
+            return None
+        if not length:
+            return self._digests.facts(b"")  # the app reads the (empty) body as it comes
+        receive = x.receive
+        message = await receive()
+        messages = [message]
+        size = len(message.get("body", b""))
+        limit = self.max_body_bytes
+        while message["type"] == "http.request" and message.get("more_body", False):
+            if size > limit:
+                break
+            message = await receive()
+            messages.append(message)
+            size += len(message.get("body", b""))
+        if message["type"] != "http.request" or size > limit:
+            x.receive = replay_messages(messages, receive)  # the client left, or too long
+            return None
+        whole: bytes = (
+            message.get("body", b"") if len(messages) == 1
+            else b"".join(m.get("body", b"") for m in messages)
+        )
+        x.body = whole
+        return self._digests.facts(whole)
 
 
 __all__ = ["CACHE_HIT_KEY", "CACHE_KEY_KEY", "CACHE_OUTCOME_KEY", "CacheMiddleware"]

@@ -13,8 +13,6 @@ kept only if it ended on a clean event boundary without an ``{"error": ...}`` fr
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-
 from gemini_scale.caching.entry import StoredResponse
 from gemini_scale.caching.semantics import (
     STORED,
@@ -25,6 +23,7 @@ from gemini_scale.caching.semantics import (
     private_headers,
     response_facts,
 )
+from gemini_scale.caching.signature import Plan
 from gemini_scale.ratelimit.usage import UsageObserver
 from gemini_scale.types import Message, Send
 
@@ -60,26 +59,23 @@ class Recorder:
     def __init__(
         self,
         send: Send,
-        *,
+        plan: Plan,
         label: bytes,
+        *,
         detail: bytes = b"",
         store: bool,
-        limit: int,
-        vary: Collection[bytes],
-        private: bytes | None,
-        stream: bool,
-        streams: bool,
-        if_none_match: bytes | None,
+        stream: bool = False,
+        if_none_match: bytes | None = None,
     ) -> None:
         self._send = send
         self.label = label
         self.detail = detail
         """Parameters that follow ``stored`` in ``Cache-Status`` (the debug ``key``)."""
-        self._limit = limit
-        self._vary = vary
-        self._private = private
+        self._limit = plan.max_bytes
+        self._vary = plan.vary_set
+        self._private = plan.private
         self._stream = stream
-        self._streams = streams
+        self._streams = plan.streams
         self._if_none_match = if_none_match
         self._chunks: list[bytes] | None = [] if store else None
         self._size = 0
@@ -96,10 +92,10 @@ class Recorder:
 
     async def __call__(self, message: Message) -> None:
         kind = message["type"]
-        if kind == "http.response.start":
-            await self._start(message)
-        elif kind == "http.response.body":
+        if kind == "http.response.body":
             await self._body(message)
+        elif kind == "http.response.start":
+            await self._start(message)
         else:  # trailers, pathsend...: not recorded, so not stored
             self._chunks = None
             if self._pending is not None:
@@ -108,7 +104,7 @@ class Recorder:
 
     async def _start(self, message: Message) -> None:
         headers = message.get("headers") or []
-        self.max_age, content_type, control, self._tagged = response_facts(
+        self.max_age, content_type, control, self._tagged, length = response_facts(
             message["status"], headers, self._vary
         )
         private = self._private
@@ -125,7 +121,7 @@ class Recorder:
             elif stream:
                 self._observer = UsageObserver("auto")
                 self._observer.start(200, content_type.decode("latin-1"))
-            elif _declared_length(headers, self._limit):
+            elif length is not None and length.isdigit() and int(length) <= self._limit:
                 self._pending = message  # until the body is complete: ETag, 304
                 return
         message["headers"] = [*headers, (b"cache-status", self.label + self.detail)]
@@ -144,7 +140,13 @@ class Recorder:
                 body = b"".join([*self._held, body])
                 self._held = []
                 message = {"type": "http.response.body", "body": body, "more_body": False}
-            if await self._release_start(body, more):
+            start = self._release_start(body, more)
+            await self._send(start)
+            if start["status"] == 304:  # the client holds it already: no body
+                await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+                if self._chunks is not None:
+                    self._chunks.append(body)
+                    self._complete = True
                 return
         chunks = self._chunks
         if chunks is not None:
@@ -161,8 +163,9 @@ class Recorder:
             if self._observer is not None:
                 self._observer.finish()
 
-    async def _release_start(self, body: bytes, more: bool) -> bool:
-        """Send the held start; ``True`` when a 304 answered instead of the body."""
+    def _release_start(self, body: bytes, more: bool) -> Message:
+        """The held start to send now (with an ``ETag`` when ``body`` is all of it, and a
+        304 instead when the client's ``If-None-Match`` matches it)."""
         start, self._pending = self._pending, None
         assert start is not None
         headers = self._headers
@@ -177,15 +180,14 @@ class Recorder:
         if etag is not None and match is not None and etag_matches(match, etag):
             headers = not_modified_headers(headers)
             headers.append((b"cache-status", label))
-            await self._send({"type": "http.response.start", "status": 304, "headers": headers})
-            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
-            if self._chunks is not None:
-                self._chunks.append(body)
-                self._complete = True
-            return True
+            return {"type": "http.response.start", "status": 304, "headers": headers}
         start["headers"] = [*headers, (b"cache-status", label)]
-        await self._send(start)
-        return False
+        return start
+
+    @property
+    def holding(self) -> bool:
+        """Whether the answer's start is still held (then :meth:`returned` has work)."""
+        return self._pending is not None
 
     async def returned(self) -> None:
         """The app returned: an answer still held never completed its body (a broken
@@ -198,7 +200,7 @@ class Recorder:
         """Send the held start without an ``ETag``, then what was held of the body; the
         answer is no longer kept."""
         self._chunks = None
-        await self._release_start(b"", True)
+        await self._send(self._release_start(b"", True))
         held, self._held = self._held, []
         if held:
             await self._send({"type": "http.response.body", "body": b"".join(held),
@@ -217,11 +219,3 @@ class Recorder:
         return StoredResponse.build(
             self._headers, body, created=created, ttl=min(ttl, self.max_age), etag=self._etag
         )
-
-
-def _declared_length(headers: Sequence[Header], limit: int) -> bool:
-    """Whether the answer declares a ``Content-Length`` of at most ``limit`` bytes."""
-    for name, value in headers:
-        if name == b"content-length":
-            return value.isdigit() and int(value) <= limit
-    return False

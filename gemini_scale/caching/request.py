@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 from gemini_scale.policies import GenerationMode
+from gemini_scale.types import Message, Receive
 
 #: Paths whose answers depend on sampling settings (research/security.md D5).
 GENERATION_METHODS: Final = (":generateContent", ":streamGenerateContent")
@@ -25,6 +26,16 @@ def header_fields(headers: Any) -> dict[bytes, bytes]:
             seen = fields.get(name)
             fields[name] = value if seen is None else seen + b"," + value
     return fields
+
+
+def replay_messages(messages: list[Message], receive: Receive) -> Receive:
+    """A ``receive`` that yields ``messages`` again, in order, then defers to ``receive``."""
+    pending = messages[::-1]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
 
 
 def content_length(fields: Mapping[bytes, bytes]) -> int | None:
@@ -65,8 +76,14 @@ def is_deterministic(body: Any) -> bool:
 def generation_allowed(path: str, body: Any, mode: GenerationMode) -> bool:
     """Whether ``mode`` lets a POST to ``path`` be cached: other methods (``countTokens``,
     embeddings) always; generation per ``mode`` (``deterministic``: :func:`is_deterministic`)."""
+    return generation_permitted(path, mode, mode == "deterministic" and is_deterministic(body))
+
+
+def generation_permitted(path: str, mode: GenerationMode, deterministic: bool) -> bool:
+    """:func:`generation_allowed` from the body's :func:`is_deterministic` (which the cache
+    remembers per body, so a repeated body is not walked again)."""
     if not path.endswith(GENERATION_METHODS):
         return True
     if mode == "deterministic":
-        return is_deterministic(body)
+        return deterministic
     return mode == "all"

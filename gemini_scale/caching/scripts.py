@@ -25,8 +25,15 @@ def _load(name: str) -> str:
     )
 
 
+def _entry(state: LocalState, key: str) -> bytes | None:
+    """The entry ``key`` as Redis would return it: bytes (an engine without a distributed
+    lock holds entries in a ``MemoryStore`` as objects)."""
+    entry = state.get(key)
+    return entry if entry is None or type(entry) is bytes else entry.encode()
+
+
 def _poll(state: LocalState, keys: list[str], args: list[Any], now: float) -> list[Any]:
-    entry = state.get(keys[0])
+    entry = _entry(state, keys[0])
     if entry is not None:
         return [FOUND, entry]
     if state.get(keys[1]) is not None:
@@ -35,7 +42,7 @@ def _poll(state: LocalState, keys: list[str], args: list[Any], now: float) -> li
 
 
 def _lock(state: LocalState, keys: list[str], args: list[Any], now: float) -> list[Any]:
-    entry = state.get(keys[0])
+    entry = _entry(state, keys[0])
     if entry is not None:
         return [FOUND, entry]
     if state.get(keys[1]) is not None:

@@ -120,16 +120,20 @@ _NO_DIRECTIVES = RequestDirectives()
 
 def response_facts(
     status: int, headers: Sequence[Header], vary_allowed: Collection[bytes]
-) -> tuple[float, bytes, bool, bool]:
+) -> tuple[float, bytes, bool, bool, bytes | None]:
     """One pass over a response's fields: how long it may be stored (``0``: it must not
     be; else the cap of its own ``s-maxage`` / ``max-age``, ``inf`` when it sets none),
-    its ``Content-Type``, whether it has a ``Cache-Control`` and whether an ``ETag``."""
+    its ``Content-Type``, whether it has a ``Cache-Control`` and whether an ``ETag``, and
+    its (first) ``Content-Length``."""
     cap = math.inf if status == 200 else 0.0
     content_type = b""
     control = tagged = False
+    length = None
     for name, value in headers:
         if name == b"content-type":
             content_type = value
+        elif name == b"content-length":
+            length = value if length is None else length
         elif name == b"etag":
             tagged = True
         elif name == b"set-cookie":
@@ -148,7 +152,7 @@ def response_facts(
                 if seconds is not None:
                     cap = min(cap, seconds)
                     break
-    return cap, content_type, control, tagged
+    return cap, content_type, control, tagged, length
 
 
 def private_headers(headers: Sequence[Header], value: bytes = b"private") -> list[Header]:

@@ -1,21 +1,27 @@
-"""Per-policy plans, and request signatures mapped to key material.
+"""Per-policy plans, and request signatures mapped to entry keys.
 
 A hit must cost hashing only. A request's *signature* (its plan, principal by identity,
 method, path, raw query, ``Vary`` values and body digest) is a tuple of values the request
-already carries; :class:`Signatures` remembers what each one means (owner, canonical query,
-framed key material and tags, see :mod:`gemini_scale.caching.keys`), so a repeated request
-skips the canonical encoding. Memos are bounded and cleared when full.
+already carries; :class:`Signatures` remembers what each one means (the entry key and its
+store name, valid while the engine's tag generations hold), so a repeated request costs
+one dictionary lookup. Its *context* (plan, principal, method, path, query: owner,
+canonical query, tags and their generations, see :mod:`gemini_scale.caching.keys`) is
+remembered apart, so a new request on a known route costs one frame and one SHA-256
+(a miss with a new body or new ``Vary`` values). Memos are bounded and cleared when full.
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
 from collections.abc import Collection
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from gemini_scale.caching.keys import (
     ALL_TAG,
     KEY_SCHEMA,
     canonical_query,
+    entry_key,
     frame,
     model_tag,
     owner_tag,
@@ -24,6 +30,9 @@ from gemini_scale.caching.keys import (
 from gemini_scale.memo import remember
 from gemini_scale.policies import CachePolicy, CacheScope, GenerationMode
 from gemini_scale.principal import Principal
+
+if TYPE_CHECKING:
+    from gemini_scale.caching.engine import CacheEngine
 
 _MEMO_SIZE: Final = 10_000
 
@@ -59,26 +68,74 @@ class Plan:
 
 #: Plan, principal (by identity), method, path, raw query, ``Vary`` values, body digest.
 Signature = tuple[Plan, int, bytes, str, bytes, tuple[bytes | None, ...], bytes]
-#: The signature's principal (kept, so its identity stays unique), key material and tags;
-#: no material when the request is not cacheable.
-Known = tuple[Principal | None, bytes | None, list[str]]
+#: What a signature means: its principal (kept, so its identity stays unique), the entry
+#: key and its store name (``None``: the request is not cacheable), and the engine's
+#: epoch and the monotonic time until which the key holds.
+Known = tuple[Principal | None, str | None, str, int, float]
+#: What the parts of a signature other than ``Vary`` values and body mean: the principal,
+#: the digest of their framed key material (``None``: not cacheable), the tags, their
+#: generations' suffix, and the epoch and time until which the suffix holds.
+_Context = tuple[Principal | None, bytes | None, list[str], bytes, int, float]
+#: The signature's parts that make its context (its plan, principal, method, path, query).
+_ContextKey = tuple[Plan, int, bytes, str, bytes]
+_STALE: Final = -1
 
 
 class Signatures:
-    """Request signatures -> key material and tags, remembered."""
+    """Request signatures -> entry keys, remembered (see the module docstring).
 
-    __slots__ = ("_known", "_owners", "query_params")
+    A key is the SHA-256 of: the digest of the framed *context* parts (schema, owner,
+    method, query, path, tags: what the route and the caller fix), the framed body digest
+    and ``Vary`` values, a NUL and the tags' generations. Contexts are remembered apart,
+    so a request that differs from a known one only in its body or ``Vary`` values costs
+    one frame and one hash."""
 
-    def __init__(self, query_params: Collection[bytes] | None) -> None:
+    __slots__ = ("_contexts", "_known", "_owners", "engine", "query_params")
+
+    def __init__(self, query_params: Collection[bytes] | None, engine: CacheEngine) -> None:
         self.query_params = query_params
+        self.engine = engine
         self._known: dict[Signature, Known] = {}
+        self._contexts: dict[_ContextKey, _Context] = {}
         self._owners: dict[int, tuple[Principal, str | None, str | None]] = {}
 
-    def get(self, signature: Signature, principal: Principal | None, model: str | None) -> Known:
-        """What ``signature`` means (``model``: the route's ``{model}`` parameter)."""
+    def get(self, signature: Signature, principal: Principal | None) -> Known | None:
+        """What ``signature`` means, if that is remembered and still valid."""
         known = self._known.get(signature)
-        if known is None or known[0] is not principal:
-            known = self._describe(signature, principal, model)
+        if (
+            known is not None
+            and known[0] is principal
+            and known[3] == self.engine.epoch
+            and known[4] > self.engine.clock.monotonic()
+        ):
+            return known
+        return None
+
+    async def describe(
+        self, signature: Signature, principal: Principal | None, model: str | None
+    ) -> Known:
+        """What ``signature`` means (``model``: the route's ``{model}`` parameter); may
+        read tag generations from the store (raises ``StoreError``)."""
+        plan, who, method, path, query_string, vary, body = signature
+        engine = self.engine
+        at = (plan, who, method, path, query_string)
+        context = self._contexts.get(at)
+        if context is None or context[0] is not principal:
+            context = self._context(at, principal, model)
+        base, tags = context[1], context[2]
+        if base is None:
+            known: Known = (principal, None, "", engine.epoch, math.inf)
+        else:
+            if context[4] != engine.epoch or context[5] <= engine.clock.monotonic():
+                epoch = engine.epoch  # before the read: a change during it makes this stale
+                suffix, fresh_until = await engine.generations(tags)
+                context = (principal, base, tags, suffix, epoch, fresh_until)
+                remember(self._contexts, at, context, _MEMO_SIZE)
+            parts = [body]
+            parts += [b"-" if value is None else b"+" + value.strip(b" \t") for value in vary]
+            key = entry_key(base + frame(parts) + context[3])
+            known = (principal, key, engine.entry_name(key), context[4], context[5])
+        remember(self._known, signature, known, _MEMO_SIZE)
         return known
 
     def _owner(self, scope: CacheScope, principal: Principal | None) -> str | None:
@@ -91,22 +148,21 @@ class Signatures:
             remember(self._owners, id(principal), known, _MEMO_SIZE)
         return known[1] if scope == "principal" else known[2]
 
-    def _describe(
-        self, signature: Signature, principal: Principal | None, model: str | None
-    ) -> Known:
-        plan, _, method, path, query_string, vary, body = signature
+    def _context(
+        self, at: _ContextKey, principal: Principal | None, model: str | None
+    ) -> _Context:
+        plan, _, method, path, query_string = at
         policy = plan.policy
         owner = self._owner(policy.scope, principal)
         query = canonical_query(query_string, self.query_params)
-        found: Known = (principal, None, [])
+        context: _Context = (principal, None, [], b"", _STALE, -math.inf)
         if owner is not None and query is not None:
             tags = [ALL_TAG] if owner == ALL_TAG else [ALL_TAG, owner]
             if model:
                 tags.append(model_tag(model))
             tags += policy.tags
-            parts = [KEY_SCHEMA, text(owner), method, query, body, text(path)]
-            parts += [b"-" if value is None else b"+" + value.strip(b" \t") for value in vary]
+            parts = [KEY_SCHEMA, text(owner), method, query, text(path)]
             parts += [text(tag) for tag in tags]  # the material names its tags: one key, one set
-            found = (principal, frame(parts), tags)
-        remember(self._known, signature, found, _MEMO_SIZE)
-        return found
+            base = hashlib.sha256(frame(parts)).digest()
+            context = (principal, base, tags, b"", _STALE, -math.inf)
+        return remember(self._contexts, at, context, _MEMO_SIZE)

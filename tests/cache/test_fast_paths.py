@@ -1,0 +1,353 @@
+"""The cache's fast paths serve only right answers: remembered signatures, contexts and body
+digests (two bodies apart only in a large integer, spellings, principals equal or not), the
+body read by the cache (in pieces, cut short, too long), entries held as objects by a
+``MemoryStore`` (its byte bound, LRU, and engines with and without a distributed lock on
+one store), and generations seen through remembered contexts."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import json
+import tracemalloc
+from typing import Any
+
+import pytest
+
+from gemini_scale.caching import CacheEngine, CacheMiddleware, StoredResponse, principal_tag
+from gemini_scale.errors import StoreError
+from gemini_scale.policies import CachePolicy
+from gemini_scale.principal import Principal
+from gemini_scale.stores import MemoryStore
+from gemini_scale.types import Message, Receive, Scope, Send
+from tests.cache.support import (
+    COUNT,
+    GENERATE,
+    ISSUER,
+    MODEL_GET,
+    FakeAuth,
+    Upstream,
+    cached,
+    gemini_app,
+    generate_body,
+    http_scope,
+    status_of,
+    who,
+)
+from tests.clock import FakeClock
+
+JSON = {"content-type": "application/json"}
+
+
+async def post(stack: Any, raw: bytes, sub: str = "alice", path: str = COUNT) -> tuple[str, int]:
+    """``(Cache-Status, the upstream call that made the answer)``."""
+    answer = await stack.client.post(path, content=raw, headers={**who(sub), **JSON})
+    assert answer.status_code == 200
+    return status_of(answer), answer.json()["n"]
+
+
+@pytest.mark.parametrize(
+    ("one", "two"),
+    [
+        (b'{"contents": [], "n": 12345678901234567890}',
+         b'{"contents": [], "n": 12345678901234567891}'),
+        (b'{"contents": [], "n": 9007199254740993}', b'{"contents": [], "n": 9007199254740992}'),
+        (b'{"contents": [], "n": -18446744073709551617}',
+         b'{"contents": [], "n": -18446744073709551616}'),
+        (b'{"contents": [], "n": 1}', b'{"contents": [], "n": 1.5}'),
+    ],
+)
+async def test_bodies_apart_only_in_a_number_never_share_an_entry(one: bytes, two: bytes) -> None:
+    async with cached() as stack:
+        assert await post(stack, one) == ("gemini-scale; fwd=miss; stored", 1)
+        assert await post(stack, one) == ("gemini-scale; hit", 1)  # remembered raw body
+        assert await post(stack, two) == ("gemini-scale; fwd=miss; stored", 2)
+        assert await post(stack, two) == ("gemini-scale; hit", 2)
+        assert await post(stack, one) == ("gemini-scale; hit", 1)
+        assert [json.loads(c["body"]) for c in stack.upstream.calls] == [
+            json.loads(one), json.loads(two)]
+
+
+async def test_spellings_share_one_entry_whichever_comes_first() -> None:
+    camel = json.dumps(generate_body("hi", maxOutputTokens=20)).encode()
+    snake = (b'{"generation_config": {"max_output_tokens": 20.0, "temperature": 0.0},'
+             b' "contents": [{"parts": [{"text": "hi"}], "role": "user"}]}')
+    async with cached() as stack:
+        for raw in (snake, camel, snake, camel):
+            assert (await post(stack, raw, path=GENERATE))[1] == 1
+        assert len(stack.upstream.calls) == 1
+        # The remembered determinism belongs to the bytes: a hot body stays uncached.
+        hot = json.dumps(generate_body("hi", temperature=0.5)).encode()
+        for _ in range(2):
+            assert (await post(stack, hot, path=GENERATE))[0] == "gemini-scale; fwd=bypass"
+        assert (await post(stack, hot))[0].startswith("gemini-scale; fwd=miss")  # countTokens
+
+
+async def test_principals_never_share_an_entry_through_remembered_signatures() -> None:
+    raw = b'{"contents": [{"parts": [{"text": "same"}]}]}'
+    subs = ("alice", "bob", "carol")
+    async with cached() as stack:
+        made = {sub: await post(stack, raw, sub) for sub in subs}
+        assert [n for _, n in made.values()] == [1, 2, 3]
+        for _ in range(3):
+            for sub in subs:
+                assert await post(stack, raw, sub) == ("gemini-scale; hit", made[sub][1])
+        assert [c["principal"] for c in stack.upstream.calls] == list(subs)
+
+
+async def test_equal_principals_as_other_objects_share_their_entry() -> None:
+    """The memos know principals by identity; keys by value (a token verified again)."""
+    upstream = Upstream()
+    cache = CacheMiddleware(gemini_app(upstream), rules={
+        "GET /v1beta/models/{model}": CachePolicy(ttl=60)})
+    statuses = []
+    for subject in ("alice", "alice", "bob", "alice"):
+        principal = Principal(issuer=ISSUER, subject=subject)
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Message, sent: list[Message] = sent) -> None:
+            sent.append(message)
+
+        scope = http_scope("GET", MODEL_GET)
+        scope["state"] = {"principal": principal}
+        await cache(scope, receive, send)
+        statuses.append(dict(sent[0]["headers"])[b"cache-status"])
+        assert json.loads(sent[1]["body"])["principal"] == subject
+    assert statuses == [b"gemini-scale; fwd=miss; stored", b"gemini-scale; hit",
+                        b"gemini-scale; fwd=miss; stored", b"gemini-scale; hit"]
+
+
+# -- the body the cache reads -------------------------------------------------------------
+
+
+class Echo:
+    """A raw ASGI app that keeps every message it received and answers 200."""
+
+    def __init__(self) -> None:
+        self.received: list[list[Message]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        messages = []
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                break
+        self.received.append(messages)
+        body = json.dumps({"n": len(self.received)}).encode()
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def through(
+    app: Any, messages: list[Message], *, length: int, content_type: bytes = b"application/json"
+) -> tuple[bytes, Any]:
+    """One POST whose ``receive`` gives ``messages``: ``(Cache-Status, answer)``."""
+    pending = list(messages)
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope = http_scope("POST", COUNT, headers=who("alice"))
+    scope["headers"] += [(b"content-type", content_type),
+                         (b"content-length", str(length).encode())]
+    await FakeAuth(app)(scope, receive, send)
+    return dict(sent[0]["headers"])[b"cache-status"], json.loads(sent[1]["body"])
+
+
+def pieces(*chunks: bytes) -> list[Message]:
+    return [{"type": "http.request", "body": chunk, "more_body": i < len(chunks) - 1}
+            for i, chunk in enumerate(chunks)]
+
+
+def cache_on(app: Any, **options: Any) -> CacheMiddleware:
+    return CacheMiddleware(app, rules={
+        "POST /v1beta/models/{model}:countTokens": CachePolicy(ttl=60, methods=frozenset(
+            {"POST"}))}, **options)
+
+
+async def test_a_body_in_pieces_is_keyed_whole_and_reaches_the_app_as_sent() -> None:
+    app = Echo()
+    cache = cache_on(app)
+    raw = b'{"contents": [{"parts": [{"text": "in pieces"}]}]}'
+    status, answer = await through(cache, pieces(raw[:5], raw[5:20], raw[20:]), length=len(raw))
+    assert (status, answer) == (b"gemini-scale; fwd=miss; stored", {"n": 1})
+    assert b"".join(m["body"] for m in app.received[0]) == raw
+    status, answer = await through(cache, pieces(raw), length=len(raw))
+    assert (status, answer) == (b"gemini-scale; hit", {"n": 1})
+
+
+@pytest.mark.parametrize(
+    ("messages", "length", "content_type"),
+    [
+        ([*pieces(b'{"a": ', b"1}")[:1], {"type": "http.disconnect"}], 8, b"application/json"),
+        (pieces(b'{"a": 1', b', "b": 2}'), 5, b"application/json"),  # longer than declared
+        (pieces(b'{"a": 1}'), 8, b"text/plain"),
+        (pieces(b"[1, 2, 3]"), 9, b"application/json"),
+        (pieces(b'{"a": 1'), 7, b"application/json"),
+    ],
+)
+async def test_a_body_the_cache_cannot_key_reaches_the_app_message_by_message(
+    messages: list[Message], length: int, content_type: bytes
+) -> None:
+    app = Echo()
+    cache = cache_on(app, max_body_bytes=length)
+    for n in (1, 2):
+        status, answer = await through(cache, list(messages), length=length,
+                                       content_type=content_type)
+        assert (status, answer) == (b"gemini-scale; fwd=bypass", {"n": n})
+        assert app.received[-1] == messages[: len(app.received[-1])]
+        assert app.received[-1][0] == messages[0]
+
+
+# -- entries held as objects ------------------------------------------------------------------
+
+
+def entry(body: bytes, *, created: float = 0.0) -> StoredResponse:
+    return StoredResponse.build([(b"content-type", b"application/json")], body,
+                                created=created, ttl=60)
+
+
+async def test_a_memory_store_holds_objects_within_its_byte_bound_and_lru() -> None:
+    clock = FakeClock(1_000.0)
+    store = MemoryStore(clock=clock, max_bytes=10_000)
+    kept = entry(b"k" * 1000)
+    store.set_object("keep", kept, ttl=60, size=kept.size)
+    assert store.get_object("keep") is kept
+    with pytest.raises(StoreError, match="WRONGTYPE"):
+        await store.get("keep")  # bytes readers never see an object
+    for i in range(40):
+        value = entry(bytes([i]) * 1000)
+        store.set_object(f"flood:{i}", value, ttl=60, size=value.size)
+        assert store.size <= 10_000
+        assert store.get_object("keep") is kept  # recently used: kept
+    assert store.get_object("flood:0") is None  # least recently used: evicted
+    assert 5 <= len(store) <= 9
+    clock.advance(61)
+    assert store.get_object("keep") is None  # expired
+
+
+_HEADERS = [(b"content-type", b"application/json"), (b"cache-control", b"public"),
+            (b"vary", b"Origin, X-Origin, Referer"), (b"x-goog-model", b"gemini-2.5-flash")]
+
+
+async def _real_bytes_per_counted_byte(as_objects: bool, n: int = 3000) -> float:
+    """Memory the store's entries really take, per byte they count against ``max_bytes``."""
+    store = MemoryStore(clock=FakeClock(1_000.0), max_keys=10**7)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for i in range(n):
+            value = StoredResponse.build(_HEADERS, b'{"totalTokens": %d}' % i,
+                                         created=1_000.0, ttl=60)
+            name = f"cache:{i:032x}"
+            if as_objects:
+                store.set_object(name, value, ttl=60, size=value.held_bytes)
+            else:
+                await store.set(name, value.encode(), ttl=60)
+        gc.collect()
+        return (tracemalloc.get_traced_memory()[0] - base) / store.size
+    finally:
+        tracemalloc.stop()
+
+
+async def test_max_bytes_bounds_entries_held_as_objects_as_well_as_bytes() -> None:
+    """An entry held as an object counts what its objects take, not its encoded length
+    (which is a third of that for a small answer)."""
+    as_bytes = await _real_bytes_per_counted_byte(False)
+    as_objects = await _real_bytes_per_counted_byte(True)
+    assert as_objects <= 1.1
+    assert as_objects <= as_bytes
+
+
+async def test_engines_with_and_without_a_distributed_lock_share_a_memory_store() -> None:
+    clock = FakeClock(1_000.0)
+    store = MemoryStore(clock=clock)
+    local = CacheEngine(store, clock=clock)
+    locking = CacheEngine(store, clock=clock, distributed_lock=True)
+    assert local.objects is store
+    assert locking.objects is None
+    key = await local.key_for(b"material", ["*"])
+    stored = entry(b'{"ok": 1}', created=clock.time())
+    assert await local.put(key, stored)
+    assert local.held(local.entry_name(key)) is stored  # the very object: nothing decoded
+    assert await locking.get(key) is stored
+    flight, found = await locking.join(key)  # its lock script finds the entry (as bytes)
+    assert flight is None
+    assert found == stored
+    other = await locking.key_for(b"other", ["*"])
+    flight, found = await locking.join(other)
+    assert flight is not None
+    assert found is None
+    written = entry(b'{"ok": 2}', created=clock.time())
+    assert await locking.put(other, written, flight)
+    await locking.land(flight, written)
+    assert await local.get(other) == written  # written as bytes, read by the other
+
+
+# -- generations through remembered contexts ------------------------------------------------
+
+
+async def test_another_process_invalidation_reaches_remembered_contexts() -> None:
+    clock = FakeClock(1_000.0)
+    store = MemoryStore(clock=clock)
+    engines = [CacheEngine(store, clock=clock, tag_refresh=1.0) for _ in range(2)]
+    async with cached(engine=engines[0]) as one, cached(engine=engines[1]) as two:
+        assert (await post(one, b'{"a": 1}'))[0] == "gemini-scale; fwd=miss; stored"
+        assert (await post(one, b'{"a": 1}'))[0] == "gemini-scale; hit"
+        assert (await post(one, b'{"a": 2}'))[0] == "gemini-scale; fwd=miss; stored"
+        alice = Principal(issuer=ISSUER, subject="alice")
+        await two.engine.invalidate(tags=[principal_tag(alice)])
+        assert (await post(one, b'{"a": 1}'))[0] == "gemini-scale; hit"  # within tag_refresh
+        clock.advance(1.5)
+        assert (await post(one, b'{"a": 1}'))[0] == "gemini-scale; fwd=miss; stored"
+        assert (await post(one, b'{"a": 2}'))[0] == "gemini-scale; fwd=miss; stored"
+        assert (await post(one, b'{"a": 2}'))[0] == "gemini-scale; hit"
+        assert (await post(two, b'{"a": 2}'))[0] == "gemini-scale; hit"  # the same entry
+
+
+class _SlowGenerationReads(MemoryStore):
+    """Reads a tag generation at once and answers a little later (a network round trip):
+    an invalidation can land in between."""
+
+    slow = False
+
+    async def get(self, key: str) -> bytes | None:
+        value = self.get_now(key)
+        if self.slow and ":gen:" in key:
+            await asyncio.sleep(0.05)
+        return value
+
+
+async def test_an_invalidation_during_a_generation_read_is_not_undone() -> None:
+    """A generation read that started before ``invalidate()`` and ends after it must not put
+    the old generation back: the entry from before is never served again."""
+    clock = FakeClock(1_000.0)
+    store = _SlowGenerationReads(clock=clock)
+    engine = CacheEngine(store, clock=clock, tag_refresh=1.0)
+    async with cached(engine=engine) as stack:
+        alice = who("alice")
+        first = await stack.client.get(MODEL_GET, headers=alice)
+        assert status_of(first).endswith("stored")
+        clock.advance(2)  # the remembered generations are due for a refresh
+        store.slow = True
+        racing = asyncio.create_task(stack.client.get(MODEL_GET, headers=alice))
+        await asyncio.sleep(0.01)  # it is reading a generation now
+        await engine.invalidate(tags=[CacheEngine.ALL])
+        raced = await racing
+        store.slow = False
+        after = await stack.client.get(MODEL_GET, headers=alice)
+    assert raced.json()["n"] != first.json()["n"]
+    assert after.json()["n"] != first.json()["n"]
