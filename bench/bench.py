@@ -475,6 +475,30 @@ def metrics_asgi_app() -> ASGIApp:
     return MetricsMiddleware(app, registry=CollectorRegistry())
 
 
+def metrics_asgi_shared_app() -> ASGIApp:
+    """``metrics-asgi`` as it runs in a gateway: a token limiter inside has read the
+    answer's usage (here a pure-ASGI layer hands over what that reading gives, without
+    reading), so the metrics layer records tokens without parsing the answer."""
+    from prometheus_client import CollectorRegistry
+    from starlette.routing import Route
+
+    from gemini_scale import MetricsMiddleware
+    from gemini_scale.routing import CONTEXT_KEY, USAGE_KEY
+
+    read = type("Read", (), {"usage": GENERATE_ANSWER["usageMetadata"]})()
+    raw = raw_asgi_app()
+
+    async def limiter_read(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"].endswith(":generateContent"):
+            scope[CONTEXT_KEY].extras[USAGE_KEY] = read
+        await raw(scope, receive, send)
+
+    limiter_read.routes = [  # type: ignore[attr-defined]
+        Route(path, endpoint, methods=[method]) for path, endpoint, method in ENDPOINTS
+    ]
+    return MetricsMiddleware(limiter_read, registry=CollectorRegistry())
+
+
 def raw_asgi_variant_app() -> ASGIApp:
     """The hand-written ASGI app alone: the floor the ``version-asgi`` variant is held to."""
     app: Any = raw_asgi_app()
@@ -646,6 +670,7 @@ FACTORIES: dict[str, Callable[[], ASGIApp]] = {
     "version": version_app,
     "metrics": metrics_app,
     "metrics-asgi": metrics_asgi_app,
+    "metrics-asgi-shared": metrics_asgi_shared_app,
     "version-asgi": version_asgi_app,
     "raw-asgi": raw_asgi_variant_app,
     "version-2hop": version_2hop_app,
@@ -2012,10 +2037,15 @@ TARGET_METRICS_US = 5.0
 
 def metrics_summary(inproc: Sequence[Paired]) -> list[str]:
     """The metrics middleware's target, from whichever of its variants ran."""
-    return layer_summary(
+    lines = layer_summary(
         inproc, layer="MetricsMiddleware", variant="metrics", asgi_variant="metrics-asgi",
         target=TARGET_METRICS_US,
     )
+    shared = layer_summary(
+        inproc, layer="MetricsMiddleware", variant="", asgi_variant="metrics-asgi-shared",
+        target=TARGET_METRICS_US, what=" with a token limiter's usage reading",
+    )
+    return lines + shared
 
 
 def cleanup_redis() -> str:

@@ -20,7 +20,7 @@ from gemini_scale.keys import TrustedProxies
 from gemini_scale.memo import remember
 from gemini_scale.observability import tracing
 from gemini_scale.observability.logs import ACCESS_LOGGER
-from gemini_scale.observability.metrics import BoundedLabel, Families, families
+from gemini_scale.observability.metrics import BoundedLabel, Families, TokenSink, families
 from gemini_scale.observability.request_id import REQUEST_ID_HEADER, RequestIds
 from gemini_scale.observability.tracing import _state as _tracing
 from gemini_scale.ratelimit.usage import UsageObserver, body_usage, usage_split
@@ -138,8 +138,8 @@ class MetricsMiddleware(GeminiMiddleware):
         self._children: dict[tuple[str, str, int, str | None, bool], tuple[Any, Any]] = {}
         # (operation, model) -> its GenAI children and model label.
         self._genai: dict[tuple[str, str], _GenAI] = {}
-        # (model, tenant) -> its input and output token counters.
-        self._token_counters: dict[tuple[str, str], tuple[Any, Any]] = {}
+        # (operation, model, tenant) -> its token children.
+        self._token_sinks: dict[tuple[str, str, str], TokenSink] = {}
         if tracing:
             from gemini_scale.observability.tracing import enable_tracing
 
@@ -308,24 +308,21 @@ class MetricsMiddleware(GeminiMiddleware):
             principal = context.principal
             tenant = getattr(principal, "tenant", None) if principal is not None else None
             tenant = self._tenants(tenant) if tenant else "(none)"
-            counters = self._token_counters.get((model, tenant))
-            if counters is None:
-                fams = self.families
-                counters = remember(
-                    self._token_counters,
-                    (model, tenant),
-                    (
-                        fams.tokens.labels(model, tenant, "input"),
-                        fams.tokens.labels(model, tenant, "output"),
+            sink = self._token_sinks.get((operation, model, tenant))
+            if sink is None:
+                tokens = self.families.tokens
+                sink = remember(
+                    self._token_sinks,
+                    (operation, model, tenant),
+                    TokenSink.of(
+                        genai[2],
+                        genai[3],
+                        tokens.labels(model, tenant, "input"),
+                        tokens.labels(model, tenant, "output"),
                     ),
                     _MAX_CHILDREN,
                 )
-            if tokens_in:
-                genai[2].observe(tokens_in)
-                counters[0].inc(tokens_in)
-            if tokens_out:
-                genai[3].observe(tokens_out)
-                counters[1].inc(tokens_out)
+            sink.add(tokens_in or 0, tokens_out or 0)
         return tokens_in, tokens_out
 
     def _log(
