@@ -285,8 +285,6 @@ class MetricsMiddleware(GeminiMiddleware):
         self, context: RequestContext, x: _Exchange, model: str, operation: str, ended: float
     ) -> tuple[int | None, int | None]:
         """The GenAI metrics of a Gemini model call; its input and output tokens."""
-        # Only an answered call admits a model id to the label: refused requests (an
-        # anonymous flood of made-up ids) must not use up the bound.
         genai = self._genai.get((operation, model))  # only admitted model ids are keys
         if genai is None:
             genai = self._new_genai(operation, model, 200 <= x.status < 300)
