@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Collection
 from typing import Any
 
+from gemini_scale import fastjson
 from gemini_scale.errors import send_error
 from gemini_scale.routing import GeminiMiddleware, RequestContext, route_path
 from gemini_scale.types import ASGIApp, Message, Receive, Scope, Send
@@ -111,7 +111,7 @@ async def load_json_body(
     context.extras[BODY_KEY] = body
     if body:
         try:
-            parsed: Any = json.loads(body)
+            parsed: Any = fastjson.loads(body)
         except (ValueError, RecursionError):
             raise BodyRefusedError(
                 400, "Invalid JSON payload received. Malformed JSON body."

@@ -13,6 +13,7 @@ import json
 import re
 from typing import Any, Final
 
+from gemini_scale import fastjson
 from gemini_scale.memo import remember
 
 __all__ = [
@@ -157,7 +158,7 @@ def respelled(raw: bytes) -> bytes:
     if not raw or not may_respell(raw):
         return raw
     try:
-        body = json.loads(raw)
+        body = fastjson.loads(raw)
         if type(body) is not dict:
             return raw
         value, changed = normalize(body)

@@ -27,7 +27,6 @@ The estimate (a reservation, corrected by the real usage afterwards):
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -35,7 +34,7 @@ from collections.abc import Callable, Mapping
 from itertools import islice
 from typing import Any, Final, Literal
 
-import orjson
+from gemini_scale.fastjson import loads as _loads
 
 __all__ = [
     "CHARS_PER_TOKEN",
@@ -399,8 +398,8 @@ def _whole_json(body: bytes, max_buffer: int) -> tuple[Any, bool] | None:
         at = body.rfind(_USAGE_MEMBER)
         if at > 0 and size - at < max_buffer and b'"error"' not in body:
             try:
-                tail = orjson.loads(b"{" + body[at:])
-            except orjson.JSONDecodeError:
+                tail = _loads(b"{" + body[at:])
+            except (ValueError, RecursionError):
                 tail = None
             if type(tail) is dict:
                 return tail["usageMetadata"], False
@@ -413,16 +412,6 @@ def _whole_json(body: bytes, max_buffer: int) -> tuple[Any, bool] | None:
     if type(value) is not dict:
         return None
     return value.get("usageMetadata", value.get("usage_metadata")), value.get("error") is not None
-
-
-def _loads(raw: bytes | bytearray) -> Any:
-    """``raw`` parsed: by orjson (several times faster) when it accepts it, else by
-    :func:`json.loads` (``NaN``, UTF-16, deep nesting), so what parses is what json.loads
-    accepts. Integers past 64 bits come back as floats, which count the same here."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return json.loads(raw)
 
 
 _QUOTE: Final = 0x22

@@ -14,7 +14,6 @@ head-version request costs a dictionary lookup and the route match.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 import zlib
@@ -25,6 +24,7 @@ from urllib.parse import quote, unquote_plus, urlencode
 
 from starlette.datastructures import MutableHeaders
 
+from gemini_scale import fastjson
 from gemini_scale.body import BODY_KEY, JSON_KEY
 from gemini_scale.errors import ConfigurationError, HTTPError, send_error
 from gemini_scale.gemini_json import dump_json
@@ -607,7 +607,7 @@ def _migrated_body(scope: Scope, selected: _Selection, raw: bytes) -> Message:
     else:
         return message
     try:
-        body = json.loads(raw)
+        body = fastjson.loads(raw)
     except (ValueError, RecursionError):
         return message  # the body check downstream refuses it
     if type(body) is not dict:

@@ -9,11 +9,11 @@ larger than :data:`MAX_HELD_BYTES` (relayed as it comes, unmigrated, rather than
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from typing import Any, Final
 
+from gemini_scale import fastjson
 from gemini_scale.gemini_json import dump_json
 
 __all__ = [
@@ -33,7 +33,7 @@ MAX_HELD_BYTES: Final = 32 * 1024 * 1024
 
 def _loads(raw: bytes | bytearray) -> tuple[bool, Any]:
     try:
-        return True, json.loads(raw)
+        return True, fastjson.loads(raw)
     except (ValueError, RecursionError):
         return False, None
 
