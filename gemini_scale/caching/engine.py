@@ -465,11 +465,11 @@ class CacheEngine:
         try:
             leads, response = await self._lock_or_wait(flight)
         except BaseException:
-            self._release(flight, None)
+            self.settle(flight, None)
             raise
         if leads:
             return flight, None
-        self._release(flight, response)
+        self.settle(flight, response)
         return None, response
 
     async def _lock_or_wait(self, flight: Flight) -> tuple[bool, StoredResponse | None]:
@@ -510,12 +510,14 @@ class CacheEngine:
     async def land(self, flight: Flight, response: StoredResponse | None) -> None:
         """End a flight this request led: its local followers get ``response`` (a complete
         cacheable answer, or ``None``), and the store lock is released."""
-        self._release(flight, response)
+        self.settle(flight, response)
         if flight.token is not None:
             with anyio.CancelScope(shield=True):
                 await self._unlock(flight)
 
-    def _release(self, flight: Flight, response: StoredResponse | None) -> None:
+    def settle(self, flight: Flight, response: StoredResponse | None) -> None:
+        """End a flight for this process: its local followers get ``response``. All of
+        :meth:`land` for a flight holding no store lock (``flight.token is None``)."""
         flight.response = response
         if flight.done is not None:
             flight.done.set()

@@ -19,10 +19,12 @@ from gemini_scale.errors import GeminiScaleError
 MAGIC = b"GSC1"
 _HEAD = struct.Struct("!4sddHII")
 # What an entry held as an object takes beyond its content, measured with tracemalloc on
-# CPython 3.11 (64-bit), rounded up: the object, its header tuples, floats and bytes
-# objects; per header a 2-tuple, two bytes objects and its slots in both header tuples.
+# CPython 3.11 (64-bit), rounded up: the object, its header tuple, floats and bytes
+# objects; per header a 2-tuple, two bytes objects and its slot in the header tuple.
 _OBJECT_BYTES = 250
 _HEADER_BYTES = 90
+_HIT_FIELD = (b"cache-status", HIT)
+_HIT_LENGTH = len(b"cache-status") + len(HIT)
 
 
 class CorruptEntryError(GeminiScaleError):
@@ -32,7 +34,7 @@ class CorruptEntryError(GeminiScaleError):
 class StoredResponse:
     """A complete 200 answer, ready to replay (immutable by convention: it is shared)."""
 
-    __slots__ = ("body", "created", "etag", "expires", "headers", "hit_headers")
+    __slots__ = ("body", "created", "etag", "expires", "hit_headers")
 
     def __init__(
         self,
@@ -42,8 +44,9 @@ class StoredResponse:
         created: float,
         expires: float,
     ) -> None:
-        self.headers = headers
-        """Replay headers: the answer's own (sanitised), its ``etag`` and ``content-length``."""
+        self.hit_headers = (*headers, _HIT_FIELD)
+        """:attr:`headers` plus ``Cache-Status: gemini-scale; hit``, built once (the one
+        tuple an entry holds its headers in)."""
         self.body = body
         """The body exactly as the first client received it (SSE framing included)."""
         self.etag = etag
@@ -52,8 +55,11 @@ class StoredResponse:
         """When it was recorded (wall-clock seconds): ``Age`` counts from here."""
         self.expires = expires
         """When it stops being fresh (wall-clock seconds)."""
-        self.hit_headers = (*headers, (b"cache-status", HIT))
-        """:attr:`headers` plus ``Cache-Status: gemini-scale; hit``, built once."""
+
+    @property
+    def headers(self) -> tuple[Header, ...]:
+        """Replay headers: the answer's own (sanitised), its ``etag`` and ``content-length``."""
+        return self.hit_headers[:-1]
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, StoredResponse):
@@ -99,10 +105,11 @@ class StoredResponse:
     def held_bytes(self) -> int:
         """About what the entry takes in memory as this object (the objects holding its
         headers included): what it counts against a ``MemoryStore``'s ``max_bytes``."""
-        headers = self.headers
-        content = sum(map(len, chain.from_iterable(headers)))
-        return _OBJECT_BYTES + len(self.etag) + len(self.body) + content + _HEADER_BYTES * len(
-            headers
+        headers = self.hit_headers  # its own headers, and the shared Cache-Status field
+        content = sum(map(len, chain.from_iterable(headers))) - _HIT_LENGTH
+        return (
+            _OBJECT_BYTES + len(self.etag) + len(self.body) + content
+            + _HEADER_BYTES * (len(headers) - 1)
         )
 
     def encode(self) -> bytes:

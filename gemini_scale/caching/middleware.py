@@ -6,7 +6,7 @@ from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Final, Literal
 
 from gemini_scale.auth.middleware import principal_of
-from gemini_scale.body import BODY_KEY, JSON_KEY, is_json_content_type, replay_receive
+from gemini_scale.body import BODY_KEY, JSON_KEY, is_json_content_type
 from gemini_scale.caching.engine import CacheEngine, Flight
 from gemini_scale.caching.entry import StoredResponse
 from gemini_scale.caching.keys import DEFAULT_QUERY_PARAMS, UNPARSED, BodyDigests, BodyFacts
@@ -23,6 +23,7 @@ from gemini_scale.caching.semantics import (
     COLLAPSED,
     HIT,
     MISS,
+    NO_DIRECTIVES,
     REQUESTED,
     RequestDirectives,
     etag_matches,
@@ -42,7 +43,7 @@ from gemini_scale.routing import (
     policy_for,
 )
 from gemini_scale.stores.base import Store
-from gemini_scale.types import SYSTEM_CLOCK, ASGIApp, Clock, Receive, Scope, Send
+from gemini_scale.types import SYSTEM_CLOCK, ASGIApp, Clock, Message, Receive, Scope, Send
 
 #: ``RequestContext.extras`` key of the entry key (for ``CacheEngine.invalidate(keys=...)``).
 CACHE_KEY_KEY: Final = "cache_key"
@@ -80,8 +81,14 @@ class _Exchange:
 
     def app_receive(self) -> Receive:
         """The ``receive`` the app gets: the body the cache read, then the server's."""
+        return self.receive if self.body is None else self._replay
+
+    async def _replay(self) -> Message:
         body = self.body
-        return self.receive if body is None else replay_receive(body, self.receive)
+        if body is None:
+            return await self.receive()
+        self.body = None  # given once, as it came
+        return {"type": "http.request", "body": body, "more_body": False}
 
 
 class CacheMiddleware(GeminiMiddleware):
@@ -211,8 +218,28 @@ class CacheMiddleware(GeminiMiddleware):
             await self.app(scope, receive, send)  # PURGE, DELETE...: the app's business (C25)
             return
         x = _Exchange(scope, receive, send, context, plan, fields=header_fields(scope["headers"]))
-        known = await self._known(x)
-        if known is None or known[1] is None:
+        path: str = scope["path"]
+        known: Known | None = None
+        if plan.streams or not path.endswith(STREAM_METHOD):
+            body: bytes | None = b""
+            if method != "GET" and method != "HEAD":  # noqa: PLR1714 (two compares are cheapest)
+                facts = await self._body(x, context.extras)
+                body = (
+                    facts[0] if facts is not None
+                    and generation_permitted(path, plan.generation, facts[1]) else None
+                )
+            if body is not None:
+                principal = context.principal
+                if not isinstance(principal, Principal):
+                    principal = principal_of(scope)
+                signature: Signature = (
+                    plan, id(principal), b"GET" if method == "HEAD" else method.encode(), path,
+                    scope["query_string"], tuple(map(x.fields.get, plan.vary)), body,
+                )
+                known = self._signatures.get(signature, principal)
+                if known is None:
+                    known = await self._describe(signature, principal, context)
+        if known is None or known[1] is None:  # not cacheable, or the store failed
             await self._bypass(x)
             return
         x.key = known[1]
@@ -224,39 +251,22 @@ class CacheMiddleware(GeminiMiddleware):
             self.engine.stats.hits += 1
             await self._serve(x, found, HIT)
             return
+        if found is None:  # no directives, and the store holds nothing: a plain miss
+            await self._miss(x, NO_DIRECTIVES)
+            return
         await self._lookup(x, RequestDirectives.parse(control), found)
 
-    async def _known(self, x: _Exchange) -> Known | None:
-        """What the request's signature means (its entry key and name), or ``None`` when
-        it is not cacheable (or the store failed): then it bypasses the cache."""
-        scope, plan, context = x.scope, x.plan, x.context
-        method: str = scope["method"]
-        path: str = scope["path"]
-        if not plan.streams and path.endswith(STREAM_METHOD):
+    async def _describe(
+        self, signature: Signature, principal: Principal | None, context: RequestContext
+    ) -> Known | None:
+        """What a new request signature means (its entry key and name), or ``None`` when
+        the store failed: then the request bypasses the cache."""
+        route = context.route
+        model = route.params.get("model") if route is not None else None
+        try:
+            return await self._signatures.describe(signature, principal, model)
+        except StoreError:
             return None
-        body = b""
-        if method != "GET" and method != "HEAD":  # noqa: PLR1714 (two compares are cheapest)
-            facts = await self._body(x, context.extras)
-            if facts is None or not generation_permitted(path, plan.generation, facts[1]):
-                return None
-            body = facts[0]
-        principal = context.principal
-        if not isinstance(principal, Principal):
-            principal = principal_of(scope)
-        signature: Signature = (
-            plan, id(principal), b"GET" if method == "HEAD" else method.encode(), path,
-            scope["query_string"], tuple(map(x.fields.get, plan.vary)), body,
-        )
-        signatures = self._signatures
-        known = signatures.get(signature, principal)
-        if known is None:
-            route = context.route
-            model = route.params.get("model") if route is not None else None
-            try:
-                known = await signatures.describe(signature, principal, model)
-            except StoreError:
-                return None
-        return known
 
     async def _lookup(
         self, x: _Exchange, directives: RequestDirectives,
@@ -309,7 +319,10 @@ class CacheMiddleware(GeminiMiddleware):
             stored = await self._forward(x, MISS, store=True, flight=flight)
         finally:
             if flight is not None:
-                await self.engine.land(flight, stored)
+                if flight.token is None:  # no store lock to release: no round trip
+                    self.engine.settle(flight, stored)
+                else:
+                    await self.engine.land(flight, stored)
 
     def _detail(self, key: str) -> bytes:
         """The debug ``key`` parameter of ``Cache-Status`` (when ``expose_key``)."""
@@ -347,16 +360,13 @@ class CacheMiddleware(GeminiMiddleware):
         """Call the app, recording its answer; store it when cacheable and ``store`` (a
         leader's ``flight`` releases its lock with the write)."""
         plan = x.plan
+        scope = x.scope
         recorder = Recorder(
-            x.send,
-            plan,
-            label,
-            detail=self._detail(x.key) if self.expose_key else b"",
-            store=store,
-            stream=x.scope["path"].endswith(STREAM_METHOD),
+            x.send, plan, label, detail=self._detail(x.key) if self.expose_key else b"",
+            store=store, stream=scope["path"].endswith(STREAM_METHOD),
             if_none_match=x.fields.get(b"if-none-match"),
         )
-        await self.app(x.scope, x.app_receive(), recorder)
+        await self.app(scope, x.app_receive(), recorder)
         if recorder.holding:
             await recorder.returned()
         found = recorder.response(created=self.clock.time(), ttl=plan.policy.ttl)

@@ -9,6 +9,10 @@ stream (``text/event-stream``, or a ``streamGenerateContent`` answer in the JSON
 is never held; it is watched by a :class:`~gemini_scale.ratelimit.usage.UsageObserver` and
 kept only if it ended on a clean event boundary without an ``{"error": ...}`` frame
 (research/security.md C13-C16).
+
+The common answer (a held start, then its whole body in one message) is recorded in one
+step: its entity tag, the start the client gets and the replay headers of its entry are
+worked out once, when the body arrives, and nothing else is copied.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from gemini_scale.caching.semantics import (
     etag_of,
     not_modified_headers,
     private_headers,
+    replayable,
     response_facts,
 )
 from gemini_scale.caching.signature import Plan
@@ -41,16 +46,15 @@ class Recorder:
         "_headers",
         "_held",
         "_if_none_match",
-        "_limit",
+        "_kept",
         "_observer",
         "_pending",
-        "_private",
+        "_plan",
         "_send",
         "_size",
         "_stream",
-        "_streams",
         "_tagged",
-        "_vary",
+        "_whole",
         "detail",
         "label",
         "max_age",
@@ -68,46 +72,70 @@ class Recorder:
         if_none_match: bytes | None = None,
     ) -> None:
         self._send = send
+        self._plan = plan
         self.label = label
         self.detail = detail
         """Parameters that follow ``stored`` in ``Cache-Status`` (the debug ``key``)."""
-        self._limit = plan.max_bytes
-        self._vary = plan.vary_set
-        self._private = plan.private
         self._stream = stream
-        self._streams = plan.streams
         self._if_none_match = if_none_match
         self._chunks: list[bytes] | None = [] if store else None
-        self._size = 0
-        self._headers: list[Header] = []
+        """The body kept so far (``None``: the answer is not kept)."""
         self._pending: Message | None = None
-        self._held: list[bytes] = []
-        """Body chunks that arrived while the start was held."""
-        self._observer: UsageObserver | None = None
-        self._etag: bytes | None = None
+        self._held: list[bytes] | None = None
+        """Body chunks that arrived while the start was held (more than one message)."""
+        self._kept: tuple[Header, ...] | None = None
+        """The replay headers of an answer recorded in one step (:meth:`_release_start`)."""
         self._complete = False
-        self._tagged = False
         self.max_age = 0.0
         """The answer's own cap on its lifetime (``0``: it must not be stored)."""
+        self._headers: list[Header] = []
+        self._tagged = False
+        self._observer: UsageObserver | None = None
+        self._size = 0
+        self._etag: bytes | None = None
+        self._whole = b""
+        """The body of an answer recorded in one step."""
 
     async def __call__(self, message: Message) -> None:
         kind = message["type"]
         if kind == "http.response.body":
-            await self._body(message)
+            if self._pending is None:
+                await self._body(message)
+                return
+            body: bytes = message.get("body", b"")
+            if message.get("more_body", False) or self._held is not None:
+                whole = await self._hold(body, message.get("more_body", False))
+                if whole is None:
+                    return
+                body = whole
+                message = {"type": "http.response.body", "body": body, "more_body": False}
+            # The held answer's whole body: the start goes out with its ETag, and the
+            # answer is recorded as it is (nothing is copied).
+            start = self._release_start(body, False)
+            await self._send(start)
+            if start["status"] == 304:  # the client holds it already: no body
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await self._send(message)
+            if self._kept is not None:
+                self._whole = body
+                self._complete = True
         elif kind == "http.response.start":
-            await self._start(message)
+            if self._start(message):
+                await self._send(message)
         else:  # trailers, pathsend...: not recorded, so not stored
             self._chunks = None
             if self._pending is not None:
                 await self._give_up_holding()
             await self._send(message)
 
-    async def _start(self, message: Message) -> None:
+    def _start(self, message: Message) -> bool:
+        """Note the answer's facts; whether its start goes on now (else it is held)."""
+        plan = self._plan
         headers = message.get("headers") or []
         self.max_age, content_type, control, self._tagged, length = response_facts(
-            message["status"], headers, self._vary
+            message["status"], headers, plan.vary_set
         )
-        private = self._private
+        private = plan.private
         if private is not None:
             headers = (
                 private_headers(headers, private) if control
@@ -116,42 +144,39 @@ class Recorder:
         self._headers = headers
         if self._chunks is not None:
             stream = self._stream or content_type.startswith(b"text/event-stream")
-            if self.max_age <= 0 or (stream and not self._streams):
+            if self.max_age <= 0 or (stream and not plan.streams):
                 self._chunks = None
             elif stream:
                 self._observer = UsageObserver("auto")
                 self._observer.start(200, content_type.decode("latin-1"))
-            elif length is not None and length.isdigit() and int(length) <= self._limit:
+            elif length is not None and length.isdigit() and int(length) <= plan.max_bytes:
                 self._pending = message  # until the body is complete: ETag, 304
-                return
+                return False
         message["headers"] = [*headers, (b"cache-status", self.label + self.detail)]
-        await self._send(message)
+        return True
+
+    async def _hold(self, body: bytes, more: bool) -> bytes | None:
+        """A held answer's body in more than one message: the whole body once it is
+        complete; ``None`` until then (or when it is longer than the cap: then the start
+        and what was held go on, and the answer is not kept)."""
+        held = self._held
+        if held is None:
+            held = self._held = []
+        if more:
+            held.append(body)
+            if sum(map(len, held)) > self._plan.max_bytes:  # longer than declared
+                await self._give_up_holding()
+            return None
+        self._held = None
+        return b"".join([*held, body])
 
     async def _body(self, message: Message) -> None:
         body: bytes = message.get("body", b"")
         more = message.get("more_body", False)
-        if self._pending is not None:
-            if more:
-                self._held.append(body)
-                if sum(map(len, self._held)) > self._limit:  # longer than declared
-                    await self._give_up_holding()
-                return
-            if self._held:
-                body = b"".join([*self._held, body])
-                self._held = []
-                message = {"type": "http.response.body", "body": body, "more_body": False}
-            start = self._release_start(body, more)
-            await self._send(start)
-            if start["status"] == 304:  # the client holds it already: no body
-                await self._send({"type": "http.response.body", "body": b"", "more_body": False})
-                if self._chunks is not None:
-                    self._chunks.append(body)
-                    self._complete = True
-                return
         chunks = self._chunks
         if chunks is not None:
             self._size += len(body)
-            if self._size > self._limit:
+            if self._size > self._plan.max_bytes:
                 self._chunks = None  # too big: stop keeping a copy (C16)
             else:
                 chunks.append(body)
@@ -165,23 +190,28 @@ class Recorder:
 
     def _release_start(self, body: bytes, more: bool) -> Message:
         """The held start to send now (with an ``ETag`` when ``body`` is all of it, and a
-        304 instead when the client's ``If-None-Match`` matches it)."""
+        304 instead when the client's ``If-None-Match`` matches it). With the ``ETag``,
+        the replay headers of the entry are worked out too (when it is kept)."""
         start, self._pending = self._pending, None
         assert start is not None
         headers = self._headers
-        etag = None
-        if not more and len(body) <= self._limit:
+        if not more and len(body) <= self._plan.max_bytes:
             self._etag = etag = etag_of(body)
+            field = (b"etag", etag)
+            if self._chunks is not None:
+                self._kept = (
+                    *replayable(headers), field, (b"content-length", str(len(body)).encode())
+                )
             if self._tagged:  # the app's own tag gives way to the content's
                 headers = [h for h in headers if h[0] != b"etag"]
-            headers = [*headers, (b"etag", etag)]
-        label = self.label + (b"" if etag is None else STORED) + self.detail
-        match = self._if_none_match
-        if etag is not None and match is not None and etag_matches(match, etag):
-            headers = not_modified_headers(headers)
-            headers.append((b"cache-status", label))
-            return {"type": "http.response.start", "status": 304, "headers": headers}
-        start["headers"] = [*headers, (b"cache-status", label)]
+            headers = [*headers, field, (b"cache-status", self.label + STORED + self.detail)]
+            match = self._if_none_match
+            if match is not None and etag_matches(match, etag):
+                return {"type": "http.response.start", "status": 304,
+                        "headers": not_modified_headers(headers)}
+        else:
+            headers = [*headers, (b"cache-status", self.label + self.detail)]
+        start["headers"] = headers
         return start
 
     @property
@@ -201,7 +231,7 @@ class Recorder:
         answer is no longer kept."""
         self._chunks = None
         await self._send(self._release_start(b"", True))
-        held, self._held = self._held, []
+        held, self._held = self._held, None
         if held:
             await self._send({"type": "http.response.body", "body": b"".join(held),
                               "more_body": True})
@@ -212,10 +242,14 @@ class Recorder:
         chunks = self._chunks
         if chunks is None or not self._complete:
             return None
+        ttl = min(ttl, self.max_age)
+        kept = self._kept
+        if kept is not None:  # recorded in one step
+            assert self._etag is not None
+            return StoredResponse(kept, self._whole, self._etag, created, created + ttl)
         observer = self._observer
         if observer is not None and (observer.error_seen or not observer.complete):
             return None
-        body = b"".join(chunks)
         return StoredResponse.build(
-            self._headers, body, created=created, ttl=min(ttl, self.max_age), etag=self._etag
+            self._headers, b"".join(chunks), created=created, ttl=ttl, etag=self._etag
         )

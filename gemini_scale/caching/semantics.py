@@ -104,7 +104,7 @@ class RequestDirectives:
     def parse(cls, value: bytes | None) -> RequestDirectives:
         """Directives from a request ``Cache-Control`` value (``None``: none sent)."""
         if not value:
-            return _NO_DIRECTIVES
+            return NO_DIRECTIVES
         found = parse_cache_control(value)
         max_age = _seconds(found.get(b"max-age")) if b"max-age" in found else None
         return cls(
@@ -115,7 +115,8 @@ class RequestDirectives:
         )
 
 
-_NO_DIRECTIVES = RequestDirectives()
+#: A request without ``Cache-Control``: no directives.
+NO_DIRECTIVES = RequestDirectives()
 
 
 def response_facts(

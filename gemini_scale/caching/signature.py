@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import struct
 from collections.abc import Collection
 from typing import TYPE_CHECKING, Final
 
@@ -40,8 +41,8 @@ _MEMO_SIZE: Final = 10_000
 class Plan:
     """A policy's constants as the middleware applies them (one per policy object)."""
 
-    __slots__ = ("generation", "max_bytes", "methods", "policy", "private", "streams", "vary",
-                 "vary_set")
+    __slots__ = ("generation", "lengths", "max_bytes", "methods", "policy", "private", "streams",
+                 "vary", "vary_set")
 
     def __init__(
         self,
@@ -60,6 +61,8 @@ class Plan:
         self.methods = frozenset(methods)
         self.vary = tuple(h.encode("latin-1") for h in sorted({*vary, *policy.vary}))
         self.vary_set = frozenset(self.vary)
+        self.lengths = struct.Struct(f"!{1 + len(self.vary)}I")
+        """The frame of a key's request parts: the body digest and the ``Vary`` values."""
         self.generation: GenerationMode = policy.generation or generation
         self.streams = streams if policy.streams is None else policy.streams
         self.max_bytes = policy.max_bytes or max_bytes
@@ -100,43 +103,65 @@ class Signatures:
         self._owners: dict[int, tuple[Principal, str | None, str | None]] = {}
 
     def get(self, signature: Signature, principal: Principal | None) -> Known | None:
-        """What ``signature`` means, if that is remembered and still valid."""
+        """What ``signature`` means, when that is known without the store: remembered and
+        still valid, or worked out from its remembered context (a new body or new ``Vary``
+        values on a known route and caller: one frame and one SHA-256). ``None``:
+        :meth:`describe`."""
+        engine = self.engine
         known = self._known.get(signature)
         if (
             known is not None
             and known[0] is principal
-            and known[3] == self.engine.epoch
-            and known[4] > self.engine.clock.monotonic()
+            and known[3] == engine.epoch
+            and known[4] > engine.clock.monotonic()
         ):
             return known
-        return None
+        context = self._contexts.get(signature[:5])
+        if (
+            context is None
+            or context[0] is not principal
+            or context[4] != engine.epoch  # also a context that is not cacheable
+            or context[5] <= engine.clock.monotonic()
+        ):
+            return None
+        return self._key(signature, principal, context)
 
     async def describe(
         self, signature: Signature, principal: Principal | None, model: str | None
     ) -> Known:
         """What ``signature`` means (``model``: the route's ``{model}`` parameter); may
         read tag generations from the store (raises ``StoreError``)."""
-        plan, who, method, path, query_string, vary, body = signature
         engine = self.engine
-        at = (plan, who, method, path, query_string)
+        at: _ContextKey = signature[:5]
         context = self._contexts.get(at)
         if context is None or context[0] is not principal:
             context = self._context(at, principal, model)
         base, tags = context[1], context[2]
         if base is None:
             known: Known = (principal, None, "", engine.epoch, math.inf)
-        else:
-            if context[4] != engine.epoch or context[5] <= engine.clock.monotonic():
-                epoch = engine.epoch  # before the read: a change during it makes this stale
-                suffix, fresh_until = await engine.generations(tags)
-                context = (principal, base, tags, suffix, epoch, fresh_until)
-                remember(self._contexts, at, context, _MEMO_SIZE)
-            parts = [body]
-            parts += [b"-" if value is None else b"+" + value.strip(b" \t") for value in vary]
-            key = entry_key(base + frame(parts) + context[3])
-            known = (principal, key, engine.entry_name(key), context[4], context[5])
-        remember(self._known, signature, known, _MEMO_SIZE)
-        return known
+            return remember(self._known, signature, known, _MEMO_SIZE)
+        if context[4] != engine.epoch or context[5] <= engine.clock.monotonic():
+            epoch = engine.epoch  # before the read: a change during it makes this stale
+            suffix, fresh_until = await engine.generations(tags)
+            context = (principal, base, tags, suffix, epoch, fresh_until)
+            remember(self._contexts, at, context, _MEMO_SIZE)
+        return self._key(signature, principal, context)
+
+    def _key(self, signature: Signature, principal: Principal | None, context: _Context) -> Known:
+        """The entry key of ``signature`` in its (cacheable, current) ``context``, remembered.
+
+        The SHA-256 of the context's digest, the framed body digest and ``Vary`` values
+        (:func:`~gemini_scale.caching.keys.frame`, written out: the plan knows how many
+        parts there are), and the tags' generations."""
+        plan, body = signature[0], signature[6]
+        values = [b"-" if value is None else b"+" + value.strip(b" \t") for value in signature[5]]
+        material = b"".join((
+            context[1],  # type: ignore[arg-type]
+            plan.lengths.pack(len(body), *map(len, values)), body, *values, context[3],
+        ))
+        key = entry_key(material)
+        known = (principal, key, self.engine.entry_name(key), context[4], context[5])
+        return remember(self._known, signature, known, _MEMO_SIZE)
 
     def _owner(self, scope: CacheScope, principal: Principal | None) -> str | None:
         """:func:`~gemini_scale.caching.keys.owner_tag`, remembered per principal object."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -29,7 +30,7 @@ _WRONGTYPE = "WRONGTYPE Operation against a key holding the wrong kind of value"
 class _State:
     """The :class:`~gemini_scale.stores.base.LocalState` view scripts run against."""
 
-    __slots__ = ("bytes", "data", "now", "writes")
+    __slots__ = ("bytes", "data", "earliest", "now", "writes")
 
     def __init__(self) -> None:
         # Insertion order is recency order: every read or write of a key moves it to the end,
@@ -41,6 +42,8 @@ class _State:
         self.writes = 0
         self.bytes = 0
         """The approximate size of what is held (keys, values and a per-entry overhead)."""
+        self.earliest = math.inf
+        """No held key expires before this (a lower bound: a sweep before it finds nothing)."""
 
     def _live(self, key: str) -> _Entry | None:
         entry = self.data.get(key)
@@ -72,6 +75,8 @@ class _State:
         old = data.get(key)
         size = len(key) + (_size_of(value) if size is None else size + _ENTRY_OVERHEAD)
         data[key] = (value, expires_at, size)
+        if expires_at is not None and expires_at < self.earliest:
+            self.earliest = expires_at
         if old is not None:
             data.move_to_end(key)
             size -= old[2]
@@ -97,6 +102,8 @@ class _State:
         if entry is not None:
             self.data[key] = (entry[0], expires_at, entry[2])
             self.writes += 1
+            if expires_at is not None and expires_at < self.earliest:
+                self.earliest = expires_at
 
 
 #: What one entry costs beyond its key and value (the dict slot, the entry tuple, the float).
@@ -195,13 +202,20 @@ class MemoryStore(ScriptedOperations):
 
     def _sweep(self, state: _State) -> None:
         now = state.now
-        expired = [
-            key for key, (_, expires_at, _) in state.data.items()
-            if expires_at is not None and expires_at <= now
-        ]
+        self._writes_at_sweep = state.writes
+        if now < state.earliest:
+            return  # nothing held can have expired: no need to read every key
+        expired = []
+        earliest = math.inf
+        for key, (_, expires_at, _) in state.data.items():
+            if expires_at is not None:
+                if expires_at <= now:
+                    expired.append(key)
+                elif expires_at < earliest:
+                    earliest = expires_at
         for key in expired:
             state.remove(key)
-        self._writes_at_sweep = state.writes
+        state.earliest = earliest
 
     async def get(self, key: str) -> bytes | None:
         """The value of ``key``, or ``None`` when absent or expired."""

@@ -436,6 +436,22 @@ async def test_memory_store_sweeps_expired_keys() -> None:
     assert len(store) < 2000  # swept without being read
 
 
+async def test_memory_store_sweeps_keys_whose_expiry_was_brought_forward() -> None:
+    """Sweeps skip a store where nothing can have expired yet, and still find keys whose
+    expiry was moved earlier since the last sweep."""
+    clock = FakeClock(1_700_000_000.0)
+    store = MemoryStore(clock=clock, max_keys=10_000)  # a sweep every 1250 writes
+    for i in range(2000):
+        await store.set(f"k:{i}", b"v", ttl=3600)  # swept at write 1250: nothing expired
+    for i in range(2000):
+        await store.set(f"k:{i}", b"v", ttl=1)
+    clock.advance(2)
+    for i in range(1300):
+        await store.set(f"new:{i}", b"v", ttl=3600)
+    assert len(store) <= 1300  # the 2000 expired keys were swept without being read
+    assert await store.get("new:0") == b"v"
+
+
 async def test_memory_store_stays_within_its_byte_bound() -> None:
     clock = FakeClock(1_700_000_000.0)
     store = MemoryStore(clock=clock, max_bytes=64 * 1024)
