@@ -26,6 +26,7 @@ from collections.abc import Collection, Sequence
 from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode
 
+from gemini_scale import fastjson
 from gemini_scale.caching.request import is_deterministic
 from gemini_scale.gemini_json import OPAQUE_MEMBERS, camel_name
 from gemini_scale.memo import remember
@@ -222,7 +223,7 @@ class BodyDigests:
         if found is None:
             try:
                 if parsed is UNPARSED:
-                    parsed = json.loads(raw)
+                    parsed = fastjson.loads(raw)
                     if type(parsed) is not dict:
                         return None
                 found = (hashlib.sha256(canonical_json(parsed)).digest(),
