@@ -27,14 +27,6 @@ class BodyRefusedError(Exception):
         self.message = message
 
 
-def request_header(scope: Scope, name: bytes) -> bytes | None:
-    """The first value of request header ``name`` (lower-case bytes), if any."""
-    for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value)
-    return None
-
-
 def is_json_content_type(content_type: bytes | None) -> bool:
     """Whether a ``Content-Type`` value names JSON (``application/json``, ``*/*+json``)."""
     if content_type is None:
@@ -104,10 +96,6 @@ async def load_json_body(
     if BODY_KEY in context.extras:
         return receive  # an outer layer read it and already replays it
     body = await read_json_body(scope, receive, max_body_bytes)
-    if body and JSON_KEY in context.extras and context.extras.get(BODY_KEY) == body:
-        # An outer layer (the version layer, migrating the body) parsed these very bytes on
-        # their way here and left the result: no second parse.
-        return replay_receive(body, receive)
     context.extras[BODY_KEY] = body
     if body:
         try:
@@ -127,26 +115,19 @@ async def load_json_body(
 async def read_json_body(scope: Scope, receive: Receive, max_body_bytes: int) -> bytes:
     """The whole request body, refused (:class:`BodyRefusedError`) when it is not JSON or is
     over ``max_body_bytes`` (checked against ``Content-Length`` first, then while reading)."""
-    declared = request_header(scope, b"content-length")
-    if declared is not None:
-        try:
-            length = int(declared)
-        except ValueError:
-            raise BodyRefusedError(400, "Invalid Content-Length header.") from None
-        if length > max_body_bytes:
+    if _declares_empty_json(scope, max_body_bytes):
+        return b""
+    message = await receive()
+    if message["type"] == "http.request" and not message.get("more_body", False):
+        body = message.get("body", b"")  # the whole body in one message: the usual case
+        if len(body) > max_body_bytes:
             raise BodyRefusedError(
                 413, f"Request payload size exceeds the limit: {max_body_bytes} bytes."
             )
-        if length == 0:
-            return b""
-    if not is_json_content_type(request_header(scope, b"content-type")):
-        raise BodyRefusedError(
-            415, "Unsupported Content-Type: the request body must be application/json."
-        )
+        return bytes(body)
     chunks: list[bytes] = []
     size = 0
     while True:
-        message = await receive()
         if message["type"] == "http.disconnect":
             raise BodyRefusedError(400, "The client disconnected while sending the body.")
         chunk = message.get("body", b"")
@@ -158,6 +139,37 @@ async def read_json_body(scope: Scope, receive: Receive, max_body_bytes: int) ->
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
+        message = await receive()
+
+
+def _declares_empty_json(scope: Scope, max_body_bytes: int) -> bool:
+    """Check the ``Content-Length`` and ``Content-Type`` headers (one pass over the headers):
+    whether the body is declared empty; :class:`BodyRefusedError` when it cannot be accepted."""
+    declared = content_type = None
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            if declared is None:
+                declared = value
+        elif name == b"content-type" and content_type is None:
+            content_type = value
+    if declared is not None:
+        try:
+            length = int(declared)
+        except ValueError:
+            raise BodyRefusedError(400, "Invalid Content-Length header.") from None
+        if length > max_body_bytes:
+            raise BodyRefusedError(
+                413, f"Request payload size exceeds the limit: {max_body_bytes} bytes."
+            )
+        if length == 0:
+            return True
+    if content_type != b"application/json" and not is_json_content_type(
+        None if content_type is None else bytes(content_type)
+    ):
+        raise BodyRefusedError(
+            415, "Unsupported Content-Type: the request body must be application/json."
+        )
+    return False
 
 
 def replay_receive(body: bytes, receive: Receive) -> Receive:

@@ -23,7 +23,7 @@ from gemini_scale.observability.logs import ACCESS_LOGGER
 from gemini_scale.observability.metrics import BoundedLabel, Families, TokenSink, families
 from gemini_scale.observability.request_id import REQUEST_ID_HEADER, RequestIds
 from gemini_scale.observability.tracing import _state as _tracing
-from gemini_scale.ratelimit.usage import UsageObserver, body_usage, usage_split
+from gemini_scale.ratelimit.usage import AnswerUsage, usage_split
 from gemini_scale.routing import (
     API_VERSION_EXTRA,
     AUTH_REFUSAL_KEY,
@@ -295,8 +295,8 @@ class MetricsMiddleware(GeminiMiddleware):
         extras = context.extras
         if extras and extras.get(CACHE_HIT_KEY):
             return None, None  # a hit burnt no tokens (DESIGN.md §3)
-        if x.wants_usage:  # what we read (so far, if the answer stopped early)
-            usage = x.usage if x.observer is None else x.observer.usage
+        if x.answer is not None:  # what we read (so far, if the answer stopped early)
+            usage = x.answer.usage
         else:  # what the token limiter read
             usage = getattr(extras.get(USAGE_KEY), "usage", None) if extras else None
         if type(usage) is not dict:
@@ -367,9 +367,8 @@ class _Exchange:
     byte, the bytes sent and whether the answer completed; reads a generation's usage when
     no token limiter does."""
 
-    __slots__ = ("call", "complete", "context", "failed", "first_byte", "gone", "headers",
-                 "observer", "request_id", "send", "sent", "started", "status", "usage",
-                 "wants_usage")
+    __slots__ = ("answer", "call", "complete", "context", "failed", "first_byte", "gone",
+                 "request_id", "send", "sent", "started", "status")
 
     def __init__(
         self, send: Send, request_id: bytes, started: float, context: RequestContext
@@ -385,9 +384,7 @@ class _Exchange:
         self.gone = False  # the client went away (a send failed, or the app stopped early)
         self.failed = False  # the app raised
         self.call: tuple[str | None, str | None] | None = None  # (model, operation)
-        self.wants_usage = False
-        self.usage: Any = None  # the answer's usageMetadata, when we read it ourselves
-        self.observer: UsageObserver | None = None  # reads it from a body in several parts
+        self.answer: AnswerUsage | None = None  # the answer's usage, when we read it ourselves
 
     async def __call__(self, message: Message) -> None:
         kind = message["type"]
@@ -400,8 +397,8 @@ class _Exchange:
             more = message.get("more_body", False)
             if not more:
                 self.complete = True
-            if self.wants_usage:
-                self._read_usage(body, more)
+            if self.answer is not None:
+                self.answer.feed(body, more)
         elif kind == "http.response.start":
             self.status = message["status"]
             headers = message.get("headers", ())
@@ -429,27 +426,8 @@ class _Exchange:
         call = self.call = _gemini_call(context)  # the route is final once the answer starts
         if call[1] not in _GENERATIONS or USAGE_KEY in context.extras:
             return
-        self.wants_usage = True
-        self.headers = headers
-
-    def _read_usage(self, body: bytes, more: bool) -> None:
-        observer = self.observer
-        if observer is None:
-            if not more and body[:1] == b"{":  # a whole JSON answer: the usual one
-                self.usage = body_usage(body)
-                return
-            content_type = next(
-                (v.decode("latin-1") for k, v in self.headers if k == b"content-type"), None
-            )
-            if not more:  # the whole answer in one message
-                self.usage = body_usage(body, content_type)
-                return
-            observer = self.observer = UsageObserver()
-            observer.start(self.status, content_type)
-        if more:
-            observer.feed(body)
-        else:
-            observer.feed_last(body)
+        self.answer = AnswerUsage()
+        self.answer.start(self.status, headers)
 
 
 def _decision_labels(prefix: str, decision: Any) -> tuple[str, str]:

@@ -221,10 +221,13 @@ class Decision:
         i = 2
         floor = math.floor
         for limit in self._limits:
-            used, left_ms = _weighted(limit.window * 1000, now_ms, raw[i], raw[i + 1], raw[i + 2])
+            window_ms = limit.window * 1000
+            left_ms = window_ms - (now_ms - raw[i] * window_ms)  # _weighted, inlined
+            prev = raw[i + 2]
+            used = prev * (left_ms / window_ms) + raw[i + 1] if prev else raw[i + 1]
             i += 3
             amount = limit.amount
-            remaining = max(0, floor(amount - used + 1e-9))
+            remaining = max(floor(amount - used + 1e-9), 0)
             share = remaining / amount
             reset_after = left_ms / 1000
             if share < best_share or (share == best_share and reset_after < best_reset):
@@ -342,6 +345,7 @@ class RateLimiter:
         then :meth:`acquire_now` gives them without a coroutine."""
         self._keys: dict[tuple[str, int, str], tuple[Sequence[Limit], tuple[str, ...]]] = {}
         self._arg_cache: dict[int, tuple[Sequence[int], Sequence[Limit], list[int]]] = {}
+        self._arg_bases: dict[int, tuple[Sequence[Limit], list[int]]] = {}
         self._breaker = _Breaker(breaker_threshold, breaker_cooldown, clock)
         self._clock = clock
         self._last_warning = -math.inf
@@ -352,6 +356,7 @@ class RateLimiter:
         self._refund_timer: asyncio.TimerHandle | None = None
         self._refund_loop: asyncio.AbstractEventLoop | None = None
         self._flushing: set[asyncio.Task[None]] = set()
+        self._flush_pending = False
 
     def keys(self, tag: str, limits: Sequence[Limit], scope: str = "") -> tuple[str, ...]:
         """The store keys of ``limits`` for one bucket identity: one hash slot (``{tag}``).
@@ -375,16 +380,23 @@ class RateLimiter:
 
     def _args(self, limits: Sequence[Limit], costs: Sequence[int]) -> list[int]:
         """The script's arguments: (limit, window in ms, cost) per limit; memoised when both
-        are constant tuples (a policy's request-only costs)."""
-        if type(costs) is tuple and type(limits) is tuple:
+        are constant tuples (a policy's request-only costs), else the costs are filled into
+        the limits' memoised part (a token request's cost changes with its estimate)."""
+        if type(limits) is not tuple:
+            return _new_args(limits, costs)
+        if type(costs) is tuple:
             found = self._arg_cache.get(id(costs))
             if found is not None and found[0] is costs and found[1] is limits:
                 return found[2]
-        args: list[int] = []
-        for limit, cost in zip(limits, costs, strict=True):
-            args += (limit.amount, limit.window * 1000, max(0, int(cost)))
-        if type(costs) is tuple and type(limits) is tuple:
+            args = _new_args(limits, costs)
             remember(self._arg_cache, id(costs), (costs, limits, args), _KEYS_CACHE_SIZE)
+            return args
+        base = self._arg_bases.get(id(limits))
+        if base is None or base[0] is not limits:
+            base = (limits, _new_args(limits, [0] * len(limits)))
+            remember(self._arg_bases, id(limits), base, _KEYS_CACHE_SIZE)
+        args = base[1].copy()
+        args[2::3] = [c if type(c) is int and c >= 0 else max(0, int(c)) for c in costs]
         return args
 
     def acquire_now(
@@ -446,45 +458,43 @@ class RateLimiter:
         )
         return Decision.from_reply(raw, limits, keys, costs, True, degraded=True)
 
-    def settles_without_waiting(self, reservation: Reservation | None) -> bool:
-        """Whether :meth:`settle` of ``reservation`` completes without ever suspending (it
-        lives in a plain in-process memory store), so it needs no shield from cancellation."""
-        return reservation is None or (
-            (reservation.local or self._shared_is_local) and self._run_now is not None
-        )
+    def settle_now(self, reservation: Reservation | None, deltas: Sequence[int]) -> bool:
+        """:meth:`settle` without suspending, when it can be: the reservation lives in a
+        plain in-process memory store, or it is a refund to the shared store (deferred to
+        the bucket's next acquire). Whether it was done; if not, await :meth:`settle`."""
+        if reservation is None:
+            return True
+        keys, args = _moves(reservation, deltas)
+        if not keys:
+            return True
+        if reservation.local or self._shared_is_local:
+            run_now = self._run_now
+            if run_now is not None:
+                run_now(SETTLE, keys, args)
+            return run_now is not None
+        if self._breaker.is_open():
+            return True  # the store is known to be down: the reservation stands (logged)
+        deferred = self.refund_delay > 0 and all(d < 0 for d in args[1::2])
+        if deferred:
+            self._defer(keys, args)
+        return deferred
 
     async def settle(self, reservation: Reservation | None, deltas: Sequence[int]) -> None:
         """Move each charged limit by its delta (``actual - reserved``; ``-reserved`` refunds).
 
         Best effort: a store failure is logged, never raised; the reservation then stands.
         """
-        if reservation is None:
+        if reservation is None or self.settle_now(reservation, deltas):
             return
-        keys: list[str] = []
-        args: list[int] = []
-        for key, index, delta in zip(reservation.keys, reservation.indexes, deltas, strict=True):
-            if delta:
-                keys.append(key)
-                args += [index, int(delta)]
-        if not keys:
-            return
-        local = reservation.local or self._shared_is_local
-        if local and self._run_now is not None:
-            self._run_now(SETTLE, keys, args)  # synchronous: nothing to shield or to fail
-            return
-        if not local and self._breaker.is_open():
-            return  # the store is known to be down: the reservation stands (logged already)
-        if not local and self.refund_delay > 0 and all(d < 0 for d in args[1::2]):
-            await self._defer(keys, args)
-            return
-        store: Store = self._local if local else self.store
+        keys, args = _moves(reservation, deltas)
+        store: Store = self._local if reservation.local or self._shared_is_local else self.store
         try:
             await store.run(SETTLE, keys, args)
         except StoreError as exc:
             self._breaker.failures += 1  # counts toward opening; a probe in flight stays its own
             self._warn(exc)
 
-    async def _defer(self, keys: list[str], args: list[int]) -> None:
+    def _defer(self, keys: Sequence[str], args: list[int]) -> None:
         """Owe ``keys`` their refunds until the bucket's next acquire, or the timer."""
         key = keys[0]
         tag = key[key.index("{") + 1 : key.index("}")]  # every key of a bucket has its tag
@@ -494,7 +504,7 @@ class RateLimiter:
         owed[0].extend(keys)
         owed[1].extend(args)
         if len(owed[0]) > _OWED_PER_BUCKET or len(self._refunds) > _OWED_BUCKETS:
-            await self.flush_refunds()  # bounded: never a growing backlog
+            self._flush_soon()  # bounded: never a growing backlog
             return
         loop = asyncio.get_running_loop()
         if self._refund_timer is None or self._refund_loop is not loop:
@@ -504,6 +514,13 @@ class RateLimiter:
 
     def _refund_due(self) -> None:
         self._refund_timer = None
+        self._flush_soon()
+
+    def _flush_soon(self) -> None:
+        """Send what is owed from a task of its own (no request waits for it)."""
+        if self._flush_pending:
+            return  # the task already scheduled takes everything owed when it starts
+        self._flush_pending = True
         task = asyncio.get_running_loop().create_task(self.flush_refunds())
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
@@ -512,6 +529,7 @@ class RateLimiter:
         """Send every refund still owed (best effort: a store failure is logged, and those
         reservations then stand)."""
         owed, self._refunds = self._refunds, {}
+        self._flush_pending = False
         if self._refund_timer is not None:
             self._refund_timer.cancel()
             self._refund_timer = None
@@ -541,6 +559,25 @@ class RateLimiter:
                 type(exc).__name__,
                 self.on_store_error,
             )
+
+
+def _new_args(limits: Sequence[Limit], costs: Sequence[int]) -> list[int]:
+    args: list[int] = []
+    for limit, cost in zip(limits, costs, strict=True):
+        args += (limit.amount, limit.window * 1000, max(0, int(cost)))
+    return args
+
+
+def _moves(reservation: Reservation, deltas: Sequence[int]) -> tuple[tuple[str, ...], list[int]]:
+    """The settle script's keys and arguments: (window index, delta) per key that moves.
+    The keys are a tuple: a memory store remembers its prefixed form."""
+    keys: list[str] = []
+    args: list[int] = []
+    for key, index, delta in zip(reservation.keys, reservation.indexes, deltas, strict=True):
+        if delta:
+            keys.append(key)
+            args += (index, int(delta))
+    return tuple(keys), args
 
 
 def _weighted(window_ms: int, now_ms: int, index: int, cur: int, prev: int) -> tuple[float, int]:

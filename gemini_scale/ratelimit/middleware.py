@@ -24,7 +24,7 @@ from gemini_scale.ratelimit.engine import (
     StoreErrorMode,
     StoreFailureError,
 )
-from gemini_scale.ratelimit.usage import UsageObserver, estimate_request_tokens
+from gemini_scale.ratelimit.usage import AnswerUsage, estimate_request_tokens
 from gemini_scale.routing import (
     CACHE_HIT_KEY,
     DECISIONS_KEY,
@@ -361,31 +361,26 @@ class RateLimitMiddleware(GeminiMiddleware):
         limits: Sequence[Limit],
         costs: Sequence[int],
     ) -> None:
-        observer = UsageObserver(count=self.count)
-        context.extras[USAGE_KEY] = observer  # the metrics layer reads the usage too
-        status: list[int] = []
+        answer = AnswerUsage(self.count)
+        context.extras[USAGE_KEY] = answer  # the metrics layer reads the usage too
 
         async def observing_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status.append(message["status"])
-                observer.start(message["status"], _content_type(message))
-            elif message["type"] == "http.response.body":
-                if message.get("more_body", False):
-                    observer.feed(message.get("body", b""))
-                else:
-                    observer.feed_last(message.get("body", b""))
+            kind = message["type"]
+            if kind == "http.response.body":
+                answer.feed(message.get("body", b""), message.get("more_body", False))
+            elif kind == "http.response.start":
+                answer.start(message["status"], message.get("headers", ()))
             await send(message)
 
         try:
             await self.app(scope, receive, observing_send)
         finally:
             reservation = decision.reservation
-            deltas = _deltas(limits, costs, status, observer, context)
-            if self.limiter.settles_without_waiting(reservation):
-                await self.limiter.settle(reservation, deltas)  # never suspends
-            else:
+            deltas = _deltas(limits, costs, answer, context)
+            limiter = self.limiter
+            if not limiter.settle_now(reservation, deltas):  # the usual case settles at once
                 with anyio.CancelScope(shield=True):
-                    await self.limiter.settle(reservation, deltas)
+                    await limiter.settle(reservation, deltas)
 
 
 class IPRateLimitMiddleware(RateLimitMiddleware):
@@ -439,31 +434,16 @@ def _with_rate_limit_headers(
     return send_with_headers
 
 
-def _content_type(message: Message) -> str | None:
-    for name, value in message.get("headers", []):
-        if name.lower() == b"content-type":
-            return bytes(value).decode("latin-1")
-    return None
-
-
 def _deltas(
-    limits: Sequence[Limit],
-    costs: Sequence[int],
-    status: list[int],
-    observer: UsageObserver,
-    context: RequestContext,
+    limits: Sequence[Limit], costs: Sequence[int], answer: AnswerUsage, context: RequestContext
 ) -> list[int]:
     """``actual - reserved`` per limit: settle tokens to the real usage (DESIGN.md §3)."""
-    deltas = []
-    for limit, cost in zip(limits, costs, strict=True):
-        if limit.kind != "tokens":
-            deltas.append(0)
-            continue
-        if context.extras.get(CACHE_HIT_KEY) or not status or status[0] >= 400:
-            actual = 0  # a hit or an error answer costs no tokens: refund the reservation
-        elif observer.tokens is not None:
-            actual = observer.tokens  # what the answer reported (all of it, or so far)
-        else:
-            actual = cost  # unknown usage: the reservation stands
-        deltas.append(actual - cost)
-    return deltas
+    status = answer.status
+    if context.extras.get(CACHE_HIT_KEY) or status is None or status >= 400:
+        actual: int | None = 0  # a hit or an error answer costs no tokens: refund it all
+    else:
+        actual = answer.tokens  # what the answer reported (all of it, or so far)
+    return [
+        0 if limit.kind != "tokens" else (cost if actual is None else actual) - cost
+        for limit, cost in zip(limits, costs, strict=True)
+    ]

@@ -8,8 +8,10 @@ from typing import Any
 
 from gemini_scale.stores.base import LocalState, Script
 
-# A window's state in memory: (window index, count in that window, count in the one before).
-_Window = tuple[int, int, int]
+# A window's state in memory: [window index, count in that window, count in the one before].
+# A list, changed in place while its window lasts: a steady caller's charge writes nothing
+# else (its expiry, the end of the window after it, only moves when a new window starts).
+_Window = list[int]
 
 
 def _load(name: str) -> str:
@@ -20,11 +22,6 @@ def _load(name: str) -> str:
     )
 
 
-def _window(state: LocalState, key: str) -> _Window | None:
-    value = state.get(key)
-    return value if isinstance(value, tuple) else None
-
-
 def _acquire(state: LocalState, keys: list[str], args: list[Any], now: float) -> list[int]:
     n = len(args) - 2 * len(keys)  # limit keys; the rest are settlements (rl_refunds.lua)
     if n < len(keys):
@@ -32,53 +29,64 @@ def _acquire(state: LocalState, keys: list[str], args: list[Any], now: float) ->
     now_ms = math.floor(now * 1000)
     out = [1, now_ms]
     get = state.get
+    found: list[_Window | None] = []
     j = 0
-    for key in keys[:n] if n < len(keys) else keys:
-        limit, window, cost = int(args[j]), int(args[j + 1]), int(args[j + 2])
+    for i in range(n):
+        limit, window, cost = args[j], args[j + 1], args[j + 2]
         j += 3
         index = now_ms // window
-        stored = get(key)
+        stored = get(keys[i])
         cur = prev = 0
-        if isinstance(stored, tuple):
+        if type(stored) is list:
             if stored[0] == index:
                 cur, prev = stored[1], stored[2]
             elif stored[0] == index - 1:
                 prev = stored[1]
+            else:
+                stored = None
+        else:
+            stored = None
+        found.append(stored)
         weight = (window - (now_ms - index * window)) / window  # as the Lua rounds it
         if prev * weight + cur + cost > limit:
             out[0] = 0
         out += (index, cur, prev)
     if out[0]:
-        for position in range(n):
-            cost = int(args[3 * position + 2])
-            if cost > 0:
-                at = 3 * position + 2
-                index, charged, prev = out[at], out[at + 1] + cost, out[at + 2]
-                out[at + 1] = charged
-                state.put(
-                    keys[position],
-                    (index, charged, prev),
-                    now + 2 * int(args[3 * position + 1]) / 1000,
-                )
+        _charge(state, keys, args, out, found)
     return out
+
+
+def _charge(
+    state: LocalState, keys: list[str], args: list[Any], out: list[int],
+    found: list[_Window | None],
+) -> None:
+    """Add each limit's cost to its window (and to ``out``, the reply)."""
+    for i, stored in enumerate(found):
+        cost = args[3 * i + 2]
+        if cost > 0:
+            at = 3 * i + 2
+            index, charged, prev = out[at], out[at + 1] + cost, out[at + 2]
+            out[at + 1] = charged
+            if stored is not None and stored[0] == index:
+                stored[1] = charged  # this window's counts, in place
+            else:  # a new window: kept until the end of the one after it
+                window = args[3 * i + 1]
+                state.put(keys[i], [index, charged, prev], (index + 2) * window / 1000)
 
 
 def _apply_settlements(state: LocalState, keys: list[str], args: list[Any], n: int) -> None:
     """Move the reservations named after the first ``n`` keys (see rl_refunds.lua)."""
+    get = state.get
     for j in range(n, len(keys)):
         at = 3 * n + 2 * (j - n)
-        key, index, delta = keys[j], int(args[at]), int(args[at + 1])
-        stored = _window(state, key)
-        if stored is None:
+        stored = get(keys[j])
+        if type(stored) is not list:
             continue
-        w, cur, prev = stored
-        if w == index:
-            cur = max(0, cur + delta)
-        elif w == index + 1:
-            prev = max(0, prev + delta)
-        else:
-            continue
-        state.put(key, (w, cur, prev), state.expires_at(key))
+        index = args[at]
+        if stored[0] == index:
+            stored[1] = max(0, stored[1] + args[at + 1])
+        elif stored[0] == index + 1:
+            stored[2] = max(0, stored[2] + args[at + 1])
 
 
 def _settle(state: LocalState, keys: list[str], args: list[Any], now: float) -> int:

@@ -27,18 +27,20 @@ The estimate (a reservation, corrected by the real usage afterwards):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
 from typing import Any, Final, Literal
 
-from gemini_scale.fastjson import loads as _loads
+import orjson
 
 __all__ = [
     "CHARS_PER_TOKEN",
     "MEDIA_PART_TOKENS",
+    "AnswerUsage",
     "UsageObserver",
     "body_usage",
     "estimate_request_tokens",
@@ -268,6 +270,62 @@ def _estimate(
     return prompt + _output_allowance(body, int(default_output_tokens), cap)
 
 
+def _plain_generate(
+    body: Any, default_output_tokens: int, max_output_cap: int | None, method: str | None
+) -> int | None:
+    """The usual request priced without the walker (what :func:`_estimate` gives for it):
+    a ``generateContent`` body of text parts, with no system instruction or tools, and
+    output limits that are positive integers if given. ``None`` for anything else."""
+    if type(body) is not dict or _METHOD_KINDS.get(method or "") != "generate":
+        return None
+    contents = body.get("contents")
+    if (
+        type(contents) is not list
+        or body.get("systemInstruction") is not None
+        or body.get("system_instruction") is not None
+        or body.get("tools")
+    ):
+        return None
+    tokens = 0
+    items = len(contents)
+    for content in contents:
+        parts = content.get("parts") if type(content) is dict else None
+        if type(parts) is not list:
+            return None
+        items += len(parts)
+        for part in parts:
+            text = part.get("text") if type(part) is dict else None
+            if type(text) is not str:
+                return None
+            tokens += (len(text) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
+    if items > _MAX_ITEMS:
+        return None  # the walker's bound applies
+    output = _plain_output(body, int(default_output_tokens), max_output_cap)
+    return None if output is None else tokens + output
+
+
+def _plain_output(body: dict[str, Any], default: int, cap: int | None) -> int | None:
+    """:func:`_output_allowance` when the limits given are positive integers, else ``None``."""
+    per_candidate, candidates = default, 1
+    config = _get(body, "generationConfig", "generation_config")
+    if config is not None:
+        if type(config) is not dict:
+            return None
+        given = _get(config, "maxOutputTokens", "max_output_tokens")
+        count = _get(config, "candidateCount", "candidate_count")
+        if (given is not None and (type(given) is not int or given <= 0)) or (
+            count is not None and (type(count) is not int or count <= 0)
+        ):
+            return None
+        if given is not None:
+            per_candidate = min(given, _INT32_MAX)
+        if count is not None:
+            candidates = min(count, _INT32_MAX)
+    if cap is not None:
+        per_candidate = min(per_candidate, int(cap))
+    return max(per_candidate, 0) * candidates
+
+
 def estimate_request_tokens(
     body: Mapping[str, Any] | None,
     *,
@@ -288,7 +346,9 @@ def estimate_request_tokens(
     fatal; a typical request costs 3-15 µs.
     """
     try:
-        tokens = _estimate(body, default_output_tokens, max_output_cap, method)
+        tokens = _plain_generate(body, default_output_tokens, max_output_cap, method)
+        if tokens is None:
+            tokens = _estimate(body, default_output_tokens, max_output_cap, method)
     except Exception:  # a hostile Mapping; JSON-derived bodies never get here
         logger.debug("token estimate failed; using the output allowance", exc_info=True)
         tokens = default_output_tokens if isinstance(default_output_tokens, int) else 1
@@ -296,6 +356,18 @@ def estimate_request_tokens(
 
 
 # -- usage from responses -----------------------------------------------------------------
+
+
+def _loads(raw: bytes | bytearray) -> Any:
+    """:func:`json.loads` of an answer, through orjson unless it refuses (``NaN``, lone
+    surrogates, deep nesting). Unlike :func:`gemini_scale.fastjson.loads`, integers past 64
+    bits may come back as floats: every count read here is clamped to ``2**53 - 1`` either
+    way, so the result is the same and the digit scan is saved on every answer."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return json.loads(raw)
+
 
 _USAGE_FIELDS: Final = (
     ("promptTokenCount", "prompt_token_count"),
@@ -361,19 +433,63 @@ def usage_split(usage: Mapping[str, Any]) -> tuple[int | None, int | None]:
 def body_usage(body: bytes, content_type: str | None = None) -> Mapping[str, Any] | None:
     """The ``usageMetadata`` of a whole answer body, as :class:`UsageObserver` reads it
     (``usage``), without building an observer for the usual JSON answer."""
-    if body[:1] == b"{":
-        read = _whole_json(body, _DEFAULT_BUFFER)
-        if read is not None:
-            usage = read[0]
-            if type(usage) is dict and (
-                type(usage.get("totalTokenCount")) is int or usage_tokens(usage) is not None
-            ):
-                return usage
-            return None
-    observer = UsageObserver()
-    observer.start(200, content_type)
-    observer.feed_last(body)
-    return observer.usage
+    answer = AnswerUsage()
+    headers = () if content_type is None else ((b"content-type", content_type.encode("latin-1")),)
+    answer.start(200, headers)
+    answer.feed(body, False)
+    return answer.usage
+
+
+class AnswerUsage:
+    """The usage an answer reports, read from its ASGI messages as they pass.
+
+    The usual answer, one JSON body in one message, is parsed at once; anything else (a
+    stream, a body in pieces) goes through a :class:`UsageObserver`, built only then.
+    ``tokens`` and ``usage`` are as :class:`UsageObserver` gives them, so far.
+    """
+
+    __slots__ = ("_headers", "_observer", "count", "status", "tokens", "usage")
+
+    def __init__(self, count: Count = "total") -> None:
+        self.count: Count = count
+        self.status: int | None = None
+        self.tokens: int | None = None
+        self.usage: Mapping[str, Any] | None = None
+        self._headers: Iterable[tuple[bytes, bytes]] = ()
+        self._observer: UsageObserver | None = None
+
+    def start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
+        """Note the ``http.response.start`` (its ``Content-Type`` is read only if needed)."""
+        self.status = status
+        self._headers = headers
+
+    def feed(self, body: bytes, more: bool) -> None:
+        """Look at one ``http.response.body`` message's body (never raises)."""
+        observer = self._observer
+        if observer is None:
+            if not more and type(body) is bytes and body[:1] == b"{":
+                read = _whole_json(body, _DEFAULT_BUFFER)
+                if read is not None:
+                    usage = read[0]
+                    if type(usage) is dict:
+                        tokens = usage_tokens(usage, self.count)
+                        if tokens is not None:
+                            self.usage, self.tokens = usage, tokens
+                    return
+            if not body and not more:
+                return  # an empty answer
+            observer = self._observer = UsageObserver(count=self.count)
+            content_type = next(
+                (bytes(v).decode("latin-1") for k, v in self._headers
+                 if k.lower() == b"content-type"),
+                None,
+            )
+            observer.start(self.status or 200, content_type)
+        if more:
+            observer.feed(body)
+        else:
+            observer.feed_last(body)
+        self.usage, self.tokens = observer.usage, observer.tokens
 
 
 _USAGE_MEMBER: Final = b'"usageMetadata"'

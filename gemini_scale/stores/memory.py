@@ -191,6 +191,8 @@ class MemoryStore(ScriptedOperations):
         over = len(state.data) > self.max_keys or (
             max_bytes is not None and state.bytes > max_bytes
         )
+        if not over and since_sweep < self._sweep_every:
+            return  # the usual case: within bounds, no sweep due
         if since_sweep >= self._sweep_every or (over and since_sweep >= self._min_sweep_gap):
             self._sweep(state)
         data = state.data
@@ -292,7 +294,8 @@ class MemoryStore(ScriptedOperations):
             if type(keys) is tuple:  # a caller's constant tuple: remember its prefixed form
                 remember(self._full_keys, keys, full, _FULL_KEYS_CACHE_SIZE)
         try:
-            result = script.local(state, list(full), list(args), now)
+            # Twins only read their keys and args (no copies: this is every limited request).
+            result = script.local(state, full, args, now)  # type: ignore[arg-type]
         finally:
             self._end(state)
         return result if script.exact else normalize_result(result)

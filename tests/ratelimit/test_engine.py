@@ -429,6 +429,25 @@ async def test_owed_refunds_are_sent_after_the_delay_or_on_close(redis_backend: 
     assert await _stored_count(redis_backend, "{" + _tag_of(later, "q") + "}:tokens-3600s") == 70
 
 
+async def test_a_bucket_owed_too_many_refunds_sends_them_without_waiting(
+    redis_backend: Backend,
+) -> None:
+    """Past 64 refunds owed to one bucket (long answers settling with no acquire between),
+    everything owed goes out in the background at once, not after the delay; the settling
+    request itself never waits for it."""
+    limiter = limiter_on(redis_backend, on_store_error="closed", refund_delay=3600)
+    reservations = [
+        (await limiter.acquire("p", [HOURLY_TOKENS], [10])).reservation for _ in range(70)
+    ]
+    for reservation in reservations:
+        assert limiter.settle_now(reservation, [-10])  # deferred: nothing awaited
+    deadline = time.monotonic() + 5
+    while await _stored_count(redis_backend, ":tokens-3600s") != 0:
+        assert time.monotonic() < deadline, "the owed refunds were never sent"
+        await asyncio.sleep(0.02)
+    await limiter.aclose()
+
+
 def _tag_of(limiter: RateLimiter, tag: str) -> str:
     key = limiter.keys(tag, [HOURLY_TOKENS])[0]
     return key[key.index("{") + 1 : key.index("}")]
@@ -480,7 +499,7 @@ def test_the_memory_twin_rounds_the_sliding_window_as_the_lua_does() -> None:
     store = MemoryStore(clock=FakeClock(now_ms / 1000))
     store.run_now(ACQUIRE, ["k"], [10**9, window_ms, 0])  # create the key
     key = store.prefix + ":k"
-    store._state.put(key, (index, 116_904, 1_216_125), None)
+    store._state.put(key, [index, 116_904, 1_216_125], None)
     raw = store.run_now(ACQUIRE, ["k"], [1_000_000, window_ms, 1000])
     weight = (window_ms - (now_ms - index * window_ms)) / window_ms
     expected = 0 if 1_216_125 * weight + 116_904 + 1000 > 1_000_000 else 1

@@ -403,6 +403,48 @@ def test_estimate_counts_everything_within_the_bound() -> None:
     assert estimate_request_tokens(body, default_output_tokens=0) == 10_000
 
 
+def _plain_or_not(rng: random.Random) -> dict[str, Any]:
+    """A generate body near the usual shape, with the odd member that makes it unusual."""
+    texts = ["", "abc", "abcd", "héllo wörld", "x" * 97]
+    contents: list[Any] = [
+        {"role": "user", "parts": [{"text": rng.choice(texts)} for _ in range(rng.randint(0, 3))]}
+        for _ in range(rng.randint(0, 3))
+    ]
+    body: dict[str, Any] = {"contents": contents}
+    oddities: list[tuple[str, Any]] = [
+        ("generationConfig", {"maxOutputTokens": rng.choice([1, 64, 2**40, 0, -3, 2.5, "7"])}),
+        ("generationConfig", {"candidateCount": rng.choice([1, 3, 0, True, None])}),
+        ("generation_config", {"max_output_tokens": 5, "candidate_count": 2}),
+        ("generationConfig", rng.choice([None, [], "x", {}])),
+        ("systemInstruction", {"parts": [{"text": "be brief"}]}),
+        ("system_instruction", None),
+        ("tools", rng.choice([[], [{"functionDeclarations": [{"name": "f"}]}]])),
+        ("contents", rng.choice([{"parts": [{"text": "solo"}]}, [{"parts": {"text": "x"}}]])),
+        ("contents", [{"parts": [{"inlineData": {"data": "AA=="}}, {"text": "hi"}]}]),
+        ("contents", [{"parts": [{"text": 5}]}, "not a content"]),
+    ]
+    for key, value in rng.sample(oddities, rng.randint(0, 2)):
+        body[key] = value
+    return body
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_usual_request_is_priced_as_the_walker_prices_it(seed: int) -> None:
+    """The shortcut for plain text generate requests gives what the general walk gives."""
+    rng = random.Random(seed)
+    for _ in range(500):
+        body = _plain_or_not(rng)
+        cap = rng.choice([None, 10, 10_000])
+        for method in ("generateContent", "streamGenerateContent", "countTokens", None):
+            expected = min(max(usage_module._estimate(body, 1024, cap, method), 1), 2**53 - 1)
+            assert estimate_request_tokens(
+                body, default_output_tokens=1024, max_output_cap=cap, method=method
+            ) == expected, (body, cap, method)
+    assert usage_module._plain_generate(
+        {"contents": [{"parts": [{"text": "abcd"}]}]}, 8, None, "generateContent"
+    ) == 9  # the shortcut is taken for the usual request
+
+
 class ExplodingMapping(Mapping[str, Any]):
     def __getitem__(self, key: str) -> Any:
         raise RuntimeError("hostile")
