@@ -472,7 +472,12 @@ class AnswerUsage:
                 if read is not None:
                     usage = read[0]
                     if type(usage) is dict:
-                        tokens = usage_tokens(usage, self.count)
+                        total = usage.get("totalTokenCount")
+                        tokens = (  # usage_tokens, its usual case inlined
+                            min(max(total, 0), _MAX_ESTIMATE)
+                            if type(total) is int and self.count == "total"
+                            else usage_tokens(usage, self.count)
+                        )
                         if tokens is not None:
                             self.usage, self.tokens = usage, tokens
                     return
@@ -522,9 +527,12 @@ def _whole_json(body: bytes, max_buffer: int) -> tuple[Any, bool] | None:
         if size > min(max_buffer, _COPY_LIMIT):
             return None
     try:
-        value = _loads(body)
-    except (ValueError, RecursionError):
-        return None
+        value = orjson.loads(body)  # _loads, inlined: this is every answer
+    except orjson.JSONDecodeError:
+        try:
+            value = json.loads(body)
+        except (ValueError, RecursionError):
+            return None
     if type(value) is not dict:
         return None
     return value.get("usageMetadata", value.get("usage_metadata")), value.get("error") is not None
