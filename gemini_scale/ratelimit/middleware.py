@@ -322,8 +322,10 @@ class RateLimitMiddleware(GeminiMiddleware):
         if decisions is None:
             decisions = context.extras[DECISIONS_KEY] = []
         decisions.append((self.name_prefix, plan.limits, decision))
-        if owner and self.headers:
-            send = _with_rate_limit_headers(send, decisions)
+        headed = decisions if owner and self.headers else None  # the headers this layer adds
+        if headed is not None and not (charges_tokens and decision.reservation is not None):
+            send = _with_rate_limit_headers(send, headed)
+            headed = None
         if not decision.allowed:
             labels = (
                 {"model": context.route.params["model"]}
@@ -348,6 +350,7 @@ class RateLimitMiddleware(GeminiMiddleware):
             decision=decision,
             limits=limits,
             costs=costs,
+            headed=headed,
         )
 
     async def _call_and_settle(
@@ -360,7 +363,10 @@ class RateLimitMiddleware(GeminiMiddleware):
         decision: Decision,
         limits: Sequence[Limit],
         costs: Sequence[int],
+        headed: list[tuple[str, Sequence[Limit], Decision]] | None,
     ) -> None:
+        """Call the app, reading the answer's usage (and adding the ``RateLimit`` headers of
+        ``headed``, in the same ``send`` wrapper), then settle the reservation."""
         answer = AnswerUsage(self.count)
         context.extras[USAGE_KEY] = answer  # the metrics layer reads the usage too
 
@@ -370,6 +376,8 @@ class RateLimitMiddleware(GeminiMiddleware):
                 answer.feed(message.get("body", b""), message.get("more_body", False))
             elif kind == "http.response.start":
                 answer.start(message["status"], message.get("headers", ()))
+                if headed is not None:
+                    _add_rate_limit_headers(message, headed)
             await send(message)
 
         try:
@@ -426,12 +434,18 @@ def _with_rate_limit_headers(
 ) -> Send:
     async def send_with_headers(message: Message) -> None:
         if message["type"] == "http.response.start":
-            extra = rate_limit_headers(decisions)
-            if extra:
-                message["headers"] = [*message.get("headers", []), *extra]
+            _add_rate_limit_headers(message, decisions)
         await send(message)
 
     return send_with_headers
+
+
+def _add_rate_limit_headers(
+    start: Message, decisions: list[tuple[str, Sequence[Limit], Decision]]
+) -> None:
+    extra = rate_limit_headers(decisions)
+    if extra:
+        start["headers"] = [*start.get("headers", []), *extra]
 
 
 def _deltas(
