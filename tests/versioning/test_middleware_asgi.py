@@ -229,3 +229,42 @@ async def test_an_outer_layers_route_match_moves_to_the_head_route() -> None:
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         response = await client.get("/v1/models/gemini-2.5-flash")
         assert response.json() == {"template": "/v1beta/models/{model}"}
+
+
+async def test_a_body_the_version_layer_migrated_is_not_parsed_again(
+    monkeypatch: Any,
+) -> None:
+    """In the gateway's order (versions outside the body check), a body migrated up to the
+    head is parsed once, by the version layer: the body check takes its result, and the app
+    sees the migrated body and its parse."""
+    from gemini_scale import JSONBodyMiddleware, fastjson
+    from gemini_scale.body import JSON_KEY
+    from gemini_scale.routing import CONTEXT_KEY
+
+    parses: list[bytes] = []
+    real = fastjson.loads
+
+    def counted(raw: bytes | bytearray) -> Any:
+        parses.append(bytes(raw))
+        return real(raw)
+
+    monkeypatch.setattr(fastjson, "loads", counted)
+
+    async def things(request: Request) -> Response:
+        body = await request.body()
+        return JSONResponse(
+            {"raw": json.loads(body), "parsed": request.scope[CONTEXT_KEY].extras[JSON_KEY]}
+        )
+
+    app = Starlette(routes=[Route("/things", things, methods=["POST"])])
+    app.add_middleware(JSONBodyMiddleware)
+    app.add_middleware(VersionMiddleware, versions=None, dated=BUNDLE)
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        response = await client.post(
+            "/things", json={"title": "old"}, headers={"x-api-version": "2026-01-01"}
+        )
+    assert response.status_code == 200
+    assert response.json() == {"raw": {"name": "old"}, "parsed": {"name": "old"}}
+    requests = [raw for raw in parses if not raw.startswith(b'{"raw"')]  # not the answer
+    assert requests == [b'{"title":"old"}']  # the migrated body is not parsed again
