@@ -307,12 +307,18 @@ def _plain_generate(
 def _plain_output(body: dict[str, Any], default: int, cap: int | None) -> int | None:
     """:func:`_output_allowance` when the limits given are positive integers, else ``None``."""
     per_candidate, candidates = default, 1
-    config = _get(body, "generationConfig", "generation_config")
+    config = body.get("generationConfig")  # _get, inlined here and below
+    if config is None:
+        config = body.get("generation_config")
     if config is not None:
         if type(config) is not dict:
             return None
-        given = _get(config, "maxOutputTokens", "max_output_tokens")
-        count = _get(config, "candidateCount", "candidate_count")
+        given = config.get("maxOutputTokens")
+        if given is None:
+            given = config.get("max_output_tokens")
+        count = config.get("candidateCount")
+        if count is None:
+            count = config.get("candidate_count")
         if (given is not None and (type(given) is not int or given <= 0)) or (
             count is not None and (type(count) is not int or count <= 0)
         ):
