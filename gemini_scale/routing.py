@@ -48,7 +48,8 @@ CACHE_OUTCOME_KEY = "cache"
 DECISIONS_KEY = "rate_limits"
 #: Why authentication refused the request (``AuthError.reason``).
 AUTH_REFUSAL_KEY = "auth_refusal"
-#: The ``UsageObserver`` that read the answer's ``usageMetadata`` (set by the token limiter).
+#: The ``AnswerUsage`` that read the answer's ``usageMetadata`` (set by the token limiter):
+#: its ``usage`` and ``tokens`` so far.
 USAGE_KEY = "usage"
 #: ``(model, status, seconds, error)`` of the upstream call (set by ``GeminiUpstream``).
 UPSTREAM_KEY = "upstream"

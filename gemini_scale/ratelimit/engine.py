@@ -356,7 +356,7 @@ class RateLimiter:
         self._refund_timer: asyncio.TimerHandle | None = None
         self._refund_loop: asyncio.AbstractEventLoop | None = None
         self._flushing: set[asyncio.Task[None]] = set()
-        self._flush_pending = False
+        self._flush_waiting: asyncio.Task[None] | None = None
 
     def keys(self, tag: str, limits: Sequence[Limit], scope: str = "") -> tuple[str, ...]:
         """The store keys of ``limits`` for one bucket identity: one hash slot (``{tag}``).
@@ -495,7 +495,9 @@ class RateLimiter:
             self._warn(exc)
 
     def _defer(self, keys: Sequence[str], args: list[int]) -> None:
-        """Owe ``keys`` their refunds until the bucket's next acquire, or the timer."""
+        """Owe ``keys`` their refunds until the bucket's next acquire, or the timer (in the
+        running event loop: without one, ``RuntimeError`` and nothing is owed)."""
+        loop = asyncio.get_running_loop()
         key = keys[0]
         tag = key[key.index("{") + 1 : key.index("}")]  # every key of a bucket has its tag
         owed = self._refunds.get(tag)
@@ -506,7 +508,6 @@ class RateLimiter:
         if len(owed[0]) > _OWED_PER_BUCKET or len(self._refunds) > _OWED_BUCKETS:
             self._flush_soon()  # bounded: never a growing backlog
             return
-        loop = asyncio.get_running_loop()
         if self._refund_timer is None or self._refund_loop is not loop:
             # (a timer armed on a loop that has ended would never fire: arm one here)
             self._refund_loop = loop
@@ -518,10 +519,11 @@ class RateLimiter:
 
     def _flush_soon(self) -> None:
         """Send what is owed from a task of its own (no request waits for it)."""
-        if self._flush_pending:
-            return  # the task already scheduled takes everything owed when it starts
-        self._flush_pending = True
-        task = asyncio.get_running_loop().create_task(self.flush_refunds())
+        loop = asyncio.get_running_loop()
+        waiting = self._flush_waiting
+        if waiting is not None and not waiting.done() and waiting.get_loop() is loop:
+            return  # the task scheduled, not started yet, takes everything owed when it starts
+        task = self._flush_waiting = loop.create_task(self.flush_refunds())
         self._flushing.add(task)
         task.add_done_callback(self._flushing.discard)
 
@@ -529,7 +531,7 @@ class RateLimiter:
         """Send every refund still owed (best effort: a store failure is logged, and those
         reservations then stand)."""
         owed, self._refunds = self._refunds, {}
-        self._flush_pending = False
+        self._flush_waiting = None  # what is owed from now on needs a flush of its own
         if self._refund_timer is not None:
             self._refund_timer.cancel()
             self._refund_timer = None

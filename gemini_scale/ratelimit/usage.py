@@ -533,12 +533,9 @@ def _whole_json(body: bytes, max_buffer: int) -> tuple[Any, bool] | None:
         if size > min(max_buffer, _COPY_LIMIT):
             return None
     try:
-        value = orjson.loads(body)  # _loads, inlined: this is every answer
-    except orjson.JSONDecodeError:
-        try:
-            value = json.loads(body)
-        except (ValueError, RecursionError):
-            return None
+        value = _loads(body)
+    except (ValueError, RecursionError):
+        return None
     if type(value) is not dict:
         return None
     return value.get("usageMetadata", value.get("usage_metadata")), value.get("error") is not None

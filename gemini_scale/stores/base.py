@@ -56,7 +56,9 @@ class LocalState(Protocol):
 
 
 LocalScript = Callable[[LocalState, list[str], list[Any], float], Any]
-"""``local(state, keys, args, now)``: keys prefixed, args as passed, ``now`` in wall seconds."""
+"""``local(state, keys, args, now)``: keys prefixed, args as passed, ``now`` in wall seconds.
+It must not change ``keys`` or ``args``: a ``MemoryStore`` passes them without copies (its
+remembered prefixed keys, the caller's arguments, which may be a tuple)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -488,6 +488,42 @@ def test_a_refund_timer_armed_on_an_ended_loop_does_not_stop_later_ones(
     assert asyncio.run(second()) == 100.0
 
 
+def test_a_flush_cancelled_with_its_loop_does_not_stop_later_ones(
+    machine_redis_url: str,
+) -> None:
+    """A background flush scheduled as one loop ends never runs; on the next loop, a bucket
+    owed too many refunds still gets them sent at once (not never, nor after the delay)."""
+    store = RedisStore.from_url(machine_redis_url, prefix=f"gs-rl-test-{time.time_ns()}")
+    limiter = RateLimiter(store, on_store_error="closed", refund_delay=3600)
+    tokens = [HOURLY_TOKENS]
+
+    async def first() -> None:
+        decision = await limiter.acquire("a", tokens, [10])
+        assert limiter.settle_now(decision.reservation, [-10])
+        await store.aclose()
+        asyncio.get_running_loop().call_soon(limiter._refund_due)  # as the loop stops
+
+    async def second() -> int:
+        try:
+            reservations = [(await limiter.acquire("b", tokens, [10])).reservation
+                            for _ in range(70)]
+            for reservation in reservations:
+                assert limiter.settle_now(reservation, [-10])
+            key = store.prefix + ":" + limiter.keys("b", tokens)[0]
+            deadline = time.monotonic() + 5
+            while int(await store.client.hget(key, "c") or 0) != 0:
+                assert time.monotonic() < deadline, "the owed refunds were never sent"
+                await asyncio.sleep(0.02)
+            return 0
+        finally:
+            async for found in store.client.scan_iter(match=f"{store.prefix}:*"):
+                await store.client.delete(found)
+            await store.client.connection_pool.disconnect()
+
+    asyncio.run(first())
+    assert asyncio.run(second()) == 0
+
+
 def test_the_memory_twin_rounds_the_sliding_window_as_the_lua_does() -> None:
     """At an exact boundary ``prev * (x / window)`` and ``prev * x / window`` differ; the twin
     must refuse exactly when Redis does (the case found: a window pushed past its limit)."""
