@@ -465,7 +465,9 @@ class AnswerUsage:
         self._observer: UsageObserver | None = None
 
     def start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
-        """Note the ``http.response.start`` (its ``Content-Type`` is read only if needed)."""
+        """Note the ``http.response.start``. Its ``Content-Type`` is read from ``headers``
+        later, only if the body needs it: pass headers nobody changes afterwards (ASGI
+        layers replace a start message's header list; none edits it in place)."""
         self.status = status
         self._headers = headers
 
