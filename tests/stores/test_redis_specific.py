@@ -291,9 +291,12 @@ async def test_saturated_store_waits_then_gives_up(
     redis_servers: RedisProcesses, closing: list[RedisStore]
 ) -> None:
     server = redis_servers.server("--enable-debug-command", "local")
+    # Queued for the one connection, all served (a wait far longer than 30 round trips: a
+    # wait of 0.1 s here failed once in about ten runs of the suite on a busy machine).
+    queued = from_url(closing, server.url, max_connections=1, pool_timeout=5, socket_timeout=2)
+    results = await gather_all(*(queued.incr("n", ttl=30) for _ in range(30)))
+    assert sorted(results) == list(range(1, 31))
     store = from_url(closing, server.url, max_connections=1, pool_timeout=0.1, socket_timeout=2)
-    results = await gather_all(*(store.incr("n", ttl=30) for _ in range(30)))
-    assert sorted(results) == list(range(1, 31))  # queued for the one connection, all served
     blocker = Redis.from_url(server.url, socket_timeout=5)
     try:
         await blocker.ping()  # connected, so DEBUG SLEEP goes out at once
