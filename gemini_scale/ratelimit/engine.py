@@ -465,8 +465,12 @@ class RateLimiter:
         if reservation is None:
             return True
         keys, args = _moves(reservation, deltas)
-        if not keys:
-            return True
+        return not keys or self._settled_now(reservation, keys, args)
+
+    def _settled_now(
+        self, reservation: Reservation, keys: tuple[str, ...], args: list[int]
+    ) -> bool:
+        """Apply these moves without suspending, if that can be done (see :meth:`settle_now`)."""
         if reservation.local or self._shared_is_local:
             run_now = self._run_now
             if run_now is not None:
@@ -484,9 +488,11 @@ class RateLimiter:
 
         Best effort: a store failure is logged, never raised; the reservation then stands.
         """
-        if reservation is None or self.settle_now(reservation, deltas):
+        if reservation is None:
             return
         keys, args = _moves(reservation, deltas)
+        if not keys or self._settled_now(reservation, keys, args):
+            return
         store: Store = self._local if reservation.local or self._shared_is_local else self.store
         try:
             await store.run(SETTLE, keys, args)
