@@ -460,6 +460,28 @@ def metrics_app() -> ASGIApp:
     return app
 
 
+def asgi_header_app() -> ASGIApp:
+    """The targets' anchor: one pure-ASGI layer that wraps ``send`` and adds a header, on the
+    bare app. The baseline study measured it at +2.7 µs on this machine; its figure in the
+    same run tells how fast the machine is today (see :func:`anchor_summary`)."""
+    app = inner = bare_app()
+
+    async def layer(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await inner(scope, receive, send)
+            return
+
+        async def send_with_header(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", ()), (b"x-anchor", b"1")]
+            await send(message)
+
+        await inner(scope, receive, send_with_header)
+
+    layer.state = app.state  # type: ignore[attr-defined]
+    return layer
+
+
 def metrics_asgi_app() -> ASGIApp:
     """``MetricsMiddleware`` in front of the raw ASGI app: its own cost is this variant's CPU
     per request minus ``raw-asgi``'s. The raw app declares Starlette routes (it does not
@@ -673,6 +695,7 @@ FACTORIES: dict[str, Callable[[], ASGIApp]] = {
     "metrics-asgi-shared": metrics_asgi_shared_app,
     "version-asgi": version_asgi_app,
     "raw-asgi": raw_asgi_variant_app,
+    "asgi-header": asgi_header_app,
     "version-2hop": version_2hop_app,
 }
 #: The variants that put state in Redis (their keys are removed at the end of a run).
@@ -1695,11 +1718,17 @@ except (OSError, StopIteration):
 """
 
 
+#: Children may write bytecode caches, whatever this shell says: an installed wheel is
+#: byte-compiled by pip (the baseline's Starlette is), while an editable checkout under
+#: ``PYTHONDONTWRITEBYTECODE=1`` would recompile the library's source in every timed run.
+_SPAWN_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
 def spawn(code: str, timeout: float = 60) -> tuple[float, float, float]:
     """Run ``python -c code``; (wall ms, CPU ms, peak RSS MiB), the times from ``wait4``."""
     started = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code + "\n" + _REPORT_PEAK], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_SPAWN_ENV)
     timer = threading.Timer(timeout, proc.kill)
     timer.start()
     try:
@@ -1825,6 +1854,7 @@ def summary(inproc: Sequence[Paired], http: Sequence[Load], startup: Sequence[St
     lines += cache_summary(inproc, facts)
     lines += version_summary(inproc)
     lines += metrics_summary(inproc)
+    lines += anchor_summary(inproc)
     lines.append(f"       load average at start {load_start}, at end {load_average()} "
                  f"on {cpu_count()} CPUs (other work on the machine adds noise; trust the "
                  "paired deltas and ratios, not absolute figures)")
@@ -2029,6 +2059,26 @@ def version_summary(inproc: Sequence[Paired]) -> list[str]:
             "added CPU: " + ", ".join(f"{c} {signed(p.added_cpu_us)} µs" for c, p in hops.items())
             + "  (no target; for scale)")
     return lines
+
+
+#: The baseline study's pure-ASGI send-wrapper adding a header (``asgi-header``), µs added.
+ANCHOR_STUDY_US = 2.7
+
+
+def anchor_summary(inproc: Sequence[Paired]) -> list[str]:
+    """How fast the machine is today: the anchor layer's cost against the baseline study's.
+    The targets are absolute µs set on that day's machine; this scale says how far today's
+    figures are from that day's by the machine alone."""
+    rows = [p for p in inproc if p.variant == "asgi-header"]
+    if not rows:
+        return []
+    worst = max(p.added_cpu_us for p in rows)
+    return [
+        "       anchor (a pure-ASGI layer that wraps send and adds a header), in-process "
+        "added CPU: " + ", ".join(f"{p.call} {signed(p.added_cpu_us)} µs" for p in rows)
+        + f"  (baseline study: +{ANCHOR_STUDY_US} µs; today's scale "
+        f"{worst / ANCHOR_STUDY_US:.2f}x)"
+    ]
 
 
 #: Metrics target (issue 7, "Performance"): at most 5 µs added per request in-process.
