@@ -23,7 +23,7 @@ from gemini_scale.observability.logs import ACCESS_LOGGER
 from gemini_scale.observability.metrics import BoundedLabel, Families, TokenSink, families
 from gemini_scale.observability.request_id import REQUEST_ID_HEADER, RequestIds
 from gemini_scale.observability.tracing import _state as _tracing
-from gemini_scale.ratelimit.usage import AnswerUsage, usage_split
+from gemini_scale.ratelimit.usage import IN_PIECES, AnswerUsage, usage_split, whole_answer_usage
 from gemini_scale.routing import (
     API_VERSION_EXTRA,
     AUTH_REFUSAL_KEY,
@@ -295,8 +295,8 @@ class MetricsMiddleware(GeminiMiddleware):
         extras = context.extras
         if extras and extras.get(CACHE_HIT_KEY):
             return None, None  # a hit burnt no tokens (DESIGN.md §3)
-        if x.answer is not None:  # what we read (so far, if the answer stopped early)
-            usage = x.answer.usage
+        if x.headers is not None:  # what we read (so far, if the answer stopped early)
+            usage = x.usage
         else:  # what the token limiter read
             usage = getattr(extras.get(USAGE_KEY), "usage", None) if extras else None
         if type(usage) is not dict:
@@ -368,7 +368,8 @@ class _Exchange:
     no token limiter does."""
 
     __slots__ = ("answer", "call", "complete", "context", "failed", "first_byte", "gone",
-                 "request_id", "send", "sent", "started", "status")
+                 "headers", "reading", "request_id", "send", "sent", "started", "status",
+                 "usage")
 
     def __init__(
         self, send: Send, request_id: bytes, started: float, context: RequestContext
@@ -384,7 +385,10 @@ class _Exchange:
         self.gone = False  # the client went away (a send failed, or the app stopped early)
         self.failed = False  # the app raised
         self.call: tuple[str | None, str | None] | None = None  # (model, operation)
-        self.answer: AnswerUsage | None = None  # the answer's usage, when we read it ourselves
+        self.reading = False  # we read the answer's usage ourselves
+        self.usage: Any = None  # the usage we read, so far
+        self.answer: AnswerUsage | None = None  # reads an answer that comes in pieces
+        self.headers: Iterable[tuple[bytes, bytes]] | None = None  # the answer's, if we read
 
     async def __call__(self, message: Message) -> None:
         kind = message["type"]
@@ -397,8 +401,8 @@ class _Exchange:
             more = message.get("more_body", False)
             if not more:
                 self.complete = True
-            if self.answer is not None:
-                self.answer.feed(body, more)
+            if self.reading:
+                self._read(body, more)
         elif kind == "http.response.start":
             self.status = message["status"]
             headers = message.get("headers", ())
@@ -426,8 +430,24 @@ class _Exchange:
         call = self.call = _gemini_call(context)  # the route is final once the answer starts
         if call[1] not in _GENERATIONS or USAGE_KEY in context.extras:
             return
-        self.answer = AnswerUsage()
-        self.answer.start(self.status, headers)
+        self.reading = True
+        self.headers = headers
+
+    def _read(self, body: bytes, more: bool) -> None:
+        """Read the answer's usage from one body message: the usual answer, whole in one
+        message, at once; anything else through an :class:`AnswerUsage`."""
+        answer = self.answer
+        if answer is None:
+            if not more:
+                usage = whole_answer_usage(body)
+                if usage is not IN_PIECES:
+                    self.usage = usage
+                    self.reading = False
+                    return
+            answer = self.answer = AnswerUsage()
+            answer.start(self.status, self.headers or ())
+        answer.feed(body, more)
+        self.usage = answer.usage
 
 
 def _decision_labels(prefix: str, decision: Any) -> tuple[str, str]:

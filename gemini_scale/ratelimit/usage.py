@@ -39,6 +39,7 @@ import orjson
 
 __all__ = [
     "CHARS_PER_TOKEN",
+    "IN_PIECES",
     "MEDIA_PART_TOKENS",
     "AnswerUsage",
     "UsageObserver",
@@ -46,6 +47,7 @@ __all__ = [
     "estimate_request_tokens",
     "usage_split",
     "usage_tokens",
+    "whole_answer_usage",
 ]
 
 logger = logging.getLogger("gemini_scale.ratelimit.usage")
@@ -475,10 +477,9 @@ class AnswerUsage:
         """Look at one ``http.response.body`` message's body (never raises)."""
         observer = self._observer
         if observer is None:
-            if not more and type(body) is bytes and body[:1] == b"{":
-                read = _whole_json(body, _DEFAULT_BUFFER)
-                if read is not None:
-                    usage = read[0]
+            if not more:
+                usage = whole_answer_usage(body)
+                if usage is not IN_PIECES:
                     if type(usage) is dict:
                         total = usage.get("totalTokenCount")
                         tokens = (  # usage_tokens, its usual case inlined
@@ -489,8 +490,8 @@ class AnswerUsage:
                         if tokens is not None:
                             self.usage, self.tokens = usage, tokens
                     return
-            if not body and not more:
-                return  # an empty answer
+                if not body:
+                    return  # an empty answer
             observer = self._observer = UsageObserver(count=self.count)
             content_type = next(
                 (bytes(v).decode("latin-1") for k, v in self._headers
@@ -503,6 +504,22 @@ class AnswerUsage:
         else:
             observer.feed_last(body)
         self.usage, self.tokens = observer.usage, observer.tokens
+
+
+#: What :func:`whole_answer_usage` returns for a body it cannot read at once.
+IN_PIECES: Final[Any] = object()
+
+
+def whole_answer_usage(body: bytes) -> Any:
+    """The ``usageMetadata`` value of an answer that came in one message (``None``: it has
+    none), or :data:`IN_PIECES` when it must go through a :class:`UsageObserver` (not a
+    JSON object, too big or too deep). What :class:`AnswerUsage` does with such a body,
+    without the object, for a reader that needs the usage and not its token count."""
+    if type(body) is bytes and body[:1] == b"{":
+        read = _whole_json(body, _DEFAULT_BUFFER)
+        if read is not None:
+            return read[0]
+    return IN_PIECES
 
 
 _USAGE_MEMBER: Final = b'"usageMetadata"'

@@ -23,12 +23,14 @@ import pytest
 import gemini_scale.ratelimit.usage as usage_module
 from example_app.standin import create_standin, estimate_tokens
 from gemini_scale.ratelimit.usage import (
+    IN_PIECES,
     MEDIA_PART_TOKENS,
     UsageObserver,
     body_usage,
     estimate_request_tokens,
     usage_split,
     usage_tokens,
+    whole_answer_usage,
 )
 from gemini_scale.upstream import StreamingASGITransport
 from tests.sse import sse_events
@@ -976,30 +978,45 @@ def test_usage_split_is_usage_tokens_for_input_and_output() -> None:
         assert usage_split(usage) == expected, usage
 
 
-@pytest.mark.parametrize(
-    "body",
-    [
-        b'{"candidates": [], "usageMetadata": {"promptTokenCount": 4, "totalTokenCount": 9}}',
-        b'{"usage_metadata": {"prompt_token_count": 4, "candidates_token_count": 5}}',
-        b'{"usageMetadata": {"totalTokenCount": NaN}, "x": 1}',  # json.loads only
-        b'{"usageMetadata": {"promptTokenCount": 123456789012345678901234567890}}',
-        b'{"usageMetadata": {}}',
-        b'{"usageMetadata": {"promptTokenCount": 1}, "error": {"code": 500}}',
-        b'{"error": {"code": 429}}',
-        b'{"usageMetadata": ' + b"[" * 3000 + b"]" * 3000 + b"}",  # too deep for json.loads
-        b'{"usageMetadata": {"totalTokenCount": 5}',  # cut short
-        b'data: {"usageMetadata": {"totalTokenCount": 6}}\r\n\r\n',
-        b'[{"usageMetadata": {"totalTokenCount": 8}}]',
-        b"",
-        b'{"text": "' + b"x" * 40000 + b'", "usageMetadata": {"totalTokenCount": 11}}',
-    ],
-)
+_ANSWER_BODIES = [
+    b'{"candidates": [], "usageMetadata": {"promptTokenCount": 4, "totalTokenCount": 9}}',
+    b'{"usage_metadata": {"prompt_token_count": 4, "candidates_token_count": 5}}',
+    b'{"usageMetadata": {"totalTokenCount": NaN}, "x": 1}',  # json.loads only
+    b'{"usageMetadata": {"promptTokenCount": 123456789012345678901234567890}}',
+    b'{"usageMetadata": {}}',
+    b'{"usageMetadata": {"promptTokenCount": 1}, "error": {"code": 500}}',
+    b'{"error": {"code": 429}}',
+    b'{"usageMetadata": ' + b"[" * 3000 + b"]" * 3000 + b"}",  # too deep for json.loads
+    b'{"usageMetadata": {"totalTokenCount": 5}',  # cut short
+    b'data: {"usageMetadata": {"totalTokenCount": 6}}\r\n\r\n',
+    b'[{"usageMetadata": {"totalTokenCount": 8}}]',
+    b"",
+    b'{"text": "' + b"x" * 40000 + b'", "usageMetadata": {"totalTokenCount": 11}}',
+]
+
+
+@pytest.mark.parametrize("body", _ANSWER_BODIES)
 def test_body_usage_reads_what_the_observer_reads(body: bytes) -> None:
     observer = UsageObserver()
     observer.start(200, "application/json")
     observer.feed(body)
     observer.finish()
     assert body_usage(body, "application/json") == observer.usage
+
+
+@pytest.mark.parametrize("body", _ANSWER_BODIES)
+def test_a_whole_answer_is_read_as_the_observer_reads_it_or_left_to_it(body: bytes) -> None:
+    """``whole_answer_usage`` (the metrics layer's reading when no limiter reads) finds the
+    usage the observer finds, or says the body needs the observer."""
+    observer = UsageObserver()
+    observer.start(200, "application/json")
+    observer.feed_last(body)
+    found = whole_answer_usage(body)
+    if found is IN_PIECES:  # not a JSON object, cut short, too deep...: the observer's
+        assert body != _ANSWER_BODIES[0]  # never the usual answer
+        return
+    usage = found if type(found) is dict and usage_tokens(found) is not None else None
+    assert usage == observer.usage
 
 
 def test_feed_last_is_feed_then_finish() -> None:
