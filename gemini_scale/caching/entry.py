@@ -106,7 +106,7 @@ class StoredResponse:
         """About what the entry takes in memory as this object (the objects holding its
         headers included): what it counts against a ``MemoryStore``'s ``max_bytes``."""
         headers = self.hit_headers  # its own headers, and the shared Cache-Status field
-        content = sum(map(len, chain.from_iterable(headers))) - _HIT_LENGTH
+        content = sum([len(name) + len(value) for name, value in headers]) - _HIT_LENGTH
         return (
             _OBJECT_BYTES + len(self.etag) + len(self.body) + content
             + _HEADER_BYTES * (len(headers) - 1)

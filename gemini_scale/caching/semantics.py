@@ -10,10 +10,10 @@ What is never stored (RFC 9111 §3, research/security.md C04-C07, C12): a status
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from hashlib import blake2b as _blake2b
 
 Header = tuple[bytes, bytes]
 
@@ -190,7 +190,7 @@ def not_modified_headers(headers: Iterable[Header]) -> list[Header]:
 def etag_of(body: bytes) -> bytes:
     """A strong entity tag from the content (BLAKE2b, 128 bits): the same bytes give the same
     tag in every process (never Python's salted ``hash``)."""
-    return b'"' + hashlib.blake2b(body, digest_size=16).hexdigest().encode() + b'"'
+    return b'"' + _blake2b(body, digest_size=16).hexdigest().encode() + b'"'
 
 
 def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
