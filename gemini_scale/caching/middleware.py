@@ -297,26 +297,45 @@ class CacheMiddleware(GeminiMiddleware):
         await self._miss(x, directives)
 
     async def _miss(self, x: _Exchange, directives: RequestDirectives) -> None:
-        """Not answered from the store: forward (a miss joins the key's single flight)."""
+        """Not answered from the store: forward (a miss joins the key's single flight),
+        recording the answer, and store it when cacheable (a leader's flight releases its
+        lock with the write)."""
         stats = self.engine.stats
         stats.misses += 1
+        extras = x.context.extras
         head = x.scope["method"] == "HEAD"
+        flight: Flight | None = None
         if head or directives.no_cache or directives.no_store:
-            x.context.extras[CACHE_OUTCOME_KEY] = "miss" if head else "request"
+            extras[CACHE_OUTCOME_KEY] = "miss" if head else "request"
+            label = MISS if head else REQUESTED
             keep = directives.no_cache and not (head or directives.no_store)
-            await self._forward(x, MISS if head else REQUESTED, store=keep)
-            return
-        flight = self.engine.lead(x.key)
-        if flight is None:
-            flight, found = await self.engine.join(x.key)
-            if found is not None:
-                stats.coalesced += 1
-                await self._serve(x, found, COLLAPSED)
-                return
-        x.context.extras[CACHE_OUTCOME_KEY] = "miss"
+        else:
+            flight = self.engine.lead(x.key)
+            if flight is None:
+                flight, found = await self.engine.join(x.key)
+                if found is not None:
+                    stats.coalesced += 1
+                    await self._serve(x, found, COLLAPSED)
+                    return
+            extras[CACHE_OUTCOME_KEY] = "miss"
+            label, keep = MISS, True
         stored = None
         try:
-            stored = await self._forward(x, MISS, store=True, flight=flight)
+            plan = x.plan
+            scope = x.scope
+            recorder = Recorder(
+                x.send, plan, label, detail=self._detail(x.key) if self.expose_key else b"",
+                store=keep, stream=scope["path"].endswith(STREAM_METHOD),
+                if_none_match=x.fields.get(b"if-none-match"),
+            )
+            await self.app(scope, x.app_receive(), recorder)
+            if recorder.holding:
+                await recorder.returned()
+            stored = recorder.response(created=self.clock.time(), ttl=plan.policy.ttl)
+            if stored is not None:
+                if self.engine.put_now(x.key, stored) is None:
+                    await self.engine.put(x.key, stored, flight)
+                extras[CACHE_OUTCOME_KEY] = "stored"
         finally:
             if flight is not None:
                 if flight.token is None:  # no store lock to release: no round trip
@@ -353,28 +372,6 @@ class CacheMiddleware(GeminiMiddleware):
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         head = x.scope["method"] == "HEAD"
         await send({"type": "http.response.body", "body": b"" if head else found.body})
-
-    async def _forward(
-        self, x: _Exchange, label: bytes, *, store: bool, flight: Flight | None = None
-    ) -> StoredResponse | None:
-        """Call the app, recording its answer; store it when cacheable and ``store`` (a
-        leader's ``flight`` releases its lock with the write)."""
-        plan = x.plan
-        scope = x.scope
-        recorder = Recorder(
-            x.send, plan, label, detail=self._detail(x.key) if self.expose_key else b"",
-            store=store, stream=scope["path"].endswith(STREAM_METHOD),
-            if_none_match=x.fields.get(b"if-none-match"),
-        )
-        await self.app(scope, x.app_receive(), recorder)
-        if recorder.holding:
-            await recorder.returned()
-        found = recorder.response(created=self.clock.time(), ttl=plan.policy.ttl)
-        if found is not None:
-            if self.engine.put_now(x.key, found) is None:
-                await self.engine.put(x.key, found, flight)
-            x.context.extras[CACHE_OUTCOME_KEY] = "stored"
-        return found
 
     async def _bypass(self, x: _Exchange) -> None:
         self.engine.stats.bypassed += 1
