@@ -38,7 +38,8 @@ def run_requests(variant: str, call_index: int, requests: int) -> None:
     app = bench.FACTORIES[variant]()
     call = bench.CALLS[call_index]
     state = getattr(getattr(app, "state", None), "request_state", None) or {}
-    template = bench.make_scope(call, "", {})
+    token = bench.dev_token(app) or bench.FALLBACK_TOKEN  # the stack verifies it
+    template = bench.make_scope(call, token, {})
 
     async def main() -> None:
         for n in (_WARM_UP, requests):

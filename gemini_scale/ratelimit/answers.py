@@ -53,6 +53,19 @@ def rate_limit_headers(
     most constrained limit the request was checked against (``"requests";r=41;t=17``).
     Each entry is (name prefix, the policy's limits, the decision). Nothing when no limit
     was checked (a store failure under ``on_store_error="open"``)."""
+    if len(decisions) == 1:  # one limiter met the request (the usual case): no ranking
+        prefix, limits, decision = decisions[0]
+        found = decision.tightest()
+        if found is None:
+            return []
+        heads, items = _policy_items(prefix, limits)
+        limit, remaining, reset_after = found
+        head = heads.get(id(limit)) or _head(limit_names([limit], prefix)[limit])
+        reset = math.ceil(reset_after)
+        return [
+            (b"ratelimit-policy", items),
+            (b"ratelimit", b"%s%d;t=%d" % (head, remaining, reset if reset > 0 else 0)),
+        ]
     policies: list[bytes] = []
     best_share = best_reset = math.inf
     best: tuple[bytes, int, float] | None = None
