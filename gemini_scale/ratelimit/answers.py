@@ -61,11 +61,7 @@ def rate_limit_headers(
         heads, items = _policy_items(prefix, limits)
         limit, remaining, reset_after = found
         head = heads.get(id(limit)) or _head(limit_names([limit], prefix)[limit])
-        reset = math.ceil(reset_after)
-        return [
-            (b"ratelimit-policy", items),
-            (b"ratelimit", b"%s%d;t=%d" % (head, remaining, reset if reset > 0 else 0)),
-        ]
+        return [(b"ratelimit-policy", items), _rate_limit_field(head, remaining, reset_after)]
     policies: list[bytes] = []
     best_share = best_reset = math.inf
     best: tuple[bytes, int, float] | None = None
@@ -83,12 +79,13 @@ def rate_limit_headers(
             best = (head, remaining, reset_after)
     if best is None:
         return []
-    head, remaining, reset_after = best
+    policy = policies[0] if len(policies) == 1 else b", ".join(policies)
+    return [(b"ratelimit-policy", policy), _rate_limit_field(*best)]
+
+
+def _rate_limit_field(head: bytes, remaining: int, reset_after: float) -> tuple[bytes, bytes]:
     reset = math.ceil(reset_after)
-    return [
-        (b"ratelimit-policy", policies[0] if len(policies) == 1 else b", ".join(policies)),
-        (b"ratelimit", b"%s%d;t=%d" % (head, remaining, reset if reset > 0 else 0)),
-    ]
+    return (b"ratelimit", b"%s%d;t=%d" % (head, remaining, reset if reset > 0 else 0))
 
 
 def quota_details(
