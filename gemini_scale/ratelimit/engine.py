@@ -480,7 +480,10 @@ class RateLimiter:
             return True  # the store is known to be down: the reservation stands (logged)
         deferred = self.refund_delay > 0 and all(d < 0 for d in args[1::2])
         if deferred:
-            self._defer(keys, args)
+            try:
+                self._defer(keys, args)
+            except RuntimeError:  # no running event loop: settle() sends it
+                return False
         return deferred
 
     async def settle(self, reservation: Reservation | None, deltas: Sequence[int]) -> None:
@@ -536,17 +539,21 @@ class RateLimiter:
     async def flush_refunds(self) -> None:
         """Send every refund still owed (best effort: a store failure is logged, and those
         reservations then stand)."""
-        owed, self._refunds = self._refunds, {}
         self._flush_waiting = None  # what is owed from now on needs a flush of its own
         if self._refund_timer is not None:
             self._refund_timer.cancel()
             self._refund_timer = None
-        for keys, args in owed.values():
-            if self._breaker.is_open():
-                return
+        refunds = self._refunds
+        # A bucket stays owed until its turn: if this loop ends meanwhile (closed without
+        # running its tasks to the end), only the bucket in flight is lost (it may have
+        # been applied: sending it again could refund twice); the rest go out later.
+        for tag in list(refunds):
+            owed = refunds.pop(tag, None)
+            if owed is None or self._breaker.is_open():
+                continue  # an acquire carried it meanwhile; or the reservations stand
             try:
                 with anyio.CancelScope(shield=True):
-                    await self.store.run(SETTLE, keys, args)
+                    await self.store.run(SETTLE, *owed)
             except StoreError as exc:
                 self._breaker.failures += 1
                 self._warn(exc)
@@ -554,8 +561,15 @@ class RateLimiter:
     async def aclose(self) -> None:
         """Send the refunds still owed (called when the middleware's app shuts down)."""
         await self.flush_refunds()
+        loop = asyncio.get_running_loop()
         for task in list(self._flushing):
-            await task
+            if task.get_loop() is loop:
+                await task
+            else:  # left on an event loop that ended: its bucket in flight is lost
+                self._flushing.discard(task)
+                if not task.done():
+                    logger.warning("a refund flush was left unfinished by an event loop that "
+                                   "ended; the reservations it was refunding stand")
 
     def _warn(self, exc: Exception) -> None:
         record_store_error("ratelimit")

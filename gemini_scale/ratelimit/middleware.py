@@ -11,7 +11,7 @@ import anyio
 
 from gemini_scale.auth.middleware import principal_of
 from gemini_scale.body import JSON_KEY, BodyRefusedError, load_json_body
-from gemini_scale.errors import send_error
+from gemini_scale.errors import ConfigurationError, send_error
 from gemini_scale.keys import Identity, TrustedProxies, identity
 from gemini_scale.memo import remember
 from gemini_scale.policies import LimitKey, Policy, RateLimitPolicy
@@ -120,6 +120,8 @@ class RateLimitMiddleware(GeminiMiddleware):
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         super().__init__(app)
+        if count not in ("total", "input", "output"):
+            raise ConfigurationError(f"count must be total, input or output: {count!r}")
         if limiter is None:
             if store is None:
                 from gemini_scale.stores.memory import MemoryStore

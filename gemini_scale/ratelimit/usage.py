@@ -59,6 +59,7 @@ MEDIA_PART_TOKENS: Final = 258
 
 Kind = Literal["json", "sse", "json_array", "auto"]
 Count = Literal["total", "input", "output"]
+_COUNTS: Final = ("total", "input", "output")
 
 # -- request estimate ---------------------------------------------------------------------
 
@@ -416,12 +417,14 @@ def usage_tokens(usage: Mapping[str, Any], count: Count = "total") -> int | None
     if all(value is None for value in (prompt, tool_use, candidates, thoughts, total)):
         return None
     if count == "input":
-        return (prompt or 0) + (tool_use or 0)
-    if count == "output":
-        return (candidates or 0) + (thoughts or 0)
-    if total is not None:
+        tokens = (prompt or 0) + (tool_use or 0)
+    elif count == "output":
+        tokens = (candidates or 0) + (thoughts or 0)
+    elif total is not None:
         return total
-    return (prompt or 0) + (tool_use or 0) + (candidates or 0) + (thoughts or 0)
+    else:
+        tokens = (prompt or 0) + (tool_use or 0) + (candidates or 0) + (thoughts or 0)
+    return min(tokens, _MAX_ESTIMATE)  # a sum of capped counts is capped too
 
 
 def usage_split(usage: Mapping[str, Any]) -> tuple[int | None, int | None]:
@@ -434,7 +437,7 @@ def usage_split(usage: Mapping[str, Any]) -> tuple[int | None, int | None]:
         and 0 <= (prompt | candidates | tool_use | thoughts) < _MAX_ESTIMATE
         and "tool_use_prompt_token_count" not in usage and "thoughts_token_count" not in usage
     ):
-        return prompt + tool_use, candidates + thoughts
+        return min(prompt + tool_use, _MAX_ESTIMATE), min(candidates + thoughts, _MAX_ESTIMATE)
     return usage_tokens(usage, "input"), usage_tokens(usage, "output")
 
 
@@ -442,7 +445,10 @@ def body_usage(body: bytes, content_type: str | None = None) -> Mapping[str, Any
     """The ``usageMetadata`` of a whole answer body, as :class:`UsageObserver` reads it
     (``usage``), without building an observer for the usual JSON answer."""
     answer = AnswerUsage()
-    headers = () if content_type is None else ((b"content-type", content_type.encode("latin-1")),)
+    headers = (
+        () if content_type is None
+        else ((b"content-type", content_type.encode("latin-1", "replace")),)
+    )
     answer.start(200, headers)
     answer.feed(body, False)
     return answer.usage
@@ -459,6 +465,8 @@ class AnswerUsage:
     __slots__ = ("_headers", "_observer", "count", "status", "tokens", "usage")
 
     def __init__(self, count: Count = "total") -> None:
+        if count not in _COUNTS:
+            raise ValueError(f"unknown count {count!r}")
         self.count: Count = count
         self.status: int | None = None
         self.tokens: int | None = None
@@ -818,7 +826,7 @@ class UsageObserver:
     ) -> None:
         if kind not in ("json", "sse", "json_array", "auto"):
             raise ValueError(f"unknown kind {kind!r}")
-        if count not in ("total", "input", "output"):
+        if count not in _COUNTS:
             raise ValueError(f"unknown count {count!r}")
         if max_buffer < 1:
             raise ValueError("max_buffer must be positive")

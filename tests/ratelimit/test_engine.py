@@ -522,6 +522,90 @@ def test_a_flush_cancelled_with_its_loop_does_not_stop_later_ones(
     asyncio.run(_then_clean_up(store, second()))
 
 
+class _StallingStore(RedisStore):
+    """A ``RedisStore`` whose script calls, while ``stall`` is set, wait for good first."""
+
+    stall = False
+    stalled = False
+
+    async def run(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
+        if self.stall:
+            self.stalled = True
+            await asyncio.Event().wait()  # nobody sets it
+        return await super().run(script, keys, args)
+
+
+def _window_count(store: RedisStore, key: str) -> Any:
+    return store.client.hget(store.prefix + ":" + key, "c")
+
+
+def test_a_flush_left_unfinished_by_an_ended_loop_loses_only_its_bucket_in_flight(
+    machine_redis_url: str,
+) -> None:
+    """A loop closed without running its tasks to the end (``run_until_complete``, then
+    ``close``) leaves a refund flush stuck in its first bucket's call. The next loop's
+    ``aclose()`` does not fail on it, and sends the other buckets' refunds; the one in
+    flight stands (it may have reached the store: sending it again could refund twice)."""
+    store = _StallingStore.from_url(machine_redis_url, prefix=f"gs-rl-test-{time.time_ns()}")
+    limiter = RateLimiter(store, on_store_error="closed", refund_delay=3600)
+    tokens = [HOURLY_TOKENS]
+
+    async def first() -> None:
+        for tag in "abc":
+            decision = await limiter.acquire(tag, tokens, [10])
+            assert limiter.settle_now(decision.reservation, [-10])  # owed, deferred
+        await store.aclose()
+        store.stall = True
+        limiter._refund_due()  # the timer fires: a flush task starts...
+        for _ in range(100):
+            if store.stalled:
+                break
+            await asyncio.sleep(0)
+        assert store.stalled  # ...and waits in its first bucket's call as the loop ends
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(first())
+    finally:
+        loop.close()
+    store.stall = False
+
+    async def second() -> None:
+        await limiter.aclose()
+        counts = [int(await _window_count(store, limiter.keys(tag, tokens)[0]) or 0)
+                  for tag in "abc"]
+        assert counts == [10, 0, 0]
+
+    asyncio.run(_then_clean_up(store, second()))
+
+
+def test_settle_now_outside_an_event_loop_leaves_the_refund_to_settle(
+    machine_redis_url: str,
+) -> None:
+    """With no running loop a refund cannot be deferred: ``settle_now`` says so (``False``)
+    and owes nothing, so ``settle`` refunds it exactly once."""
+    store = RedisStore.from_url(machine_redis_url, prefix=f"gs-rl-test-{time.time_ns()}")
+    limiter = RateLimiter(store, on_store_error="closed", refund_delay=3600)
+    tokens = [HOURLY_TOKENS]
+    key = limiter.keys("p", tokens)[0]
+
+    async def reserve() -> Any:
+        await limiter.acquire("p", tokens, [10])
+        reservation = (await limiter.acquire("p", tokens, [10])).reservation
+        await store.aclose()
+        return reservation
+
+    reservation = asyncio.run(reserve())
+    assert limiter.settle_now(reservation, [-10]) is False
+
+    async def settle_then_acquire() -> None:
+        await limiter.settle(reservation, [-10])
+        await limiter.acquire("p", tokens, [5])  # would carry a refund owed twice
+        assert int(await _window_count(store, key) or 0) == 15
+
+    asyncio.run(_then_clean_up(store, settle_then_acquire()))
+
+
 def test_the_memory_twin_rounds_the_sliding_window_as_the_lua_does() -> None:
     """At an exact boundary ``prev * (x / window)`` and ``prev * x / window`` differ; the twin
     must refuse exactly when Redis does (the case found: a window pushed past its limit)."""

@@ -26,6 +26,7 @@ from gemini_scale import (
     RateLimitPolicy,
     rate_limit,
 )
+from gemini_scale.errors import ConfigurationError
 from gemini_scale.stores import MemoryStore, RedisStore
 from tests.clock import FakeClock
 from tests.gateway import lifespan
@@ -115,6 +116,12 @@ async def test_an_error_answer_refunds_the_tokens_but_counts_the_request(status:
         )
         assert response.status_code == status
         assert await stack.used("alice") == {"requests": 1, "tokens": 0}
+
+
+def test_an_unknown_count_is_a_configuration_error() -> None:
+    """A typo (``outputs``) fails at start-up, not on the first streamed answer."""
+    with pytest.raises(ConfigurationError, match="count"):
+        RateLimitMiddleware(Starlette(), store=MemoryStore(), count="outputs")  # type: ignore[arg-type]
 
 
 async def test_routes_that_cost_no_tokens_reserve_none() -> None:

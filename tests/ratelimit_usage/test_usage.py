@@ -25,6 +25,7 @@ from example_app.standin import create_standin, estimate_tokens
 from gemini_scale.ratelimit.usage import (
     IN_PIECES,
     MEDIA_PART_TOKENS,
+    AnswerUsage,
     UsageObserver,
     body_usage,
     estimate_request_tokens,
@@ -1017,6 +1018,28 @@ def test_a_whole_answer_is_read_as_the_observer_reads_it_or_left_to_it(body: byt
         return
     usage = found if type(found) is dict and usage_tokens(found) is not None else None
     assert usage == observer.usage
+
+
+def test_a_sum_of_counts_is_capped_as_each_count_is() -> None:
+    """Settlement amounts must stay exact in a Lua number (2**53 - 1), sums included."""
+    cap = 2**53 - 1
+    usage = {"promptTokenCount": 3.5, "candidatesTokenCount": cap, "thoughtsTokenCount": cap}
+    assert usage_tokens(usage, "total") == cap
+    assert usage_tokens(usage, "output") == cap
+    huge = {"promptTokenCount": cap - 1, "toolUsePromptTokenCount": cap - 1,
+            "candidatesTokenCount": 1, "thoughtsTokenCount": 0}
+    assert usage_split(huge) == (cap, 1) == (usage_tokens(huge, "input"),
+                                              usage_tokens(huge, "output"))
+
+
+def test_an_unknown_count_is_refused_when_the_reader_is_made() -> None:
+    with pytest.raises(ValueError, match="unknown count"):
+        AnswerUsage("outputs")  # type: ignore[arg-type]
+
+
+def test_body_usage_takes_a_content_type_outside_latin_1() -> None:
+    body = b'data: {"usageMetadata": {"totalTokenCount": 7}}\r\n\r\n'
+    assert body_usage(body, "text/event-stream; name=\u2603") == {"totalTokenCount": 7}
 
 
 def test_feed_last_is_feed_then_finish() -> None:
