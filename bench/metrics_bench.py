@@ -11,8 +11,7 @@ its own cost with less noise than Starlette's; the app declares its routes, so t
 records a Gemini call's facts and reads its usage) and ``metrics-asgi-shared`` (the same
 where a token limiter has read the usage, as in the gateway), and ``asgi-header``, the
 targets' anchor (a pure-ASGI layer that wraps ``send`` and adds a header: +2.7 µs in the
-baseline study; its figure today scales the others). The summary holds them against issue
-7's target.
+baseline study, printed next to today's). The summary holds them against issue 7's target.
 """
 
 from __future__ import annotations
