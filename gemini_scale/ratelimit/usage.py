@@ -524,6 +524,15 @@ def whole_answer_usage(body: bytes) -> Any:
     JSON object, too big or too deep). What :class:`AnswerUsage` does with such a body,
     without the object, for a reader that needs the usage and not its token count."""
     if type(body) is bytes and body[:1] == b"{":
+        if len(body) <= _PARSE_WHOLE:  # the usual answer: _whole_json's small case, inlined
+            try:
+                value = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                pass  # what only json.loads reads, or not JSON: _whole_json decides
+            else:
+                if type(value) is not dict:
+                    return IN_PIECES
+                return value.get("usageMetadata", value.get("usage_metadata"))
         read = _whole_json(body, _DEFAULT_BUFFER)
         if read is not None:
             return read[0]
