@@ -67,6 +67,7 @@ _MAX_ITEMS: Final = 20_000  # contents, parts and JSON values looked at per requ
 _MAX_DEPTH: Final = 32  # nesting followed inside function calls, responses and tools
 _INT32_MAX: Final = 2**31 - 1
 _MAX_ESTIMATE: Final = 2**53 - 1  # exact in a Lua number (the Redis scripts)
+_HALF_CAP: Final = 2**52  # two counts below it add up to less than the cap
 _METHOD_KINDS: Final = {
     "generateContent": "generate",
     "streamGenerateContent": "generate",
@@ -431,13 +432,13 @@ def usage_split(usage: Mapping[str, Any]) -> tuple[int | None, int | None]:
     """``(input, output)``: :func:`usage_tokens` for both counts at once."""
     prompt, candidates = usage.get("promptTokenCount"), usage.get("candidatesTokenCount")
     tool_use, thoughts = usage.get("toolUsePromptTokenCount", 0), usage.get("thoughtsTokenCount", 0)
-    if (  # the common case: Gemini's camelCase integers, none negative or past the cap
+    if (  # the common case: Gemini's camelCase integers, none negative, no sum past the cap
         type(prompt) is int and type(candidates) is int
         and type(tool_use) is int and type(thoughts) is int
-        and 0 <= (prompt | candidates | tool_use | thoughts) < _MAX_ESTIMATE
+        and 0 <= (prompt | candidates | tool_use | thoughts) < _HALF_CAP
         and "tool_use_prompt_token_count" not in usage and "thoughts_token_count" not in usage
     ):
-        return min(prompt + tool_use, _MAX_ESTIMATE), min(candidates + thoughts, _MAX_ESTIMATE)
+        return prompt + tool_use, candidates + thoughts
     return usage_tokens(usage, "input"), usage_tokens(usage, "output")
 
 
