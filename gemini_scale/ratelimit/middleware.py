@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import anyio
 
@@ -24,7 +24,7 @@ from gemini_scale.ratelimit.engine import (
     StoreErrorMode,
     StoreFailureError,
 )
-from gemini_scale.ratelimit.usage import AnswerUsage, estimate_request_tokens
+from gemini_scale.ratelimit.usage import COUNTS, AnswerUsage, Count, estimate_request_tokens
 from gemini_scale.routing import (
     CACHE_HIT_KEY,
     DECISIONS_KEY,
@@ -111,7 +111,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         rules: Mapping[str, Policy | Sequence[Policy]] | None = None,
         trusted_proxies: Collection[str] = (),
         on_store_error: StoreErrorMode = "local",
-        count: Literal["total", "input", "output"] = "total",
+        count: Count = "total",
         default_output_tokens: int = 1024,
         max_body_bytes: int = 20 * 1024 * 1024,
         token_methods: Sequence[str] = TOKEN_METHODS,
@@ -120,7 +120,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         super().__init__(app)
-        if count not in ("total", "input", "output"):
+        if count not in COUNTS:
             raise ConfigurationError(f"count must be total, input or output: {count!r}")
         if limiter is None:
             if store is None:

@@ -39,6 +39,7 @@ import orjson
 
 __all__ = [
     "CHARS_PER_TOKEN",
+    "COUNTS",
     "IN_PIECES",
     "MEDIA_PART_TOKENS",
     "AnswerUsage",
@@ -59,7 +60,8 @@ MEDIA_PART_TOKENS: Final = 258
 
 Kind = Literal["json", "sse", "json_array", "auto"]
 Count = Literal["total", "input", "output"]
-_COUNTS: Final = ("total", "input", "output")
+#: Every ``Count``, for checking one given at run time.
+COUNTS: Final = ("total", "input", "output")
 
 # -- request estimate ---------------------------------------------------------------------
 
@@ -466,7 +468,7 @@ class AnswerUsage:
     __slots__ = ("_headers", "_observer", "count", "status", "tokens", "usage")
 
     def __init__(self, count: Count = "total") -> None:
-        if count not in _COUNTS:
+        if count not in COUNTS:
             raise ValueError(f"unknown count {count!r}")
         self.count: Count = count
         self.status: int | None = None
@@ -836,7 +838,7 @@ class UsageObserver:
     ) -> None:
         if kind not in ("json", "sse", "json_array", "auto"):
             raise ValueError(f"unknown kind {kind!r}")
-        if count not in _COUNTS:
+        if count not in COUNTS:
             raise ValueError(f"unknown count {count!r}")
         if max_buffer < 1:
             raise ValueError("max_buffer must be positive")
