@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, TypeVar
 
 from gemini_scale.errors import ConfigurationError
 
@@ -36,6 +36,10 @@ class Policy:
 
     kind: ClassVar[str] = "policy"
     """A short name used in messages (``cache``, ``rate_limit``, ...)."""
+
+
+#: The methods a :class:`CachePolicy` may cache (the safe ones, and Gemini's POST calls).
+CACHEABLE_METHODS: Final = frozenset({"GET", "HEAD", "POST", "QUERY"})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -75,6 +79,11 @@ class CachePolicy(Policy):
             isinstance(m, str) and m.isalpha() and m.isupper() for m in self.methods
         ):
             raise ConfigurationError(f"cache methods must be upper-case names: {self.methods!r}")
+        unsafe = sorted(set(self.methods) - CACHEABLE_METHODS)
+        if unsafe:  # DELETE, PURGE...: always the app's business (C25)
+            raise ConfigurationError(
+                f"cache methods must be among GET, HEAD, POST and QUERY, got {unsafe!r}"
+            )
         if not all(
             isinstance(h, str) and h and h == h.lower() and h != "*" and h.isprintable()
             and " " not in h

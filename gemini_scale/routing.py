@@ -21,7 +21,7 @@ import re
 import sys
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
@@ -264,7 +264,7 @@ class Rules:
     ``Rules({"POST /v1beta/models/{model}:generateContent": CachePolicy(ttl=60)})``
     """
 
-    __slots__ = ("_entries", "_memo")
+    __slots__ = ("_entries", "_memo", "_routes")
 
     def __init__(self, rules: Mapping[str, Policy | Sequence[Policy]] | None = None) -> None:
         entries: list[_Entry] = []
@@ -283,6 +283,8 @@ class Rules:
         self._entries = tuple(entries)
         # (method, path, kind) -> policy: the regex scan once per distinct request line.
         self._memo: dict[tuple[str, str, type[Policy]], Policy | None] = {}
+        # The rules as routes without their policies (for requests the app cannot route).
+        self._routes = RouteTable([replace(entry, policies={}) for entry in entries])
 
     def __bool__(self) -> bool:
         return bool(self._entries)
@@ -311,6 +313,11 @@ class Rules:
         if len(path) <= _MEMO_PATH_MAX:
             remember(memo, key, found, _MEMO_SIZE)
         return found  # type: ignore[return-value]
+
+    def route(self, method: str, path: str) -> RouteMatch | None:
+        """The route the first matching rule names: its template and path parameters, and
+        no policies (each middleware reads its own rules for those)."""
+        return self._routes.match(method, path)
 
 
 logger = logging.getLogger("gemini_scale.routing")
@@ -519,14 +526,21 @@ class GeminiMiddleware:
 
 
 def policy_for(context: RequestContext, rules: Rules, kind: type[P], scope: Scope) -> P | None:
-    """The ``kind`` policy of a request: the route's mark first, then the first matching rule."""
+    """The ``kind`` policy of a request: the route's mark first, then the first matching rule.
+
+    A request the app's route table does not resolve (an app without one, a ``Host`` or
+    mounted route) takes its route from the first matching rule: its template and
+    ``{model}`` then key, budget and tag the request as a resolved route's would."""
     route = context.route
     if route is not None:
         found = route.policies.get(kind)
         if found is not None:
             return found  # type: ignore[return-value]
     if rules:
-        return rules.policy(scope["method"], route_path(scope), kind)
+        method, path = scope["method"], route_path(scope)
+        if route is None:
+            context.route = rules.route(method, path)
+        return rules.policy(method, path, kind)
     return None
 
 

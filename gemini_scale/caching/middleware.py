@@ -34,9 +34,11 @@ from gemini_scale.errors import ConfigurationError, StoreError, send_error
 from gemini_scale.memo import remember
 from gemini_scale.policies import GENERATION_MODES, CachePolicy, GenerationMode, Policy
 from gemini_scale.principal import Principal
+from gemini_scale.ratelimit.usage import AnswerUsage
 from gemini_scale.routing import (
     CACHE_HIT_KEY,
     CACHE_OUTCOME_KEY,
+    USAGE_KEY,
     GeminiMiddleware,
     RequestContext,
     Rules,
@@ -282,19 +284,23 @@ class CacheMiddleware(GeminiMiddleware):
                 except StoreError:
                     await self._bypass(x)
                     return
-            if found is not None and (
-                directives.max_age is None
-                or self.clock.time() - found.created <= directives.max_age
-            ):
+            if found is not None and self._fresh_enough(found, directives):
                 engine.stats.hits += 1
                 await self._serve(x, found, HIT)
                 return
-            if directives.only_if_cached:
-                label = self._label(MISS, x.key).decode()
-                await send_error(x.send, 504, "The answer is not in the cache (only-if-cached).",
-                                 headers={"cache-status": label})
-                return
+        if directives.only_if_cached:  # whatever else the request says: never upstream
+            label = self._label(MISS, x.key).decode()
+            await send_error(x.send, 504, "The answer is not in the cache (only-if-cached).",
+                             headers={"cache-status": label})
+            return
         await self._miss(x, directives)
+
+    def _fresh_enough(self, found: StoredResponse, directives: RequestDirectives) -> bool:
+        """Whether ``found`` is young enough for the request's ``max-age``."""
+        return (
+            directives.max_age is None
+            or self.clock.time() - found.created <= directives.max_age
+        )
 
     async def _miss(self, x: _Exchange, directives: RequestDirectives) -> None:
         """Not answered from the store: forward (a miss joins the key's single flight),
@@ -313,7 +319,9 @@ class CacheMiddleware(GeminiMiddleware):
             flight = self.engine.lead(x.key)
             if flight is None:
                 flight, found = await self.engine.join(x.key)
-                if found is not None:
+                # An entry the store held already may be older than the request allows
+                # (its max-age): then the request goes upstream alone and stores the answer.
+                if found is not None and self._fresh_enough(found, directives):
                     stats.coalesced += 1
                     await self._serve(x, found, COLLAPSED)
                     return
@@ -331,6 +339,8 @@ class CacheMiddleware(GeminiMiddleware):
             await self.app(scope, x.app_receive(), recorder)
             if recorder.holding:
                 await recorder.returned()
+            if recorder.withheld is not None:
+                _report_withheld(extras, recorder.withheld)
             stored = recorder.response(created=self.clock.time(), ttl=plan.policy.ttl)
             if stored is not None:
                 if self.engine.put_now(x.key, stored) is None:
@@ -397,6 +407,9 @@ class CacheMiddleware(GeminiMiddleware):
             length is None
             or length > self.max_body_bytes
             or (length and not _is_json(x.fields.get(b"content-type")))
+            # Content-Length: 0 beside Transfer-Encoding (a server may pass both on): the
+            # app may read a body the key would not hold.
+            or (not length and b"transfer-encoding" in x.fields)
         ):
             return None
         if not length:
@@ -421,6 +434,14 @@ class CacheMiddleware(GeminiMiddleware):
         )
         x.body = whole
         return self._digests.facts(whole)
+
+
+def _report_withheld(extras: dict[str, Any], body: bytes) -> None:
+    """A forwarded answer went to the client as a 304: hand its body to the token
+    limiter's reading, which saw no body (the upstream call still used its tokens)."""
+    answer = extras.get(USAGE_KEY)
+    if isinstance(answer, AnswerUsage):
+        answer.feed(body, False)
 
 
 __all__ = ["CACHE_HIT_KEY", "CACHE_KEY_KEY", "CACHE_OUTCOME_KEY", "CacheMiddleware"]

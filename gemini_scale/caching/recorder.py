@@ -42,6 +42,7 @@ class Recorder:
     __slots__ = (
         "_chunks",
         "_complete",
+        "_declared",
         "_etag",
         "_headers",
         "_held",
@@ -58,6 +59,7 @@ class Recorder:
         "detail",
         "label",
         "max_age",
+        "withheld",
     )
 
     def __init__(
@@ -95,6 +97,10 @@ class Recorder:
         self._etag: bytes | None = None
         self._whole = b""
         """The body of an answer recorded in one step."""
+        self._declared = -1
+        """A held answer's ``Content-Length``."""
+        self.withheld: bytes | None = None
+        """The body of a forwarded answer the client got as a 304 instead."""
 
     async def __call__(self, message: Message) -> None:
         kind = message["type"]
@@ -109,11 +115,17 @@ class Recorder:
                     return
                 body = whole
                 message = {"type": "http.response.body", "body": body, "more_body": False}
+            if len(body) != self._declared:  # not the body its start declared: not kept
+                self._chunks = None
+                await self._send(self._release_start(b"", True))
+                await self._send(message)
+                return
             # The held answer's whole body: the start goes out with its ETag, and the
             # answer is recorded as it is (nothing is copied).
             start = self._release_start(body, False)
             await self._send(start)
             if start["status"] == 304:  # the client holds it already: no body
+                self.withheld = body
                 message = {"type": "http.response.body", "body": b"", "more_body": False}
             await self._send(message)
             if self._kept is not None:
@@ -151,7 +163,10 @@ class Recorder:
                 self._observer.start(200, content_type.decode("latin-1"))
             elif length is not None and length.isdigit() and int(length) <= plan.max_bytes:
                 self._pending = message  # until the body is complete: ETag, 304
+                self._declared = int(length)
                 return False
+            elif self._tagged:  # not held: the app's own tag went out, so the entry keeps it
+                self._etag = next(bytes(v) for k, v in headers if k.lower() == b"etag")
         message["headers"] = [*headers, (b"cache-status", self.label + self.detail)]
         return True
 

@@ -196,6 +196,7 @@ def etag_of(body: bytes) -> bytes:
 def etag_matches(if_none_match: bytes, etag: bytes) -> bool:
     """Whether an ``If-None-Match`` value matches ``etag`` (RFC 9110 §13.1.2: ``*``, or
     weak comparison with any listed tag)."""
+    etag = etag.removeprefix(b"W/")  # an app's own weak tag may be kept
     for member in _split_list(if_none_match):
         if member == b"*" or member.removeprefix(b"W/") == etag:
             return True

@@ -43,7 +43,7 @@ RULES: Mapping[str, CachePolicy] = {
     "/v1beta/models/{model}:streamGenerateContent": CachePolicy(ttl=60, methods=POST),
     "/v1beta/models/{model}:countTokens": CachePolicy(ttl=60, methods=POST),
     "/v1beta/models/{model}:batchEmbedContents": CachePolicy(ttl=60, methods=POST),
-    "/other": CachePolicy(ttl=60, methods=frozenset({"GET", "POST", "PURGE", "DELETE"})),
+    "/other": CachePolicy(ttl=60, methods=frozenset({"GET", "POST"})),
 }
 
 

@@ -250,12 +250,12 @@ async def test_the_sdk_surfaces_our_429_as_its_own_client_error() -> None:
 async def test_a_public_request_counts_once_in_each_limiter() -> None:
     """Without a principal the principal limiter keys on the client address, like the
     per-address limiter; each counts a request once, in its own counter (when they shared
-    one, each request counted twice: with a limit of 3, only 2 health checks passed)."""
+    one, each request counted twice: with a limit of 3, only 2 requests passed)."""
     app = build({"GEMINI_SCALE_RATE_LIMIT": "3/hour", "GEMINI_SCALE_IP_RATE_LIMIT": "100/hour"})
     async with lifespan(app):
         transport = StreamingASGITransport(app, client=("192.0.2.10", 5555))
         async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
-            statuses = [(await client.get("/healthz")).status_code for _ in range(4)]
+            statuses = [(await client.get("/openapi.json")).status_code for _ in range(4)]
         assert statuses == [200, 200, 200, 429]
         ip_limiter = middleware(app, IPRateLimitMiddleware)
         usage = await bucket_usage(ip_limiter, None, model=None, client=("192.0.2.10", 5555))

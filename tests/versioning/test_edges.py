@@ -219,9 +219,10 @@ async def test_refusal_messages_name_each_requests_own_route() -> None:
         bob = await client.get("/reports/bob", headers=OLD_CLIENT)
     assert first.json()["error"]["message"].startswith("DELETE /items/{id} ")
     assert second.json()["error"]["message"].startswith("GET /items/{id} ")
+    # Routes the app does not have are named by the rule that matched them.
+    assert bob.json()["error"]["message"].startswith("GET /reports/{name} ")
+    assert alice.json()["error"]["message"].startswith("GET /reports/{name} ")
     assert "alice" not in bob.text
-    assert "bob" in bob.text
-    assert "alice" in alice.text
 
 
 async def test_several_deprecations_make_one_deprecation_and_one_sunset() -> None:

@@ -1,0 +1,238 @@
+"""Request directives, framing, entity tags and central rules at their edges: cases an
+adversarial review found (max-age on a shared store's lock path, only-if-cached beside other
+directives, ``Content-Length: 0`` beside ``Transfer-Encoding``, an answer shorter than its
+length, the app's own tag, unsafe methods in a policy, a revalidated upstream call's tokens,
+rules in front of an app without a route table)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from gemini_scale import RateLimitMiddleware, RateLimitPolicy
+from gemini_scale.caching import CacheEngine, CacheMiddleware
+from gemini_scale.errors import ConfigurationError
+from gemini_scale.policies import CachePolicy
+from gemini_scale.types import Message, Receive, Scope, Send
+from tests.cache.conftest import Backend
+from tests.cache.support import (
+    COUNT,
+    GENERATE,
+    RULES,
+    FakeAuth,
+    Recorded,
+    Upstream,
+    call,
+    gemini_app,
+    generate_body,
+    http_scope,
+    who,
+)
+
+_POST: Any = frozenset({"POST"})
+
+
+async def test_max_age_refuses_an_older_entry_on_the_miss_path_too(backend: Backend) -> None:
+    # On a shared store the miss takes the single-flight lock, whose script returns the
+    # entry it finds: that entry must meet the request's max-age as well.
+    upstream = Upstream()
+    engine = CacheEngine(backend.store(), clock=backend.clock)
+    app = FakeAuth(CacheMiddleware(gemini_app(upstream), engine=engine, rules=RULES))
+    body = generate_body("hello")
+    first = await call(app, "POST", GENERATE, headers=who("alice"), json_body=body)
+    backend.clock.advance(30)
+    young = {**who("alice"), "cache-control": "max-age=10"}
+    second = await call(app, "POST", GENERATE, headers=young, json_body=body)
+    assert first.headers["cache-status"] == "gemini-scale; fwd=miss; stored"
+    assert second.headers["cache-status"] == "gemini-scale; fwd=miss; stored"
+    assert "age" not in second.headers
+    assert len(upstream.calls) == 2
+    third = await call(app, "POST", GENERATE, headers=young, json_body=body)
+    assert third.headers["cache-status"] == "gemini-scale; hit"  # the new entry is young
+    assert third.body == second.body
+
+
+@pytest.mark.parametrize("control", [
+    "only-if-cached", "no-cache, only-if-cached", "max-age=0, only-if-cached",
+    "no-store, only-if-cached",
+])
+async def test_only_if_cached_never_goes_upstream(backend: Backend, control: str) -> None:
+    upstream = Upstream()
+    engine = CacheEngine(backend.store(), clock=backend.clock)
+    app = FakeAuth(CacheMiddleware(gemini_app(upstream), engine=engine, rules=RULES))
+    headers = {**who("alice"), "cache-control": control}
+    answer = await call(app, "POST", GENERATE, headers=headers, json_body=generate_body())
+    assert answer.status == 504
+    assert json.loads(answer.body)["error"]["status"] == "DEADLINE_EXCEEDED"
+    assert upstream.calls == []
+
+
+async def _raw_request(app: Any, sub: str, body: bytes) -> Recorded:
+    """A countTokens request declaring ``Content-Length: 0`` and ``Transfer-Encoding:
+    chunked`` (h11 passes both on), whose chunked body the app still receives."""
+    recorded = Recorded()
+    given = False
+
+    async def receive() -> Message:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        recorded.messages.append(message)
+
+    headers = {**who(sub), "content-type": "application/json", "content-length": "0",
+               "transfer-encoding": "chunked"}
+    await app(http_scope("POST", COUNT, headers=headers), receive, send)
+    return recorded
+
+
+async def test_an_empty_length_beside_chunked_framing_is_not_cached() -> None:
+    upstream = Upstream()
+    shared = {"POST /v1beta/models/{model}:countTokens": CachePolicy(
+        ttl=60, methods=_POST, scope="shared")}
+    app = FakeAuth(CacheMiddleware(gemini_app(upstream), rules=shared))
+    first = await _raw_request(app, "mallory", b'{"contents":[{"parts":[{"text":"EVIL"}]}]}')
+    second = await _raw_request(app, "bob", b'{"contents":[{"parts":[{"text":"other"}]}]}')
+    assert json.loads(first.body)["principal"] == "mallory"
+    assert json.loads(second.body)["principal"] == "bob"  # not mallory's answer
+    assert second.headers["cache-status"] == "gemini-scale; fwd=bypass"
+    assert len(upstream.calls) == 2
+
+
+async def test_an_answer_shorter_than_its_length_is_not_stored() -> None:
+    whole = json.dumps({"candidates": [{"content": {"parts": [{"text": "x" * 80}]}}]}).encode()
+    calls = 0
+
+    async def broken_relay(scope: Scope, receive: Receive, send: Send) -> None:
+        nonlocal calls
+        calls += 1
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(whole)).encode())]})
+        await send({"type": "http.response.body", "body": whole[:40], "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    app = FakeAuth(CacheMiddleware(broken_relay, rules={"POST /x": CachePolicy(
+        ttl=60, methods=_POST)}))
+    body = {"contents": [{"parts": [{"text": "hi"}]}]}
+    answers = [await call(app, "POST", "/x", headers=who("alice"), json_body=body)
+               for _ in range(2)]
+    for answer in answers:
+        assert answer.headers["cache-status"] == "gemini-scale; fwd=miss"  # never "stored"
+        assert answer.headers["content-length"] == str(len(whole))  # as the app declared
+        assert "etag" not in answer.headers
+    assert calls == 2
+
+
+async def test_the_apps_own_tag_is_the_entrys_when_the_answer_is_not_held() -> None:
+    # No Content-Length: the start goes on at once with the app's tag; hits keep that tag,
+    # so revalidating with it gets a 304.
+    async def tagged(scope: Scope, receive: Receive, send: Send) -> None:
+        while (await receive()).get("more_body"):
+            pass
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"etag", b'W/"app-v1"')]})
+        await send({"type": "http.response.body", "body": b'{"models": []', "more_body": True})
+        await send({"type": "http.response.body", "body": b"}", "more_body": False})
+
+    app = FakeAuth(CacheMiddleware(tagged, rules={"GET /m": CachePolicy(ttl=60)}))
+    miss = await call(app, "GET", "/m", headers=who("alice"))
+    hit = await call(app, "GET", "/m", headers=who("alice"))
+    again = await call(app, "GET", "/m", headers={**who("alice"), "if-none-match": 'W/"app-v1"'})
+    assert miss.headers["etag"] == hit.headers["etag"] == 'W/"app-v1"'
+    assert hit.headers["cache-status"] == "gemini-scale; hit"
+    assert hit.body == miss.body == b'{"models": []}'
+    assert (again.status, again.body) == (304, b"")
+
+
+@pytest.mark.parametrize("method", ["DELETE", "PURGE", "PUT", "PATCH"])
+def test_a_policy_cannot_cache_an_unsafe_method(method: str) -> None:
+    with pytest.raises(ConfigurationError, match="GET, HEAD, POST and QUERY"):
+        CachePolicy(ttl=60, methods=frozenset({"GET", method}))
+
+
+async def test_a_revalidated_upstream_call_settles_its_tokens(backend: Backend) -> None:
+    # no-cache + If-None-Match: the upstream is called (and reports its usage) but the
+    # client gets a 304; the token reservation settles to that usage, not the estimate.
+    usage = {"promptTokenCount": 2, "candidatesTokenCount": 5, "totalTokenCount": 7}
+    upstream = Upstream(content=json.dumps({
+        "candidates": [{"content": {"parts": [{"text": "ok"}]}}], "usageMetadata": usage,
+    }).encode())
+    engine = CacheEngine(backend.store(), clock=backend.clock)
+    cache = CacheMiddleware(gemini_app(upstream), engine=engine, rules=RULES)
+    limiter = RateLimitMiddleware(
+        cache, default=RateLimitPolicy.parse("100/minute", tokens="10000/minute"),
+    )
+    app = FakeAuth(limiter)
+    body = generate_body("hello")
+    fresh = {**who("alice"), "cache-control": "no-cache"}
+
+    def remaining(answer: Recorded) -> int:
+        field = answer.headers["ratelimit"]  # '"tokens";r=N;t=T'
+        return int(field.split(";r=")[1].split(";")[0])
+
+    first = await call(app, "POST", GENERATE, headers=who("alice"), json_body=body)
+    # Each header is read after its own request's estimate is reserved and the earlier
+    # requests are settled: between these two, the 304's call and one more call settled.
+    before = remaining(await call(app, "POST", GENERATE, headers=fresh, json_body=body))
+    revalidated = await call(app, "POST", GENERATE, json_body=body,
+                             headers={**fresh, "if-none-match": first.headers["etag"]})
+    after = remaining(await call(app, "POST", GENERATE, headers=fresh, json_body=body))
+    assert revalidated.status == 304
+    assert len(upstream.calls) == 4
+    assert before - after == 7 + 7  # not the 304's whole estimate
+
+
+# -- central rules in front of an app without a route table ------------------------------
+
+
+async def _plain_app(scope: Scope, receive: Receive, send: Send) -> None:
+    """A hand-written ASGI app: no route table, so only rules name its routes."""
+    while (await receive()).get("more_body"):
+        pass
+    body = json.dumps({"path": scope["path"]}).encode()
+    await send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def test_a_rules_model_keys_the_limit_in_front_of_a_plain_app() -> None:
+    limited = RateLimitMiddleware(_plain_app, rules={
+        "POST /v1beta/models/{model}:countTokens":
+            RateLimitPolicy.parse("2/minute", key=("principal", "model"))})
+    app = FakeAuth(limited)
+    statuses = [
+        (await call(app, "POST", f"/v1beta/models/{model}:countTokens", headers=who("alice"),
+                    json_body={"contents": []})).status
+        for model in ("gemini-a", "gemini-a", "gemini-b", "gemini-a")
+    ]
+    assert statuses == [200, 200, 200, 429]  # one bucket per model
+
+
+async def test_two_rules_have_two_budgets_in_front_of_a_plain_app() -> None:
+    policy = RateLimitPolicy.parse("2/minute")
+    app = FakeAuth(RateLimitMiddleware(_plain_app, rules={
+        "GET /v1beta/models": policy, "GET /v1beta/models/{model}": policy}))
+    statuses = [(await call(app, "GET", path, headers=who("alice"))).status for path in (
+        "/v1beta/models", "/v1beta/models", "/v1beta/models/gemini-a", "/v1beta/models")]
+    assert statuses == [200, 200, 200, 429]
+
+
+async def test_a_rules_model_tags_the_entry_in_front_of_a_plain_app() -> None:
+    cache = CacheMiddleware(_plain_app, rules={
+        "POST /v1beta/models/{model}:generateContent": CachePolicy(ttl=60, methods=_POST)})
+    app = FakeAuth(cache)
+    body = generate_body("hello")
+    first = await call(app, "POST", GENERATE, headers=who("alice"), json_body=body)
+    model = GENERATE.split("/models/")[1].split(":")[0]
+    assert await cache.engine.invalidate(tags=[CacheEngine.model_tag(model)]) == 1
+    again = await call(app, "POST", GENERATE, headers=who("alice"), json_body=body)
+    assert first.headers["cache-status"] == again.headers["cache-status"] == (
+        "gemini-scale; fwd=miss; stored")
