@@ -16,7 +16,9 @@ if typing.TYPE_CHECKING:
         ACCESS_LOGGER,
         JSONFormatter,
         KeyValueFormatter,
+        RequestIdFilter,
         configure_logging,
+        current_request_id,
     )
     from gemini_scale.observability.metrics import metrics_body
     from gemini_scale.observability.middleware import MetricsMiddleware
@@ -28,8 +30,10 @@ _LAZY = {
     "JSONFormatter": "gemini_scale.observability.logs",
     "KeyValueFormatter": "gemini_scale.observability.logs",
     "MetricsMiddleware": "gemini_scale.observability.middleware",
+    "RequestIdFilter": "gemini_scale.observability.logs",
     "UsageAnomalyDetector": "gemini_scale.observability.anomaly",
     "configure_logging": "gemini_scale.observability.logs",
+    "current_request_id": "gemini_scale.observability.logs",
     "disable_tracing": "gemini_scale.observability.tracing",
     "enable_tracing": "gemini_scale.observability.tracing",
     "metrics_body": "gemini_scale.observability.metrics",
@@ -41,8 +45,10 @@ __all__ = [
     "JSONFormatter",
     "KeyValueFormatter",
     "MetricsMiddleware",
+    "RequestIdFilter",
     "UsageAnomalyDetector",
     "configure_logging",
+    "current_request_id",
     "disable_tracing",
     "enable_tracing",
     "metrics_body",

@@ -2,7 +2,7 @@
 
 The detector counts every finished request per principal in fixed windows of ``window``
 seconds (``observe``: no I/O), and every ``flush_interval`` seconds merges the counts of all
-replicas in the store with one script call (per 1,000 principals), which also keeps each
+replicas in the store with one script call (per 100 principals), which also keeps each
 principal's baselines and judges it there, so every replica sees the same counts and a flag
 is raised once, by one replica, however many replicas the traffic was spread over.
 
@@ -277,8 +277,8 @@ class _Local:
     """What one replica holds for a principal: unflushed counts, and the last shared verdict."""
 
     __slots__ = (
-        "flags", "history", "key", "prev_requests", "prev_tokens", "raised", "requests",
-        "requests_baseline", "tokens", "tokens_baseline", "window",
+        "adopt", "flags", "history", "key", "prev_requests", "prev_tokens", "raised",
+        "requests", "requests_baseline", "tokens", "tokens_baseline", "window",
     )
 
     def __init__(self, window: int) -> None:
@@ -295,6 +295,9 @@ class _Local:
         """Signals flagged at the last verdict (1 requests, 2 tokens)."""
         self.raised = 0
         """Flags this replica raised and counts in its gauge."""
+        self.adopt = 0
+        """Flags this replica raised before the principal was evicted, to count again if the
+        next verdict still holds them."""
 
     @property
     def pending(self) -> bool:
@@ -388,6 +391,9 @@ class UsageAnomalyDetector:
         _check(min_tokens >= 1, "min_tokens must be >= 1", min_tokens)
         _check(max_principals >= 1, "max_principals must be >= 1", max_principals)
         _check(flush_interval > 0, "flush_interval must be > 0 seconds", flush_interval)
+        # Only the current and the previous window are kept between flushes.
+        _check(flush_interval <= window, "flush_interval must not exceed window",
+               flush_interval)
         if history_ttl is None:
             history_ttl = max(86_400.0, 3 * window)
         _check(history_ttl >= 3 * window, "history_ttl must be at least 3 windows", history_ttl)
@@ -423,6 +429,8 @@ class UsageAnomalyDetector:
         ]
         self._tag = f"anomaly:{{anomaly}}:{self.window:g}s:"
         self._locals: OrderedDict[str, _Local] = OrderedDict()
+        # Evicted principals -> the flags this replica had raised for them (bounded).
+        self._evicted_flags: dict[str, int] = {}
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._wake: asyncio.Event | None = None
@@ -502,17 +510,23 @@ class UsageAnomalyDetector:
     def _admit(self, principal: str, window: int) -> _Local:
         locals_ = self._locals
         if len(locals_) >= self.max_principals:
-            _, evicted = locals_.popitem(last=False)
-            self._forget(evicted)
+            self._forget(*locals_.popitem(last=False))
         local = locals_[principal] = _Local(window)
+        if self._evicted_flags:
+            local.adopt = self._evicted_flags.pop(principal, 0)
         return local
 
-    def _forget(self, local: _Local) -> None:
+    def _forget(self, principal: str, local: _Local) -> None:
         if local.pending:
             self._metrics.evictions.inc()
         for name, bit in _SIGNALS:
             if local.raised & bit:
                 self._metrics.flagged.labels(signal=name).dec()
+        if local.raised:
+            flags = self._evicted_flags
+            if len(flags) >= self.max_principals:
+                del flags[next(iter(flags))]
+            flags[principal] = local.raised
         local.raised = 0
 
     def _autostart(self) -> None:
@@ -605,6 +619,10 @@ class UsageAnomalyDetector:
                 elif local.raised & bit and not flags & bit:
                     local.raised &= ~bit
                     self._metrics.flagged.labels(signal=name).dec()
+                elif local.adopt & bit and flags & bit and not local.raised & bit and alive:
+                    local.raised |= bit  # still flagged: count it again, as this replica did
+                    self._metrics.flagged.labels(signal=name).inc()
+            local.adopt = 0
             local.flags = flags
         return found
 

@@ -5,18 +5,31 @@ which route and model, what the layers decided, tokens, timing) and nothing that
 reach a log: no bearer token, API key, query string or prompt text. Fields are attached to
 the record as ``record.access``; :class:`JSONFormatter` renders them (and any other
 ``extra`` fields) as one JSON object per line.
+
+Every other record emitted while ``MetricsMiddleware`` handles a request (and the record of
+an exception that escaped from one) can carry the request's id too: :class:`RequestIdFilter`
+adds it as ``record.request_id`` (``configure_logging`` installs it on its handler).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
 from collections.abc import Mapping
+from contextvars import ContextVar
 from typing import Any, Final, Literal
 
-__all__ = ["ACCESS_LOGGER", "JSONFormatter", "KeyValueFormatter", "configure_logging"]
+__all__ = [
+    "ACCESS_LOGGER",
+    "JSONFormatter",
+    "KeyValueFormatter",
+    "RequestIdFilter",
+    "configure_logging",
+    "current_request_id",
+]
 
 #: The logger access records go to (INFO).
 ACCESS_LOGGER: Final = "gemini_scale.access"
@@ -25,6 +38,49 @@ ACCESS_LOGGER: Final = "gemini_scale.access"
 _STANDARD: Final = frozenset(
     {*vars(logging.LogRecord("", 0, "", 0, "", None, None)), "message", "asctime", "taskName"}
 )
+
+
+#: The id of the request being handled (set by ``MetricsMiddleware``), as sent (bytes).
+REQUEST_ID: Final[ContextVar[bytes | None]] = ContextVar("gemini_scale_request_id", default=None)
+
+
+#: The attribute holding the id of the request an exception escaped from.
+_EXC_REQUEST_ID: Final = "gemini_scale_request_id"
+
+
+def tag_exception(exc: BaseException, request_id: bytes) -> None:
+    """Note on ``exc`` the request it escaped from: the layer that logs it (the framework's
+    error handler, the server) runs after the request's context is gone."""
+    with contextlib.suppress(AttributeError, TypeError):
+        setattr(exc, _EXC_REQUEST_ID, request_id)
+
+
+def current_request_id() -> str | None:
+    """The id of the request being handled in this context, if any."""
+    found = REQUEST_ID.get()
+    return found.decode("latin-1") if found is not None else None
+
+
+class RequestIdFilter(logging.Filter):
+    """Adds ``request_id`` (the id of the request being handled) to every record it sees;
+    outside a request it sets ``default``, or nothing when that is ``None``. A record that
+    already has a ``request_id`` keeps it. Install it on a handler, so records of every
+    logger get it."""
+
+    def __init__(self, default: str | None = None) -> None:
+        super().__init__()
+        self.default = default
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "request_id" not in record.__dict__:
+            found = REQUEST_ID.get()
+            if found is None and record.exc_info:
+                found = getattr(record.exc_info[1], _EXC_REQUEST_ID, None)
+            if found is not None:
+                record.request_id = found.decode("latin-1")
+            elif self.default is not None:
+                record.request_id = self.default
+        return True
 
 
 def _fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -68,10 +124,11 @@ def configure_logging(
     level: str | int = "INFO", fmt: Literal["json", "text"] = "json"
 ) -> logging.Handler:
     """Send every log record (access records included) to stderr at ``level``, as JSON or
-    text; returns the handler installed on the root logger (replacing one installed by an
-    earlier call)."""
+    text, each with the ``request_id`` of the request it was emitted in (if any); returns the
+    handler installed on the root logger (replacing one installed by an earlier call)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else KeyValueFormatter())
+    handler.addFilter(RequestIdFilter())
     handler.set_name("gemini_scale")
     root = logging.getLogger()
     for old in [h for h in root.handlers if h.get_name() == "gemini_scale"]:

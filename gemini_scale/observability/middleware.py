@@ -11,6 +11,7 @@ or client-chosen value becomes a label without a bound.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable
@@ -19,7 +20,8 @@ from typing import TYPE_CHECKING, Any, Final
 from gemini_scale.keys import TrustedProxies
 from gemini_scale.memo import remember
 from gemini_scale.observability import tracing
-from gemini_scale.observability.logs import ACCESS_LOGGER
+from gemini_scale.observability.logs import ACCESS_LOGGER, tag_exception
+from gemini_scale.observability.logs import REQUEST_ID as _REQUEST_ID
 from gemini_scale.observability.metrics import BoundedLabel, Families, TokenSink, families
 from gemini_scale.observability.request_id import REQUEST_ID_HEADER, RequestIds
 from gemini_scale.observability.tracing import _state as _tracing
@@ -84,6 +86,21 @@ def _status_label(x: _Exchange) -> str:
     if not x.status:
         return "499" if x.gone else "500"
     return _STATUS.get(x.status, "500")
+
+
+def _note_client_left(x: _Exchange, exc: BaseException) -> None:
+    """Mark ``x`` gone when ``exc`` says the client went away: the server cancelled the
+    request's task (before the answer completed), or Starlette read an ``http.disconnect``
+    (then no answer the app made reached anyone)."""
+    if isinstance(exc, asyncio.CancelledError):
+        if not x.complete:
+            x.gone = True
+            x.early = not x.status
+        return
+    from starlette.requests import ClientDisconnect
+
+    if isinstance(exc, ClientDisconnect):
+        x.gone = x.early = True
 
 
 async def _send_crash(x: _Exchange) -> None:
@@ -167,21 +184,28 @@ class MetricsMiddleware(GeminiMiddleware):
                 break
         scope["headers"] = [*headers, (REQUEST_ID_HEADER, request_id)]
         exchange = _Exchange(send, request_id, started, context)
+        token = _REQUEST_ID.set(request_id)  # for every record logged meanwhile
         try:
             if _tracing.tracer is None:
                 await self.app(scope, receive, exchange)
             else:
                 await self._traced(scope, receive, exchange, context)
         except BaseException as exc:
+            if not exchange.gone:
+                _note_client_left(exchange, exc)
             if not exchange.gone:  # the app failed (not the client): the answer is a 500
                 exchange.failed = True
+                tag_exception(exc, request_id)  # for the error record an outer layer writes
                 if not exchange.status and isinstance(exc, Exception):
                     # Answer it here, with the request id; the server's own 500 (or
                     # Starlette's error middleware) sees the answer started and stays quiet.
                     await _send_crash(exchange)
             raise
         finally:
-            self._record(scope, context, exchange)
+            try:
+                self._record(scope, context, exchange)
+            finally:
+                _REQUEST_ID.reset(token)
 
     async def _traced(
         self, scope: Scope, receive: Receive, exchange: _Exchange, context: RequestContext
@@ -197,23 +221,38 @@ class MetricsMiddleware(GeminiMiddleware):
                 template = route.template if route is not None else UNMATCHED
                 opened.update_name(f"{method} {template}")
                 opened.set_attribute("http.route", template)
-                opened.set_attribute("http.response.status_code", exchange.status or 500)
+                status = exchange.status or 500
+                if exchange.gone and (exchange.early or not exchange.status):
+                    status = 0  # no answer reached the client
+                if status:
+                    opened.set_attribute("http.response.status_code", status)
+                if status >= 500:  # OTel HTTP conventions: a server span's 5xx is an error
+                    from opentelemetry.trace import StatusCode
+
+                    opened.set_status(StatusCode.ERROR)
 
     def _record(self, scope: Scope, context: RequestContext, x: _Exchange) -> None:
         ended = _now()
         route = context.route
         template = route.template if route is not None else UNMATCHED
         extras = context.extras
-        key = (scope["method"], template, x.status, extras.get(API_VERSION_EXTRA), x.failed)
+        method = scope["method"]
+        if method == "HEAD":  # the server sends no body
+            x.sent, x.first_byte = 0, 0.0
+        if x.gone or not (x.complete or x.failed):
+            # The send failed, or the app stopped without (finishing) an answer: apps do
+            # that only when they read that the client left.
+            x.gone = True
+            if x.early:  # what the app answered then reached no one: a 499
+                x.status, x.first_byte = 0, 0.0
+            self.families.disconnects.labels(template).inc()
+        key = (method, template, x.status, extras.get(API_VERSION_EXTRA), x.failed)
         children = self._children.get(key)
         if children is None:
             children = self._new_children(key, x)
         children[0].observe(ended - x.started)
         if x.first_byte:
             children[1].observe(x.first_byte - x.started)
-        if x.gone or (x.status and not x.complete and not x.failed):
-            x.gone = True  # the app stopped on a disconnect it read, or the send failed
-            self.families.disconnects.labels(template).inc()
         if extras:
             self._record_extras(extras, template)
         call = x.call
@@ -367,9 +406,9 @@ class _Exchange:
     byte, the bytes sent and whether the answer completed; reads a generation's usage when
     no token limiter does."""
 
-    __slots__ = ("answer", "call", "complete", "context", "failed", "first_byte", "gone",
-                 "headers", "reading", "request_id", "send", "sent", "started", "status",
-                 "usage")
+    __slots__ = ("answer", "call", "complete", "context", "early", "failed", "first_byte",
+                 "gone", "headers", "reading", "request_id", "send", "sent", "started",
+                 "status", "usage")
 
     def __init__(
         self, send: Send, request_id: bytes, started: float, context: RequestContext
@@ -383,6 +422,7 @@ class _Exchange:
         self.sent = 0
         self.complete = False
         self.gone = False  # the client went away (a send failed, or the app stopped early)
+        self.early = False  # ... before the answer started (whatever the app sends then)
         self.failed = False  # the app raised
         self.call: tuple[str | None, str | None] | None = None  # (model, operation)
         self.reading = False  # we read the answer's usage ourselves
@@ -406,6 +446,8 @@ class _Exchange:
         elif kind == "http.response.start":
             self.status = message["status"]
             headers = message.get("headers", ())
+            if type(headers) is not list and not isinstance(headers, tuple):
+                headers = list(headers)  # any iterable (a generator is read once)
             for name, _ in headers:
                 if len(name) == 12 and name.lower() == REQUEST_ID_HEADER:  # exactly one id
                     headers = [h for h in headers if h[0].lower() != REQUEST_ID_HEADER]

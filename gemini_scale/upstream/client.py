@@ -393,9 +393,9 @@ class GeminiUpstream:
         key = self._pick_key()
         if key is not None:
             headers["x-goog-api-key"] = key
-        model = _model_label(path)
+        model = _model_id(path)
         with tracing.span("gemini_scale.upstream", kind="CLIENT", **{
-            "http.request.method": method, "gen_ai.request.model": model,
+            "http.request.method": method, "gen_ai.request.model": _model_label(model, False),
         }):
             tracing.inject(headers)  # W3C traceparent, when tracing is on
             return await self._send(method, path, query, body, headers=headers, model=model)
@@ -408,12 +408,12 @@ class GeminiUpstream:
         body: bytes | None,
         *,
         headers: dict[str, str],
-        model: str,
+        model: str | None,
     ) -> Response:
         started = time.monotonic()
         if self._client.is_closed:
             logger.warning("upstream %s %s: client closed", method, path)
-            _record(model, None, 0.0, "unavailable")
+            _record(_model_label(model, False), None, 0.0, "unavailable")
             return UpstreamUnavailableError().response()
         outgoing = self._client.build_request(
             method, self._base_url + path, params=list(query), content=body, headers=headers
@@ -427,16 +427,18 @@ class GeminiUpstream:
                 method, path, elapsed, type(exc).__name__,
             )
             response = _failure_response(exc)
-            _record(model, None, elapsed,
+            _record(_model_label(model, False), None, elapsed,
                     "timeout" if response.status_code == 504 else "unavailable")
             return response
         elapsed = time.monotonic() - started
         status = upstream.status_code
         logger.debug("upstream %s %s -> %d in %.3fs", method, path, status, elapsed)
         if 200 <= status < 300:
-            _record(model, status, elapsed, None)
-            return self._relay_response(upstream, model)
-        _record(model, status, elapsed, "status_4xx" if status < 500 else "status_5xx")
+            label = _model_label(model, True)
+            _record(label, status, elapsed, None)
+            return self._relay_response(upstream, label)
+        error = "status_4xx" if status < 500 else "status_5xx"
+        _record(_model_label(model, False), status, elapsed, error)
         return await self._error_response(upstream, method, path)
 
     @staticmethod
@@ -505,9 +507,17 @@ _MODEL_IN_PATH: Final = re.compile(r"/models/([^/:]+)")
 _MODELS: Final = BoundedLabel(100)
 
 
-def _model_label(path: str) -> str:
+def _model_id(path: str) -> str | None:
     found = _MODEL_IN_PATH.search(path)
-    return _MODELS(found.group(1)) if found else "(none)"
+    return found.group(1) if found else None
+
+
+def _model_label(model: str | None, answered: bool) -> str:
+    """The label value of ``model``: only a call the upstream answered (2xx) admits a model
+    id to the bound, so made-up ids (404s) cannot use it up."""
+    if model is None:
+        return "(none)"
+    return _MODELS(model) if answered else _MODELS.known(model)
 
 
 def _record(model: str, status: int | None, seconds: float, error: str | None) -> None:

@@ -83,9 +83,9 @@ def detector_on(
     backend: Backend, registry: CollectorRegistry, **options: Any
 ) -> UsageAnomalyDetector:
     """A detector (one replica) on the backend's store and fake clock; flushes are the
-    test's (the background interval is an hour)."""
+    test's (the background interval is a whole window, longer than any test)."""
     assert backend.clock is not None
-    options.setdefault("flush_interval", 3600.0)
+    options.setdefault("flush_interval", WINDOW)
     return UsageAnomalyDetector(
         store=backend.store(), clock=backend.clock, registry=registry, **options
     )
@@ -240,7 +240,7 @@ async def test_a_sustained_departure_is_one_anomaly_until_the_baseline_catches_u
     baseline its own level in one window: ten times the rate stays flagged for three
     windows (uncapped, it would be two), then it is the principal's new normal."""
     clock, registry = FakeClock(START), fresh_registry()
-    detector = UsageAnomalyDetector(clock=clock, registry=registry, flush_interval=3600)
+    detector = UsageAnomalyDetector(clock=clock, registry=registry, flush_interval=WINDOW)
     principal = "iss ramped-up"
     for _ in range(12):
         assert await run_window(clock, {principal: (100, 0)}, detector) == []
@@ -259,7 +259,7 @@ async def test_a_sustained_departure_is_one_anomaly_until_the_baseline_catches_u
 async def test_a_new_principal_is_not_judged_before_its_warm_up() -> None:
     clock, registry, hook = FakeClock(START), fresh_registry(), Hook()
     detector = UsageAnomalyDetector(
-        clock=clock, registry=registry, on_anomaly=hook, warmup_windows=5, flush_interval=3600
+        clock=clock, registry=registry, on_anomaly=hook, warmup_windows=5, flush_interval=WINDOW
     )
     newcomer, fresh_token = "iss newcomer", "iss brand-new-token"
     # Ten times its rate in its fourth window, and a fresh token that floods from the start.
@@ -421,7 +421,7 @@ async def test_a_dead_redis_never_reaches_the_caller(
     )
     registry = fresh_registry()
     detector = UsageAnomalyDetector(
-        store=store, clock=FakeClock(START), registry=registry, flush_interval=3600
+        store=store, clock=FakeClock(START), registry=registry, flush_interval=WINDOW
     )
     try:
         for attempt in (1, 2):
@@ -462,7 +462,7 @@ async def test_during_a_store_outage_counts_are_kept_and_judged_locally() -> Non
     store = FlakyStore(clock)
     detector = UsageAnomalyDetector(
         store=store, clock=clock, registry=registry, on_anomaly=hook,  # type: ignore[arg-type]
-        flush_interval=3600,
+        flush_interval=WINDOW,
     )
     principal = "iss during-outage"
     for _ in range(10):
@@ -512,7 +512,7 @@ async def test_a_failing_hook_is_logged_never_raised(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="gemini_scale.anomaly")
     registry = fresh_registry()
-    detector = quick(FakeClock(START), registry, on_anomaly=hook, flush_interval=3600)
+    detector = quick(FakeClock(START), registry, on_anomaly=hook, flush_interval=WINDOW)
     detector.observe("iss p", requests=5)
     found = await detector.flush()
     assert [a.principal for a in found] == ["iss p"]
@@ -531,7 +531,7 @@ async def test_an_async_hook_is_awaited() -> None:
         await asyncio.sleep(0)
         seen.append(anomaly)
 
-    detector = quick(FakeClock(START), fresh_registry(), on_anomaly=hook, flush_interval=3600)
+    detector = quick(FakeClock(START), fresh_registry(), on_anomaly=hook, flush_interval=WINDOW)
     detector.observe("iss p", requests=5)
     assert await detector.flush() == seen
     assert len(seen) == 1
@@ -583,7 +583,8 @@ async def test_start_is_idempotent_and_aclose_stops_flushing() -> None:
 @pytest.mark.parametrize(
     "options",
     [{"factor": 1.0}, {"window": 0}, {"smoothing": 0}, {"max_principals": 0},
-     {"min_requests": 0}, {"history_ttl": 60.0}],
+     {"min_requests": 0}, {"history_ttl": 60.0},
+     {"window": 10, "flush_interval": 30}],  # windows would be dropped between flushes
 )
 def test_bad_configuration_is_refused_at_construction(options: dict[str, Any]) -> None:
     with pytest.raises(ConfigurationError):
@@ -597,7 +598,7 @@ async def test_detectors_share_their_registry_and_the_store_error_family() -> No
     clock = FakeClock(START)
     store = FlakyStore(clock)
     made = [
-        quick(clock, registry, store=store, flush_interval=3600)
+        quick(clock, registry, store=store, flush_interval=WINDOW)
         for _ in range(2)
     ]
     for i, detector in enumerate(made):
@@ -613,3 +614,27 @@ async def test_detectors_share_their_registry_and_the_store_error_family() -> No
     store.down = False
     for detector in made:
         await detector.aclose()
+
+
+async def test_a_principal_evicted_while_flagged_is_counted_again_when_it_comes_back(
+    backend: Backend,
+) -> None:
+    assert backend.clock is not None
+    registry = fresh_registry()
+    detector = detector_on(backend, registry, max_principals=3)
+    principal = "iss evicted-while-flagged"
+    for _ in range(8):
+        await run_window(backend.clock, {principal: (40, 0)}, detector)
+    detector.observe(principal, requests=1000)
+    await detector.flush()
+    assert flagged_gauge(registry, "requests") == 1
+    for i in range(3):  # three other callers: its entry is evicted
+        detector.observe(f"iss other-{i}")
+    await detector.flush()
+    assert flagged_gauge(registry, "requests") == 0  # it is no longer held here
+    detector.observe(principal, requests=1000)  # the burst goes on, same window
+    await detector.flush()
+    assert detector.flagged(principal) == {"requests"}
+    assert flagged_gauge(registry, "requests") == 1
+    assert anomalies(registry, "requests") == 1  # the same anomaly, not a new one
+    await detector.aclose()

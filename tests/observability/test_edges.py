@@ -3,6 +3,8 @@ request ids from proxies, apps and forks."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 from typing import Any
@@ -10,9 +12,9 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.routing import Route, Router
 
 from gemini_scale import MetricsMiddleware
 from gemini_scale.observability.request_id import RequestIds
@@ -244,3 +246,96 @@ async def test_a_cache_hit_burns_no_tokens_without_a_limiter_too() -> None:
     hit = await call(app, "POST", path, json_body={"contents": []})
     assert "hit" in hit.headers["cache-status"]
     assert (_tokens(registry, "input"), _tokens(registry, "output")) == (4, 9)
+
+
+# -- a client that leaves before the answer, one-shot headers, HEAD ---------------------------
+
+
+def _requests(registry: CollectorRegistry, route: str, status: str) -> float | None:
+    return registry.get_sample_value("http_server_request_duration_seconds_count", {
+        "http_request_method": "POST", "http_route": route, "http_response_status_code": status,
+        "gemini_api_version": "none"})
+
+
+async def _leaves_silently(scope: Any, receive: Any, send: Any) -> None:
+    """Reads until the client leaves, then returns without answering (no one to answer)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _reads_the_body(request: Request) -> Response:
+    await request.body()  # raises ClientDisconnect: the upload was cut
+    return JSONResponse({"ok": True})
+
+
+async def _waits(request: Request) -> Response:
+    await asyncio.sleep(3600)  # cancelled by the server when the client leaves
+    return JSONResponse({"ok": True})
+
+
+@pytest.mark.parametrize("case", ["silent", "upload_cut", "app_answers_nobody", "cancelled"])
+async def test_a_client_gone_before_the_answer_is_a_499_not_a_500(
+    case: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="gemini_scale.access")
+    registry = CollectorRegistry()
+    routes = [Route("/upload", _reads_the_body, methods=["POST"]),
+              Route("/wait", _waits, methods=["POST"])]
+    inner: Any = Router(routes=routes)
+    if case == "silent":
+        inner = _leaves_silently
+    elif case == "app_answers_nobody":  # Starlette's error middleware answers a 500 anyway
+        inner = Starlette(routes=routes)
+    app = MetricsMiddleware(inner, registry=registry)
+    route = "(unmatched)" if case == "silent" else "/wait" if case == "cancelled" else "/upload"
+    messages = iter([{"type": "http.request", "body": b'{"a":', "more_body": True},
+                     {"type": "http.disconnect"}])
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return next(messages) if case != "cancelled" else await asyncio.Event().wait()
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    task = asyncio.create_task(app(http_scope("POST", route), receive, send))
+    if case == "cancelled":
+        await asyncio.sleep(0.05)
+        task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, ClientDisconnect):
+        await task
+    if case != "app_answers_nobody":  # no 500 from this layer
+        assert not [m for m in sent if m.get("status") == 500]
+    assert _requests(registry, route, "499") == 1
+    assert _requests(registry, route, "500") is None
+    assert registry.get_sample_value(
+        "gemini_scale_client_disconnects_total", {"http_route": route}) == 1
+    access = [r.__dict__["access"] for r in caplog.records if r.name == "gemini_scale.access"]
+    assert (access[-1]["status"], access[-1]["client_disconnected"]) == (499, True)
+
+
+async def test_headers_in_a_one_shot_iterable_are_all_sent() -> None:
+    async def answer(scope: Any, receive: Any, send: Any) -> None:
+        headers = {b"content-type": b"application/json", b"cache-control": b"no-store"}
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": ((k, v) for k, v in headers.items())})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    app = MetricsMiddleware(answer, registry=CollectorRegistry(), access_log=False)
+    recorded = await call(app, "GET", "/x")
+    names = [k for k, _ in recorded.messages[0]["headers"]]
+    assert names == [b"content-type", b"cache-control", b"x-request-id"]
+
+
+async def test_a_head_request_records_no_body_bytes_nor_a_first_byte(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level("INFO", logger="gemini_scale.access")
+    registry = CollectorRegistry()
+    head = Starlette(routes=[Route("/x", _ok, methods=["GET", "HEAD"])])
+    await call(MetricsMiddleware(head, registry=registry), "HEAD", "/x")
+    access = [r.__dict__["access"] for r in caplog.records if r.name == "gemini_scale.access"]
+    assert access[-1]["bytes"] == 0
+    assert "ttfb_ms" not in access[-1]
+    assert registry.get_sample_value("gemini_scale_time_to_first_byte_seconds_count",
+                                      {"http_request_method": "HEAD", "http_route": "/x"}) == 0

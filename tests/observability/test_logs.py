@@ -3,15 +3,27 @@ JSON or key=value lines."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 
 import pytest
 from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from example_app.standin import create_standin
-from gemini_scale import APIKeys
-from gemini_scale.observability import JSONFormatter, KeyValueFormatter, configure_logging
+from gemini_scale import APIKeys, MetricsMiddleware
+from gemini_scale.observability import (
+    JSONFormatter,
+    KeyValueFormatter,
+    RequestIdFilter,
+    configure_logging,
+)
+from tests.cache.support import call
 from tests.gateway import build, running
 
 PROMPT = "the secret recipe for zebra-striped pancakes 4417"
@@ -84,3 +96,64 @@ def test_configure_logging_replaces_its_own_handler() -> None:
             if handler not in before:
                 root.removeHandler(handler)
         root.setLevel(level)
+
+
+async def test_every_record_of_a_request_carries_its_id() -> None:
+    """Records logged inside the request, and the error record an outer layer writes for an
+    exception that escaped from it, carry the request's id; records outside carry none."""
+    app_logger = logging.getLogger("tests.observability.app")
+
+    async def logs(request: Request) -> Response:
+        app_logger.warning("inside the request")
+        return JSONResponse({})
+
+    async def boom(request: Request) -> Response:
+        raise RuntimeError("the app failed")
+
+    async def outer_handler(request: Request, exc: Exception) -> Response:
+        app_logger.error("unhandled error", exc_info=exc)  # outside MetricsMiddleware
+        return JSONResponse({}, status_code=500)
+
+    app = Starlette(
+        routes=[Route("/logs", logs), Route("/boom", boom)],
+        middleware=[Middleware(MetricsMiddleware, registry=CollectorRegistry())],
+        exception_handlers={Exception: outer_handler},
+    )
+    root = logging.getLogger()
+    before, level = list(root.handlers), root.level
+    handler = configure_logging("INFO", "json")
+    buffer = io.StringIO()
+    handler.setStream(buffer)
+    try:
+        ids = [(await call(app, "GET", "/logs")).headers["x-request-id"]]
+        with pytest.raises(RuntimeError):  # answered, then re-raised for the server
+            await call(app, "GET", "/boom")
+        app_logger.warning("outside any request")
+    finally:
+        for added in [h for h in root.handlers if h not in before]:
+            root.removeHandler(added)
+        root.setLevel(level)
+    lines = [json.loads(line) for line in buffer.getvalue().splitlines()]
+    ids.append(next(line["request_id"] for line in lines if line["message"] == "GET /boom 500"))
+    seen = [(line["message"], line.get("request_id")) for line in lines
+            if line["logger"] in ("tests.observability.app", "gemini_scale.access")]
+    assert seen == [
+        ("inside the request", ids[0]), ("GET /logs 200", ids[0]),
+        ("GET /boom 500", ids[1]), ("unhandled error", ids[1]),
+        ("outside any request", None),
+    ]
+
+
+def test_the_filter_for_your_own_logging_configuration() -> None:
+    from gemini_scale.observability.logs import REQUEST_ID
+
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
+    RequestIdFilter(default="-").filter(record)
+    assert record.__dict__["request_id"] == "-"
+    token = REQUEST_ID.set(b"abc123")
+    try:
+        record = logging.LogRecord("x", logging.INFO, __file__, 1, "m", None, None)
+        assert RequestIdFilter().filter(record)
+        assert logging.Formatter("%(request_id)s %(message)s").format(record) == "abc123 m"
+    finally:
+        REQUEST_ID.reset(token)

@@ -69,3 +69,27 @@ async def test_without_tracing_nothing_is_sent_upstream() -> None:
                           headers={"traceparent": "00-0af7651916cd43dd8448eb211c80319c-"
                                                   "b7ad6b7169203331-01"})
     assert received[-1].header("traceparent") is None
+
+
+async def test_a_5xx_answer_is_an_error_span_and_a_4xx_is_not(
+    exporter: InMemorySpanExporter,
+) -> None:
+    from opentelemetry.trace import StatusCode
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from gemini_scale import MetricsMiddleware
+    from tests.cache.support import call
+
+    async def status(request: Request) -> Response:
+        return JSONResponse({}, status_code=int(request.path_params["code"]))
+
+    app = MetricsMiddleware(Starlette(routes=[Route("/{code:int}", status)]),
+                            registry=CollectorRegistry(), access_log=False)
+    for code in ("503", "404"):
+        await call(app, "GET", f"/{code}")
+    statuses = {span.attributes["http.response.status_code"]: span.status.status_code
+                for span in exporter.get_finished_spans() if span.kind.name == "SERVER"}
+    assert statuses == {503: StatusCode.ERROR, 404: StatusCode.UNSET}

@@ -26,6 +26,7 @@ from starlette.routing import Route
 
 from example_app.standin import ReceivedRequest, StreamGate, create_standin
 from gemini_scale.errors import ConfigurationError
+from gemini_scale.observability.metrics import BoundedLabel
 from gemini_scale.upstream import GeminiUpstream, StreamingASGITransport, UpstreamResponse
 from tests.servers import free_port, serve
 from tests.sse import sse_events
@@ -656,3 +657,28 @@ async def test_base_url_path_prefix_is_kept() -> None:
             await upstream.request("GET", "v1/models")
     assert paths == ["/gemini/v1/models"]
     assert upstream.base_url == "http://proxy.example/gemini"
+
+
+async def test_only_answered_calls_admit_a_model_id_to_the_upstream_labels(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from prometheus_client import REGISTRY
+
+    from gemini_scale.upstream import client as upstream_client
+
+    monkeypatch.setattr(upstream_client, "_MODELS", BoundedLabel(2))
+
+    def duration_count(model: str, status: str) -> float:
+        return REGISTRY.get_sample_value(
+            "gemini_scale_upstream_request_duration_seconds_count",
+            {"gen_ai_request_model": model, "http_response_status_code": status},
+        ) or 0.0
+
+    before = duration_count("gemini-2.5-flash", "200")
+    async with stack() as s:
+        for i in range(3):  # made-up ids: the upstream answers 404
+            path = f"/v1beta/models/made-up-{i}-{id(s)}:generateContent"
+            assert (await s.client.post(path, json=PROMPT)).status_code == 404
+        assert (await s.client.post(GENERATE_PATH, json=PROMPT)).status_code == 200
+    assert duration_count("gemini-2.5-flash", "200") == before + 1
+    assert upstream_client._MODELS.known(f"made-up-0-{id(s)}") == "(other)"
