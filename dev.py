@@ -63,7 +63,8 @@ def run(args: list[str]) -> int:
     if not env.get("GEMINI_SCALE_OAUTH_ISSUER"):
         env.setdefault("GEMINI_SCALE_DEV_ISSUER", "1")
     server = subprocess.Popen(
-        [str(PYTHON), "-m", "uvicorn", "example_app.main:app", "--host", host, "--port", port],
+        [str(PYTHON), "-m", "uvicorn", "example_app.main:app", "--host", host, "--port", port,
+         "--no-proxy-headers"],
         cwd=ROOT,
         env=env,
     )

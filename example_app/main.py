@@ -11,13 +11,31 @@ from example_app.app import create_app
 from gemini_scale import ConfigurationError, configure_logging, load_settings
 
 
+class DropAccessRecords(logging.Filter):
+    """Drops every record of the logger it is on (installed on ``uvicorn.access``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return False
+
+
+def silence_uvicorn_access_log() -> None:
+    """Drop uvicorn's access records: the gateway writes its own (``gemini_scale.access``),
+    while uvicorn's hold the raw query string, where a client's ``?key=`` would be logged.
+
+    A filter, not ``disabled``: uvicorn's ``dictConfig`` (run when ``uvicorn.run(app)`` is
+    called after this import) re-enables the loggers it configures and replaces their
+    handlers, but keeps their filters.
+    """
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, DropAccessRecords) for f in access.filters):
+        access.addFilter(DropAccessRecords())
+
+
 def _from_environment() -> FastAPI:
     try:
         settings = load_settings()
         configure_logging(settings.log_level, settings.log_format)
-        # The gateway writes its own access record (gemini_scale.access); uvicorn's would
-        # repeat it with the raw query string, where a client's ?key= would be logged.
-        logging.getLogger("uvicorn.access").disabled = True
+        silence_uvicorn_access_log()
         return create_app(settings)
     except ConfigurationError as exc:
         # A clear one-line reason instead of an import traceback.
