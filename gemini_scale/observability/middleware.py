@@ -210,9 +210,14 @@ class MetricsMiddleware(GeminiMiddleware):
     async def _traced(
         self, scope: Scope, receive: Receive, exchange: _Exchange, context: RequestContext
     ) -> None:
-        """The request inside a server span (continuing the caller's W3C trace)."""
+        """The request inside a server span, continuing the W3C trace of a trusted proxy
+        (any other client's ``traceparent`` would decide sampling and the trace id)."""
         method = scope["method"]
-        span = tracing.server_span(method, scope["headers"], **{"http.request.method": method})
+        client = scope.get("client")
+        trusted = self.request_ids.trusted.trusts_peer(client[0] if client else None)
+        span = tracing.server_span(
+            method, scope["headers"] if trusted else [], **{"http.request.method": method}
+        )
         with span as opened:
             try:
                 await self.app(scope, receive, exchange)
@@ -494,7 +499,7 @@ class _Exchange:
 
 def _decision_labels(prefix: str, decision: Any) -> tuple[str, str]:
     """``(limit, outcome)`` of one rate limiter's decision."""
-    if decision.degraded:
+    if decision.degraded and decision.allowed:  # a refusal by the local limits is a refusal
         limit, outcome = None, "degraded"
     elif decision.allowed:
         tightest = decision.tightest()

@@ -234,3 +234,27 @@ async def test_one_access_record_per_request_with_the_decisions(
     assert first["duration_ms"] >= first["ttfb_ms"] > 0
     assert first["request_id"] != second["request_id"]
     json.dumps(first)  # JSON-safe
+
+
+async def test_a_refusal_by_the_local_limits_of_a_failing_store_is_counted_as_refused() -> None:
+    # The store is down (nothing listens on its port): under on_store_error="local" each
+    # replica enforces the limits itself; its 429s are refusals of a limit, not "degraded".
+    from gemini_scale import RateLimitMiddleware, RateLimitPolicy, store_from_url
+    from tests.gateway import free_port
+
+    async def ok(request: Request) -> Response:
+        return JSONResponse({})
+
+    store = store_from_url(f"redis://127.0.0.1:{free_port()}/0", prefix="test-degraded")
+    limited = RateLimitMiddleware(Starlette(routes=[Route("/x", ok)]), store=store,
+                                  default=RateLimitPolicy.parse("2/minute", key="client_ip"))
+    registry = CollectorRegistry()
+    app = MetricsMiddleware(limited, registry=registry, access_log=False)
+    try:
+        statuses = [(await call(app, "GET", "/x")).status for _ in range(3)]
+    finally:
+        await store.aclose()
+    assert statuses == [200, 200, 429]
+    decisions = "gemini_scale_ratelimit_decisions_total"
+    assert value(registry, decisions, limit="requests 2/60s", outcome="refused") == 1
+    assert value(registry, decisions, limit="any", outcome="degraded") == 2

@@ -34,8 +34,9 @@ async def test_spans_for_every_layer_and_traceparent_upstream(
     exporter: InMemorySpanExporter,
 ) -> None:
     received: list[ReceivedRequest] = []
-    app = build({"GEMINI_SCALE_CACHE_TTL": "60"}, standin=create_standin(received=received),
-                registry=CollectorRegistry())
+    app = build({"GEMINI_SCALE_CACHE_TTL": "60",
+                 "GEMINI_SCALE_TRUSTED_PROXIES": "127.0.0.1/32"},  # the test client's address
+                standin=create_standin(received=received), registry=CollectorRegistry())
     async with running(app) as client:
         exporter.clear()
         incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -93,3 +94,31 @@ async def test_a_5xx_answer_is_an_error_span_and_a_4xx_is_not(
     statuses = {span.attributes["http.response.status_code"]: span.status.status_code
                 for span in exporter.get_finished_spans() if span.kind.name == "SERVER"}
     assert statuses == {503: StatusCode.ERROR, 404: StatusCode.UNSET}
+
+
+@pytest.mark.parametrize("trusted", [True, False])
+async def test_only_a_trusted_proxys_trace_is_continued(
+    exporter: InMemorySpanExporter, trusted: bool
+) -> None:
+    # Any other client's traceparent would choose the trace id and force (or suppress)
+    # sampling of its requests, whatever the operator's sampler says.
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response
+    from starlette.routing import Route
+
+    from gemini_scale import MetricsMiddleware
+    from tests.cache.support import call
+
+    async def ok(request: Request) -> Response:
+        return JSONResponse({})
+
+    app = MetricsMiddleware(Starlette(routes=[Route("/x", ok)]), registry=CollectorRegistry(),
+                            access_log=False,
+                            trusted_proxies=["127.0.0.1/32"] if trusted else [])
+    incoming = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    await call(app, "GET", "/x", headers={"traceparent": incoming})  # from 127.0.0.1
+    [server] = [s for s in exporter.get_finished_spans() if s.kind.name == "SERVER"]
+    continued = format(server.context.trace_id, "032x") == "0af7651916cd43dd8448eb211c80319c"
+    assert continued is trusted
+    assert (server.parent is not None) is trusted
