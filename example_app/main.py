@@ -31,11 +31,22 @@ def silence_uvicorn_access_log() -> None:
         access.addFilter(DropAccessRecords())
 
 
+def route_uvicorn_logs() -> None:
+    """Send uvicorn's own records (start-up, errors) through the handler ``configure_logging``
+    installed, so the output is one format (under ``uvicorn example_app.main:app``; a
+    ``uvicorn.run(app)`` after this import configures its loggers again)."""
+    for name in ("uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+
+
 def _from_environment() -> FastAPI:
     try:
         settings = load_settings()
         configure_logging(settings.log_level, settings.log_format)
         silence_uvicorn_access_log()
+        route_uvicorn_logs()
         return create_app(settings)
     except ConfigurationError as exc:
         # A clear one-line reason instead of an import traceback.

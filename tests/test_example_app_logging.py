@@ -1,9 +1,11 @@
-"""The example gateway started the programmatic way (``import example_app.main`` and then
-``uvicorn.run(app)``, whose logging set-up runs after the import) never logs a client's
-``?key=``: uvicorn's access records, which hold the raw query string, stay dropped."""
+"""The example gateway's logs under a real uvicorn. Started the programmatic way (``import
+example_app.main`` and then ``uvicorn.run(app)``, whose logging set-up runs after the
+import) it never logs a client's ``?key=``: uvicorn's access records, which hold the raw
+query string, stay dropped. Started the documented way, every line is one JSON record."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -26,7 +28,9 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), lifespan="on")
 """
 
 
-def test_uvicorn_run_after_import_logs_no_query_string_key() -> None:
+def _serve(command: list[str], paths: list[str]) -> str:
+    """Start the gateway with ``command`` (a port is appended), request ``paths`` once it
+    answers, stop it with SIGINT and return everything it printed."""
     port = free_port()
     env = {
         **os.environ,
@@ -35,12 +39,10 @@ def test_uvicorn_run_after_import_logs_no_query_string_key() -> None:
         "GEMINI_SCALE_DEV_ISSUER": "1",
         "GEMINI_SCALE_ACCESS_LOG": "1",
         "GEMINI_SCALE_LOG_LEVEL": "INFO",
+        "GEMINI_SCALE_LOG_FORMAT": "json",
     }
     server = subprocess.Popen(
-        [sys.executable, "-c", SERVER, str(port)],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
+        [*command, str(port)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
     )
     base = f"http://127.0.0.1:{port}"
@@ -55,8 +57,8 @@ def test_uvicorn_run_after_import_logs_no_query_string_key() -> None:
                 assert time.monotonic() < deadline, "the gateway did not start in 20 s"
                 time.sleep(0.1)
         with httpx.Client(base_url=base, timeout=5) as client:
-            assert client.get("/healthz", params={"key": SECRET}).status_code == 200
-            assert client.get("/v1beta/models", params={"key": SECRET}).status_code == 401
+            for path in paths:
+                client.get(path)
     finally:
         server.send_signal(signal.SIGINT)  # uvicorn shuts down cleanly, flushing its output
         try:
@@ -64,7 +66,23 @@ def test_uvicorn_run_after_import_logs_no_query_string_key() -> None:
         except subprocess.TimeoutExpired:
             server.kill()
             output, _ = server.communicate()
-    text = output.decode(errors="replace")
+    return output.decode(errors="replace")
+
+
+def test_uvicorn_run_after_import_logs_no_query_string_key() -> None:
+    text = _serve([sys.executable, "-c", SERVER],
+                  [f"/healthz?key={SECRET}", f"/v1beta/models?key={SECRET}"])
     assert "Application startup complete" in text  # uvicorn's own logging is on
     assert '"GET /healthz 200"' in text  # and so is the gateway's access record
     assert SECRET not in text
+
+
+def test_under_the_uvicorn_command_every_line_is_one_json_record() -> None:
+    command = [sys.executable, "-m", "uvicorn", "example_app.main:app", "--no-proxy-headers",
+               "--port"]
+    lines = _serve(command, ["/healthz", "/no-such-route"]).splitlines()
+    records = [json.loads(line) for line in lines if line.strip()]  # raises on any other
+    loggers = {record["logger"] for record in records}
+    assert {"uvicorn.error", "gemini_scale.access"} <= loggers
+    assert any(r["message"] == "Application startup complete." for r in records)
+    assert all("color_message" not in r for r in records)

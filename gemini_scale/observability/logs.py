@@ -36,7 +36,8 @@ ACCESS_LOGGER: Final = "gemini_scale.access"
 
 #: ``LogRecord`` attributes that are not ``extra`` fields.
 _STANDARD: Final = frozenset(
-    {*vars(logging.LogRecord("", 0, "", 0, "", None, None)), "message", "asctime", "taskName"}
+    {*vars(logging.LogRecord("", 0, "", 0, "", None, None)), "message", "asctime", "taskName",
+     "color_message"}  # uvicorn's copy of the message with terminal colours
 )
 
 
