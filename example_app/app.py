@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -42,8 +42,7 @@ from gemini_scale import (
     metrics_body,
     store_from_url,
 )
-from gemini_scale.routing import route_path
-from gemini_scale.types import ASGIApp, Receive, Scope, Send
+from gemini_scale.types import ASGIApp
 from gemini_scale.versioning import RETIRED_MODELS
 
 if TYPE_CHECKING:
@@ -70,24 +69,6 @@ UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 STANDIN_URL = "http://gemini-standin.invalid"
 #: The in-process cache's bound when there is no shared store.
 CACHE_MEMORY_BYTES = 256 * 1024 * 1024
-
-
-class LimiterExemption:
-    """Sends requests for ``paths`` past the rate limiter it wraps (add it right after the
-    limiter): they are neither limited nor counted. Everything else goes through it."""
-
-    def __init__(self, app: ASGIApp, *, paths: Collection[str]) -> None:
-        if not isinstance(app, RateLimitMiddleware):
-            raise ConfigurationError("LimiterExemption must be added right after a rate limiter")
-        self.app: ASGIApp = app
-        self.past: ASGIApp = app.app  # what the limiter itself calls
-        self.paths = frozenset(paths)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and route_path(scope) in self.paths:
-            await self.past(scope, receive, send)
-        else:
-            await self.app(scope, receive, send)
 
 
 def create_upstream(
@@ -183,7 +164,7 @@ def create_app(
     # the body is read only after authentication passed, the principal's request and
     # token budgets (per model) are checked on the parsed body, and the cache answers
     # last, so a hit has passed every check and charges its request but no tokens.
-    # Probes and scrapes (UNLIMITED_PATHS) go past both limiters.
+    # Probes and scrapes (UNLIMITED_PATHS) are exempt from both limiters.
     if cache_engine is not None:
         app.add_middleware(
             CacheMiddleware,
@@ -200,8 +181,8 @@ def create_app(
         default=RateLimitPolicy.parse(
             settings.rate_limit, tokens=settings.token_limit, key=("principal", "model")
         ),
+        exempt=UNLIMITED_PATHS,
     )
-    app.add_middleware(LimiterExemption, paths=UNLIMITED_PATHS)
     app.add_middleware(
         JSONBodyMiddleware,
         max_body_bytes=settings.max_body_bytes,
@@ -221,8 +202,8 @@ def create_app(
         store=store,
         on_store_error=settings.on_store_error,
         trusted_proxies=settings.trusted_proxy_list,
+        exempt=UNLIMITED_PATHS,
     )
-    app.add_middleware(LimiterExemption, paths=UNLIMITED_PATHS)
     app.add_middleware(
         VersionMiddleware,
         versions=api_versions(strict_v1=settings.strict_v1),

@@ -341,6 +341,23 @@ _NO_ROUTES = RouteTable(())
 _UNKNOWN: Any = object()
 
 
+class PathSet:
+    """Request paths given exactly, and every path under an entry that ends in ``/``."""
+
+    __slots__ = ("exact", "prefixes")
+
+    def __init__(self, paths: Iterable[str]) -> None:
+        paths = list(paths)
+        self.exact = frozenset(p for p in paths if not p.endswith("/"))
+        self.prefixes = tuple(p for p in paths if p.endswith("/"))
+
+    def __bool__(self) -> bool:
+        return bool(self.exact or self.prefixes)
+
+    def __contains__(self, path: str) -> bool:
+        return path in self.exact or path.startswith(self.prefixes)
+
+
 def route_path(scope: Scope) -> str:
     """The path the app routes on: ``path`` without the server's ``root_path``."""
     path: str = scope["path"]
@@ -554,6 +571,7 @@ __all__ = [
     "UPSTREAM_KEY",
     "USAGE_KEY",
     "GeminiMiddleware",
+    "PathSet",
     "RequestContext",
     "RouteMatch",
     "RouteTable",

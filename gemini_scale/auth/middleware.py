@@ -29,6 +29,7 @@ from gemini_scale.principal import Principal
 from gemini_scale.routing import (
     AUTH_REFUSAL_KEY,
     GeminiMiddleware,
+    PathSet,
     RequestContext,
     Rules,
     policy_for,
@@ -119,8 +120,7 @@ class OAuth2Middleware(GeminiMiddleware):
                 "introspection verifier, or api_keys"
             )
         self.realm = realm
-        self._exact_public = frozenset(p for p in public_paths if not p.endswith("/"))
-        self._public_prefixes = tuple(p for p in public_paths if p.endswith("/"))
+        self._public = PathSet(public_paths)
         self._rules = Rules(rules)
         self.cors_preflight = cors_preflight
         self.max_token_bytes = max_token_bytes
@@ -165,8 +165,7 @@ class OAuth2Middleware(GeminiMiddleware):
         await self.app(scope, receive, send)
 
     def _is_public(self, scope: Scope, context: RequestContext) -> bool:
-        path = route_path(scope)
-        if path in self._exact_public or path.startswith(self._public_prefixes):
+        if route_path(scope) in self._public:
             return True
         return policy_for(context, self._rules, PublicPolicy, scope) is not None
 

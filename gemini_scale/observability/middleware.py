@@ -213,8 +213,7 @@ class MetricsMiddleware(GeminiMiddleware):
         """The request inside a server span, continuing the W3C trace of a trusted proxy
         (any other client's ``traceparent`` would decide sampling and the trace id)."""
         method = scope["method"]
-        client = scope.get("client")
-        trusted = self.request_ids.trusted.trusts_peer(client[0] if client else None)
+        trusted = self.request_ids.from_trusted_peer(scope)
         span = tracing.server_span(
             method, scope["headers"] if trusted else [], **{"http.request.method": method}
         )

@@ -53,8 +53,7 @@ class RequestIds:
 
     def from_proxy(self, scope: Scope) -> bytes | None:
         """The well-formed ``X-Request-ID`` of a trusted proxy, if the peer is one."""
-        client = scope.get("client")
-        if self.trusted.trusts_peer(client[0] if client else None):
+        if self.from_trusted_peer(scope):
             found = None  # the last one: a proxy that appends its own id wins over the client
             for name, value in scope["headers"]:
                 if name == REQUEST_ID_HEADER:
@@ -62,6 +61,11 @@ class RequestIds:
             if found is not None and _VALID.fullmatch(found):
                 return bytes(found)
         return None
+
+    def from_trusted_peer(self, scope: Scope) -> bool:
+        """Whether the request's peer is one of the trusted proxies."""
+        client = scope.get("client")
+        return self.trusted.trusts_peer(client[0] if client else None)
 
     def new(self) -> bytes:
         """A new id."""

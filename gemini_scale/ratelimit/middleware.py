@@ -30,9 +30,11 @@ from gemini_scale.routing import (
     DECISIONS_KEY,
     USAGE_KEY,
     GeminiMiddleware,
+    PathSet,
     RequestContext,
     Rules,
     policy_for,
+    route_path,
 )
 from gemini_scale.stores.base import Store
 from gemini_scale.types import SYSTEM_CLOCK, ASGIApp, Clock, Message, Receive, Scope, Send
@@ -89,6 +91,8 @@ class RateLimitMiddleware(GeminiMiddleware):
         headers: add ``RateLimit-Policy`` / ``RateLimit`` to limited responses.
         refund_delay: seconds a refund to a shared store may wait for its bucket's next
             acquire, which carries it in the same script (``0``: a round trip at once).
+        exempt: request paths this limiter neither limits nor counts (probes, metrics
+            scrapes); an entry ending in ``/`` exempts everything under it.
     """
 
     span_name = "gemini_scale.rate_limit"
@@ -117,6 +121,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         token_methods: Sequence[str] = TOKEN_METHODS,
         headers: bool = True,
         refund_delay: float = 1.0,
+        exempt: Collection[str] = (),
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         super().__init__(app)
@@ -143,6 +148,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         self.max_body_bytes = max_body_bytes
         self.token_methods = tuple(token_methods)
         self.headers = headers
+        self.exempt = PathSet(exempt) if exempt else None
         self._limits: dict[RateLimitPolicy, tuple[Limit, ...]] = {}
         self._identities: dict[tuple[Any, ...], tuple[Principal, Identity | None]] = {}
         self._plans: dict[int, tuple[RateLimitPolicy, _Plan]] = {}
@@ -253,11 +259,14 @@ class RateLimitMiddleware(GeminiMiddleware):
         self, scope: Scope, receive: Receive, send: Send, context: RequestContext
     ) -> None:
         policy = (
-            policy_for(context, self._rules, RateLimitPolicy, scope)
-            if self.route_policies
-            else None
-        ) or self.default
-        if policy is None:
+            None if self.exempt is not None and route_path(scope) in self.exempt
+            else (
+                policy_for(context, self._rules, RateLimitPolicy, scope)
+                if self.route_policies
+                else None
+            ) or self.default
+        )
+        if policy is None:  # exempt, or no limit applies
             await self.app(scope, receive, send)
             return
         plan = self._plan(policy)
@@ -417,6 +426,7 @@ class IPRateLimitMiddleware(RateLimitMiddleware):
         trusted_proxies: Collection[str] = (),
         on_store_error: StoreErrorMode = "local",
         headers: bool = True,
+        exempt: Collection[str] = (),
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         super().__init__(
@@ -427,6 +437,7 @@ class IPRateLimitMiddleware(RateLimitMiddleware):
             trusted_proxies=trusted_proxies,
             on_store_error=on_store_error,
             headers=headers,
+            exempt=exempt,
             clock=clock,
         )
 

@@ -34,6 +34,7 @@ from gemini_scale.routing import (
     API_VERSION_EXTRA,
     CONTEXT_KEY,
     GeminiMiddleware,
+    PathSet,
     RequestContext,
     RouteTable,
     Rules,
@@ -184,8 +185,7 @@ class VersionMiddleware(GeminiMiddleware):
         self.default = default
         self.unknown = unknown
         self.dated_paths = tuple(dated_paths)
-        self.exempt = frozenset(p for p in exempt if not p.endswith("/"))
-        self.exempt_prefixes = tuple(p for p in exempt if p.endswith("/"))
+        self.exempt = PathSet(exempt)
         self.rules = rules if isinstance(rules, Rules) else Rules(rules)
         self.max_body_bytes = max_body_bytes
         self._by_path: dict[tuple[str, str], _Resolved] = {}
@@ -197,7 +197,7 @@ class VersionMiddleware(GeminiMiddleware):
     # -- request line -> selection --------------------------------------------------------
 
     def _resolve_path(self, method: str, path: str, table: RouteTable | None) -> _Resolved:
-        if path in self.exempt or path.startswith(self.exempt_prefixes):
+        if path in self.exempt:
             return _EXEMPT
         bundle = self.versions
         if bundle is not None:

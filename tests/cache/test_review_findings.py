@@ -236,3 +236,4 @@ async def test_a_rules_model_tags_the_entry_in_front_of_a_plain_app() -> None:
     again = await call(app, "POST", GENERATE, headers=who("alice"), json_body=body)
     assert first.headers["cache-status"] == again.headers["cache-status"] == (
         "gemini-scale; fwd=miss; stored")
+
