@@ -161,13 +161,17 @@ def _flush_twin(state: LocalState, keys: list[str], args: list[Any], now: float)
     window = int(args[0])
     p = _Params(float(args[1]), float(args[2]), int(args[3]), (float(args[4]), float(args[5])))
     expires_at = now + int(args[6]) / 1000
+    shift, skew = 0, float(args[9])
+    if skew >= 0 and abs(now - float(args[8])) > skew:
+        ours = math.floor(now / float(args[7]))
+        shift, window = ours - window, ours
     out: list[int] = []
     for i, key in enumerate(keys):
         stored = state.get(key)
         s = _Shared(stored if isinstance(stored, tuple) else None)
-        at = 7 + 6 * i
+        at = 10 + 6 * i
         for j in (at, at + 3):
-            x, r, t = int(args[j]), int(args[j + 1]), int(args[j + 2])
+            x, r, t = int(args[j]) + shift, int(args[j + 1]), int(args[j + 2])
             if r > 0 or t > 0:
                 s.advance(x, p)
                 if x == s.w:
@@ -202,8 +206,10 @@ FLUSH = Script(
     exact=True,
 )
 """Merge counts, roll windows, fold baselines and judge, for a batch of principals: KEYS one
-per principal, ARGV ``now, factor, alpha, warmup, min_requests, min_tokens, ttl_ms`` then
-``x1, r1, t1, x2, r2, t2`` per principal; nine integers per principal back."""
+per principal, ARGV ``now, factor, alpha, warmup, min_requests, min_tokens, ttl_ms, window,
+time, max_skew`` then ``x1, r1, t1, x2, r2, t2`` per principal; nine integers per principal
+back. A caller whose ``time`` is more than ``max_skew`` seconds (negative: any) from the
+store's has its window indexes moved onto the store's clock."""
 
 
 # -- metrics ---------------------------------------------------------------------------------
@@ -361,6 +367,10 @@ class UsageAnomalyDetector:
     :param history_ttl: seconds an idle principal's shared state is kept (at least three
         windows; ``None``: a day, or three windows if longer); after it, the principal
         starts a new warm-up.
+    :param max_clock_skew: seconds this replica's clock may differ from the store's (Redis
+        ``TIME``) before the store's clock places its counts in windows, so a replica whose
+        clock is stepped or badly set cannot roll every principal's windows forward or back
+        (``None``: always this replica's clock, as tests with an injected clock need).
     :param on_anomaly: called with each new :class:`Anomaly`.
     :param clock: wall-clock source (windows come from its ``time()``); tests inject one.
     :param registry: the Prometheus registry (default: the global one).
@@ -379,6 +389,7 @@ class UsageAnomalyDetector:
         max_principals: int = 10_000,
         flush_interval: float = 5.0,
         history_ttl: float | None = None,
+        max_clock_skew: float | None = 1.0,
         on_anomaly: Callable[[Anomaly], object] | None = None,
         clock: Clock = SYSTEM_CLOCK,
         registry: CollectorRegistry | None = None,
@@ -397,6 +408,10 @@ class UsageAnomalyDetector:
         if history_ttl is None:
             history_ttl = max(86_400.0, 3 * window)
         _check(history_ttl >= 3 * window, "history_ttl must be at least 3 windows", history_ttl)
+        _check(
+            max_clock_skew is None or 0 <= max_clock_skew < math.inf,
+            "max_clock_skew must be >= 0 seconds or None", max_clock_skew,
+        )
         if registry is None:
             from prometheus_client import REGISTRY
 
@@ -410,6 +425,7 @@ class UsageAnomalyDetector:
         self.max_principals = max_principals
         self.flush_interval = flush_interval
         self.history_ttl = history_ttl
+        self.max_clock_skew = max_clock_skew
         self.on_anomaly = on_anomaly
         self.store: Store = (
             store
@@ -425,7 +441,8 @@ class UsageAnomalyDetector:
                                (float(min_requests), float(min_tokens)))
         self._head: list[int | float] = [
             0, self.factor, self.smoothing, warmup_windows, min_requests, min_tokens,
-            max(1, round(history_ttl * 1000)),
+            max(1, round(history_ttl * 1000)), self.window, 0.0,
+            -1.0 if max_clock_skew is None else float(max_clock_skew),
         ]
         self._tag = f"anomaly:{{anomaly}}:{self.window:g}s:"
         self._locals: OrderedDict[str, _Local] = OrderedDict()
@@ -560,7 +577,8 @@ class UsageAnomalyDetector:
         return self._tag + digest[:32]
 
     async def _flush(self) -> list[Anomaly]:
-        now = int(self._time() // self.window)
+        wall = self._time()
+        now = int(wall // self.window)
         idle = (now, 0, 0, now, 0, 0)
         batch: list[_Item] = []
         for principal, local in self._locals.items():
@@ -570,7 +588,7 @@ class UsageAnomalyDetector:
             if local.key is None:
                 local.key = self._key(principal)
             batch.append((principal, local, entries or idle))
-        self._head[0] = now
+        self._head[0], self._head[8] = now, wall
         found: list[Anomaly] = []
         for start in range(0, len(batch), _BATCH):
             part = batch[start : start + _BATCH]

@@ -2,9 +2,10 @@
 baseline, shared across replicas through the store, with bounded memory and a store failure
 that never reaches the caller.
 
-Time is a FakeClock placed on a window boundary, also on Redis: windows come from the
-detector's clock (the store keeps no time of its own here), so every scenario is exact on
-every backend.
+Time is a FakeClock placed on a window boundary, also on Redis: there the detectors trust
+their own clock (``max_clock_skew=None``; Redis' ``TIME`` cannot be moved by a test), so
+every scenario is exact on every backend. What a replica with a stepped clock does to the
+shared windows is tested against the store's own clock, Redis ``TIME`` included.
 """
 
 from __future__ import annotations
@@ -26,8 +27,11 @@ from gemini_scale.observability.anomaly import FLUSH, Anomaly, UsageAnomalyDetec
 from gemini_scale.observability.metrics import families
 from gemini_scale.stores import MemoryStore, RedisStore, Script
 from gemini_scale.stores.base import ScriptArg
+from gemini_scale.types import SystemClock
 from tests.backends import Backend, provide
 from tests.clock import FakeClock
+
+SYSTEM = SystemClock()
 
 WINDOW = 60.0
 START = 1_800_000_000.0 - 1_800_000_000.0 % WINDOW  # a window boundary
@@ -86,6 +90,8 @@ def detector_on(
     test's (the background interval is a whole window, longer than any test)."""
     assert backend.clock is not None
     options.setdefault("flush_interval", WINDOW)
+    if backend.redis:
+        options.setdefault("max_clock_skew", None)
     return UsageAnomalyDetector(
         store=backend.store(), clock=backend.clock, registry=registry, **options
     )
@@ -352,15 +358,24 @@ async def test_the_store_holds_no_principal_and_every_key_expires(
 
 @pytest.mark.redis
 async def test_the_lua_script_and_its_python_twin_agree(redis_backend: Backend) -> None:
-    """The same random flushes (counts, late counts, idle gaps, bursts) give the same
-    replies from Redis and from a memory store."""
-    redis_store, memory = redis_backend.store(), MemoryStore(clock=FakeClock(START))
+    """The same random flushes (counts, late counts, idle gaps, bursts; callers trusted,
+    near the store's clock or far from it) give the same replies from Redis and from a
+    memory store whose clock reads Redis' ``TIME``."""
+    redis_store = redis_backend.store()
+    assert isinstance(redis_store, RedisStore)
+    seconds, micros = await redis_store.client.time()
+    server = seconds + micros / 1e6
+    # A window length that puts Redis' clock mid-window: no boundary is crossed meanwhile.
+    window = server / (server // 3600 + 0.5)
+    memory = MemoryStore(clock=FakeClock(server))
     rng = random.Random(11)
     keys = [f"anomaly:{{anomaly}}:twin:{i}" for i in range(12)]
     # factor, smoothing, warm-up, floors and TTL (ms) after the window index
     params: list[ScriptArg] = [3.0, 0.25, 2, 5, 100, 86_400_000]
     for now in range(100, 140):
-        args: list[ScriptArg] = [now, *params]
+        # trusted whatever its time; near the store's clock; a day away from it
+        caller_time, skew = rng.choice(((0.0, -1.0), (server, 30.0), (server - 86_400, 30.0)))
+        args: list[ScriptArg] = [now, *params, window, caller_time, skew]
         for _ in keys:
             late = now - rng.choice((1, 1, 2, 3))
             scale = rng.choice((0, 1, 1, 1, 8))
@@ -369,6 +384,83 @@ async def test_the_lua_script_and_its_python_twin_agree(redis_backend: Backend) 
         if rng.random() < 0.2:
             continue  # an idle window for everyone
         assert await redis_store.run(FLUSH, keys, args) == await memory.run(FLUSH, keys, args)
+
+
+class SteppedClock:
+    """Another replica's clock: ``offset`` seconds from ``base``."""
+
+    def __init__(self, base: Any, offset: float) -> None:
+        self.base, self.offset = base, offset
+
+    def time(self) -> float:
+        return float(self.base.time()) + self.offset
+
+    def monotonic(self) -> float:
+        return float(self.base.monotonic())
+
+
+async def test_a_replica_with_a_stepped_clock_cannot_blind_the_others() -> None:
+    """A replica whose clock jumped a day ahead (or one set a day behind) shares its counts
+    in the store's windows: it neither rolls the shared windows forward, which would drop
+    every other replica's counts as too late, nor loses its own."""
+    clock = FakeClock(START)  # the store's clock, and the honest replica's
+    store = MemoryStore(clock=clock, prefix="gs-anomaly-stepped")
+    registry, hook = fresh_registry(), Hook()
+    honest = UsageAnomalyDetector(
+        store=store, clock=clock, registry=registry, flush_interval=WINDOW, on_anomaly=hook
+    )
+    ahead, behind = (
+        UsageAnomalyDetector(
+            store=store, clock=SteppedClock(clock, offset), registry=fresh_registry(),
+            flush_interval=WINDOW,
+        )
+        for offset in (86_400.0, -86_400.0)
+    )
+    principal = "iss seen-by-three-replicas"
+    for _ in range(8):
+        ahead.observe(principal, requests=5)
+        behind.observe(principal, requests=5)
+        assert await run_window(clock, {principal: (30, 0)}, honest, ahead, behind) == []
+    clock.advance(10)
+    honest.observe(principal, requests=400)  # 10x the usual 40 a window
+    found = await honest.flush()
+    assert [(a.signal, a.observed) for a in found] == [("requests", 400.0)]
+    assert found[0].baseline == pytest.approx(40)
+    assert found[0].window_start == clock.now - 10
+    assert hook.calls == found
+    for replica in (honest, ahead, behind):
+        await replica.aclose()
+
+
+@pytest.mark.redis
+async def test_on_redis_a_stepped_replica_counts_in_the_servers_window(
+    redis_backend: Backend,
+) -> None:
+    """Redis' ``TIME`` decides the windows of a replica whose clock is a day off; replicas
+    on time keep their own windows (as close to the server's as the clocks are)."""
+    store = redis_backend.store()
+    assert isinstance(store, RedisStore)
+    wall = SteppedClock(SYSTEM, 0.0)
+    replicas = [
+        UsageAnomalyDetector(
+            store=store, clock=SteppedClock(SYSTEM, offset), registry=fresh_registry(),
+            max_clock_skew=5.0,
+        )
+        for offset in (0.0, 86_400.0, -86_400.0)
+    ]
+    principal = "iss stepped-on-redis"
+    for requests, replica in zip((7, 11, 13), replicas, strict=True):
+        replica.observe(principal, requests=requests)
+        await replica.flush()
+    [key] = await redis_backend.keys()
+    raw = await store.client.get(key)
+    assert raw is not None
+    w, ar, _at, br, _bt, *_ = (float(v) for v in raw.split())
+    seconds, _ = await store.client.time()
+    assert int(seconds // WINDOW) - 1 <= w <= int(wall.time() // WINDOW) + 1
+    assert ar + br == 7 + 11 + 13  # nothing dropped as too late, nothing in a far window
+    for replica in replicas:
+        await replica.aclose()
 
 
 # -- 4. bounded memory ------------------------------------------------------------------------

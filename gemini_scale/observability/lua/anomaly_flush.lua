@@ -6,10 +6,15 @@
 --   counted in window w; br, bt those of window w - 1; n the active windows folded into the
 --   baselines er, et (per full window); fl the flags of the last judgement (1 requests,
 --   2 tokens).
--- ARGV: now (window index), factor, alpha, warmup, min requests, min tokens, TTL (ms), then
---   six per key: x1, r1, t1, x2, r2, t2 (counts observed in window x; zero counts skipped).
+-- ARGV: now (the caller's window index), factor, alpha, warmup, min requests, min tokens,
+--   TTL (ms), window length (s), the caller's time (s), the largest clock skew trusted (s;
+--   negative: any), then six per key: x1, r1, t1, x2, r2, t2 (counts observed in the caller's
+--   window x; zero counts skipped).
 --   Window indexes come from the caller's clock, taken when the counts were observed: a late
---   flush never moves counts into a later window (gemini_scale/observability/anomaly.py).
+--   flush never moves counts into a later window (gemini_scale/observability/anomaly.py). A
+--   caller whose clock strays from the server's TIME by more than the skew (a clock stepped
+--   or badly set) has its windows moved onto the server's, keeping their distance to now:
+--   one replica's clock must not roll every principal's windows forward (or back).
 -- Returns nine integers per key: flags, newly raised flags, n, observed requests, requests
 --   baseline x 1000, the observed window, then the same three for tokens.
 local now = tonumber(ARGV[1])
@@ -18,6 +23,17 @@ local alpha = tonumber(ARGV[3])
 local warmup = tonumber(ARGV[4])
 local floors = {tonumber(ARGV[5]), tonumber(ARGV[6])}
 local ttl = ARGV[7]
+local shift = 0
+local skew = tonumber(ARGV[10])
+if skew >= 0 then
+  local t = redis.call('TIME')
+  local server = tonumber(t[1]) + tonumber(t[2]) / 1000000
+  if math.abs(server - tonumber(ARGV[9])) > skew then
+    local ours = math.floor(server / tonumber(ARGV[8]))
+    shift = ours - now
+    now = ours
+  end
+end
 
 local function fold(s, count, baseline, floor)
   -- A window past warm-up weighs in at most `factor` times the baseline, so a burst cannot
@@ -81,9 +97,9 @@ for i = 1, #KEYS do
     s.w, s.ar, s.at, s.br, s.bt = v[1], v[2], v[3], v[4], v[5]
     s.n, s.er, s.et, s.fl = v[6], v[7], v[8], v[9]
   end
-  local at = 7 + 6 * (i - 1)
+  local at = 10 + 6 * (i - 1)
   for j = 0, 3, 3 do
-    local x = tonumber(ARGV[at + j + 1])
+    local x = tonumber(ARGV[at + j + 1]) + shift
     local r = tonumber(ARGV[at + j + 2])
     local t = tonumber(ARGV[at + j + 3])
     if r > 0 or t > 0 then
