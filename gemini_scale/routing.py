@@ -379,6 +379,12 @@ class RequestContext:
     """Other per-request facts middlewares pass to each other."""
 
 
+async def misconfigured_app(scope: Scope, receive: Any, send: Any) -> None:
+    """The answer to every request while the app fails its audit: a 500 (the audit's error
+    is in the logs)."""
+    await send_error(send, 500, "The service is misconfigured; see its logs.")
+
+
 class GeminiMiddleware:
     """Base of every gemini-scale middleware: pass-through of non-HTTP scopes, the shared
     per-request context, route resolution and the enforcement audit.
@@ -425,7 +431,7 @@ class GeminiMiddleware:
             else:
                 table = self._route_table(scope)
             if table is None:
-                await send_error(send, 500, "The service is misconfigured; see its logs.")
+                await self.serve_misconfigured(scope, receive, send)
                 return
             path = scope["path"] if not scope.get("root_path") else route_path(scope)
             context = RequestContext(table.match(scope["method"], path))
@@ -436,6 +442,11 @@ class GeminiMiddleware:
             return
         with tracer.start_as_current_span(self.span_name):
             await self.handle(scope, receive, send, context)
+
+    async def serve_misconfigured(self, scope: Scope, receive: Any, send: Any) -> None:
+        """Answer a request while the app fails its audit: the outermost layer calls this
+        (a layer that observes every request overrides it to observe these too)."""
+        await misconfigured_app(scope, receive, send)
 
     def _route_table(self, scope: Scope) -> RouteTable | None:
         """The route table of the app serving ``scope``; ``None`` when its audit failed."""
@@ -576,6 +587,7 @@ __all__ = [
     "RouteMatch",
     "RouteTable",
     "Rules",
+    "misconfigured_app",
     "policy_for",
     "route_path",
     "route_table",

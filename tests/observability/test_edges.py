@@ -339,3 +339,33 @@ async def test_a_head_request_records_no_body_bytes_nor_a_first_byte(
     assert "ttfb_ms" not in access[-1]
     assert registry.get_sample_value("gemini_scale_time_to_first_byte_seconds_count",
                                       {"http_request_method": "HEAD", "http_route": "/x"}) == 0
+
+
+async def test_a_misconfigured_apps_500_is_observed_like_any_answer(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """While the app fails the audit (a cache mark under a ``Host`` route, which no layer
+    could enforce), every request is a 500; it still carries a request id and is counted
+    and logged."""
+    from starlette.routing import Host
+
+    from gemini_scale import CacheMiddleware, cache
+
+    caplog.set_level("INFO", logger="gemini_scale.access")
+    registry = CollectorRegistry()
+    hosted = Router(routes=[Route("/c", cache(ttl=4)(_ok))])
+    app = MetricsMiddleware(
+        CacheMiddleware(Starlette(routes=[Host("api.example", app=hosted)])), registry=registry
+    )
+    recorded = await call(app, "GET", "/c")
+    start = recorded.messages[0]
+    assert start["status"] == 500
+    ids = [v for k, v in start["headers"] if k == b"x-request-id"]
+    assert len(ids) == 1
+    assert json.loads(recorded.body)["error"]["status"] == "INTERNAL"
+    assert registry.get_sample_value("http_server_request_duration_seconds_count", {
+        "http_request_method": "GET", "http_route": "(unmatched)",
+        "http_response_status_code": "500", "gemini_api_version": "none"}) == 1
+    [record] = [r for r in caplog.records if r.name == "gemini_scale.access"]
+    assert record.access["request_id"] == ids[0].decode()  # type: ignore[attr-defined]
+    assert record.access["status"] == 500  # type: ignore[attr-defined]
