@@ -17,8 +17,12 @@ from gemini_scale import (
     requires_scopes,
 )
 from gemini_scale.auth.dependencies import bearer_scheme
+from gemini_scale.versioning import RETIRED_MODELS
 
 ADMIN = "gemini.admin"
+#: A retired model's tag -> its successor's: the gateway serves (and caches) the retired
+#: names under their successors (``VersionMiddleware`` rewrites the path first).
+_SUCCESSORS = {model_tag(a.name): model_tag(a.successor) for a in RETIRED_MODELS}
 
 router = APIRouter(dependencies=[Security(bearer_scheme)])
 
@@ -41,7 +45,8 @@ async def invalidate_cache(
     if engine is None:
         raise InvalidArgumentError("The response cache is disabled (GEMINI_SCALE_CACHE_TTL=0).")
     entry = entry or []
-    tags = [model_tag(name) for name in model or ()] + (tag or []) + ([ALL_TAG] if all else [])
+    models = [_SUCCESSORS.get(model_tag(name), model_tag(name)) for name in model or ()]
+    tags = models + (tag or []) + ([ALL_TAG] if all else [])
     if not tags and not entry:
         raise InvalidArgumentError("Name what to invalidate: model, tag, entry or all=true.")
     if len(tags) + len(entry) > 100:

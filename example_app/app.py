@@ -130,6 +130,10 @@ def create_app(
         title="gemini-scale example gateway",
         lifespan=lifespan,
         openapi_url="/openapi.json",
+        # No redirects: a trailing slash is a 404 in Google's envelope, like any unknown
+        # path (a redirect would have no such body, point at the client's Host, and send
+        # a /v1 client to the /v1beta path the version layer rewrote it to).
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.dev_issuer = dev_issuer

@@ -717,8 +717,16 @@ class _Standin:
             data = json.loads(raw)
         except ValueError as exc:
             raise _invalid_json(raw, exc) from None
+        except RecursionError:
+            raise _bad_request("Invalid JSON payload received. Too deeply nested.") from None
         if not isinstance(data, Mapping):
             raise _bad_request("Invalid JSON payload received. Root element must be a message.")
+        try:  # what the answers are made from must be text: no lone surrogate ("\ud800")
+            json.dumps(data, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise _bad_request("Invalid JSON payload received. Invalid \\uXXXX escape.") from None
+        except RecursionError:
+            raise _bad_request("Invalid JSON payload received. Too deeply nested.") from None
         return data
 
     # ---- endpoints

@@ -53,6 +53,9 @@ AUTH_REFUSAL_KEY = "auth_refusal"
 USAGE_KEY = "usage"
 #: ``(model, status, seconds, error)`` of the upstream call (set by ``GeminiUpstream``).
 UPSTREAM_KEY = "upstream"
+#: Set (``True``) by ``GeminiUpstream`` when the upstream broke off an answer it had begun:
+#: the answer ends unfinished, and not because the client left.
+UPSTREAM_BROKEN_KEY = "upstream_broken"
 #: The client's API version (set by ``VersionMiddleware``).
 API_VERSION_EXTRA = "api_version"
 _LIFESPAN_KEY = "gemini_scale.lifespan"
@@ -579,6 +582,7 @@ __all__ = [
     "CACHE_OUTCOME_KEY",
     "CONTEXT_KEY",
     "DECISIONS_KEY",
+    "UPSTREAM_BROKEN_KEY",
     "UPSTREAM_KEY",
     "USAGE_KEY",
     "GeminiMiddleware",

@@ -116,6 +116,33 @@ async def test_bad_requests_get_google_envelopes() -> None:
     assert_envelope(wrong_method, 405, "INVALID_ARGUMENT")
 
 
+async def test_valid_json_the_model_cannot_take_is_a_400_not_a_500() -> None:
+    # A lone surrogate escape and nesting the body check accepts (1000 levels) both parse;
+    # the offline stand-in answers them as Google does, never with a crash.
+    path = "/v1beta/models/gemini-2.5-flash:generateContent"
+    surrogate = b'{"contents": [{"parts": [{"text": "\\ud800"}]}]}'
+    deep = (b'{"contents": [{"parts": [{"text": "deep"}]}], "tools": '
+            + b"[" * 1000 + b"]" * 1000 + b"}")
+    async with running(build()) as client:
+        for body in (surrogate, deep):
+            answer = await client.post(
+                path, content=body, headers={"content-type": "application/json"}
+            )
+            assert_envelope(answer, 400, "INVALID_ARGUMENT")
+
+
+@pytest.mark.parametrize("path", [
+    "/v1/models/", "/v1beta/models/", "/v1/models/gemini-2.5-flash:generateContent/",
+])
+async def test_a_trailing_slash_is_not_found_never_a_redirect(path: str) -> None:
+    async with running(build()) as client:
+        answer = await client.request(
+            "POST" if path.endswith("Content/") else "GET", path, json=GENERATE
+        )
+    assert "location" not in answer.headers
+    assert_envelope(answer, 404, "NOT_FOUND")
+
+
 async def test_upstream_down_is_503_unavailable() -> None:
     app = build({"GEMINI_SCALE_UPSTREAM_URL": f"http://127.0.0.1:{free_port()}"})
     async with running(app) as client:

@@ -169,6 +169,23 @@ async def test_admin_invalidates_by_model_and_everything() -> None:
         assert nothing.json()["error"]["status"] == "INVALID_ARGUMENT"
 
 
+async def test_admin_invalidates_a_retired_models_entries_by_its_old_name() -> None:
+    # The gateway serves a retired name by its successor, so its entries carry the
+    # successor's tag: naming either drops them.
+    scope = "gemini.generate gemini.read gemini.admin"
+    retired = "/v1beta/models/gemini-1.5-flash:countTokens"
+    async with gateway(scope=scope) as (client, standin):
+        body = prompt("count me")
+        await client.post(retired, json=body)
+        assert (await client.post(retired, json=body)).headers["cache-status"].startswith(
+            "gemini-scale; hit"
+        )
+        dropped = await client.delete("/admin/cache", params={"model": "gemini-1.5-flash"})
+        assert dropped.json()["tags"] == ["model:gemini-2.5-flash"]
+        assert "fwd=miss" in (await client.post(retired, json=body)).headers["cache-status"]
+        assert standin.count(":countTokens") == 2
+
+
 async def test_a_zero_ttl_turns_the_cache_off() -> None:
     scope = "gemini.generate gemini.read gemini.admin"
     async with gateway({"GEMINI_SCALE_CACHE_TTL": "0"}, scope=scope) as (client, standin):

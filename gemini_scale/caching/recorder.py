@@ -29,6 +29,7 @@ from gemini_scale.caching.semantics import (
     response_facts,
 )
 from gemini_scale.caching.signature import Plan
+from gemini_scale.header_names import lowercased
 from gemini_scale.ratelimit.usage import UsageObserver
 from gemini_scale.types import Message, Send
 
@@ -143,7 +144,7 @@ class Recorder:
     def _start(self, message: Message) -> bool:
         """Note the answer's facts; whether its start goes on now (else it is held)."""
         plan = self._plan
-        headers = message.get("headers") or []
+        headers = lowercased(message.get("headers") or ())
         self.max_age, content_type, control, self._tagged, length = response_facts(
             message["status"], headers, plan.vary_set
         )

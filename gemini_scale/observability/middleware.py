@@ -33,6 +33,7 @@ from gemini_scale.routing import (
     CACHE_HIT_KEY,
     CACHE_OUTCOME_KEY,
     DECISIONS_KEY,
+    UPSTREAM_BROKEN_KEY,
     USAGE_KEY,
     GeminiMiddleware,
     RequestContext,
@@ -252,9 +253,12 @@ class MetricsMiddleware(GeminiMiddleware):
         method = scope["method"]
         if method == "HEAD":  # the server sends no body
             x.sent, x.first_byte = 0, 0.0
-        if x.gone or not (x.complete or x.failed):
+        if x.gone or (
+            not (x.complete or x.failed) and not extras.get(UPSTREAM_BROKEN_KEY)
+        ):
             # The send failed, or the app stopped without (finishing) an answer: apps do
-            # that only when they read that the client left.
+            # that only when they read that the client left (an upstream that broke off
+            # the answer says so: the client is not gone then).
             x.gone = True
             if x.early:  # what the app answered then reached no one: a 499
                 x.status, x.first_byte = 0, 0.0
@@ -407,6 +411,7 @@ class MetricsMiddleware(GeminiMiddleware):
             "duration_ms": round((ended - x.started) * 1000, 3),
             "bytes": x.sent,
             "client_disconnected": x.gone,
+            "upstream_broken": extras.get(UPSTREAM_BROKEN_KEY),
         }
         access_logger.info(
             "%s %s %s", scope["method"][:16], template, _status_label(x),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Coroutine, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import anyio
@@ -21,6 +21,7 @@ from gemini_scale.ratelimit.engine import (
     Decision,
     Limit,
     RateLimiter,
+    Reservation,
     StoreErrorMode,
     StoreFailureError,
 )
@@ -377,14 +378,26 @@ class RateLimitMiddleware(GeminiMiddleware):
         headed: list[tuple[str, Sequence[Limit], Decision]] | None,
     ) -> None:
         """Call the app, reading the answer's usage (and adding the ``RateLimit`` headers of
-        ``headed``, in the same ``send`` wrapper), then settle the reservation."""
+        ``headed``, in the same ``send`` wrapper), then settle the reservation: before the
+        answer's last body message goes on, so a client that waits for each answer finds
+        its refund in place for its next call (layers inside may still be working, a cache
+        storing the answer, when the client already has it); else when the app returns."""
         answer = AnswerUsage(self.count)
         context.extras[USAGE_KEY] = answer  # the metrics layer reads the usage too
+        settled = False
 
         async def observing_send(message: Message) -> None:
+            nonlocal settled
             kind = message["type"]
             if kind == "http.response.body":
-                answer.feed(message.get("body", b""), message.get("more_body", False))
+                more = message.get("more_body", False)
+                answer.feed(message.get("body", b""), more)
+                # (a 304 from a cache is settled later: its body reaches the reading then)
+                if not more and not settled and answer.status != 304:
+                    settled = True
+                    later = self._settle(decision, limits, costs, answer, context)
+                    if later is not None:
+                        await later
             elif kind == "http.response.start":
                 answer.start(message["status"], message.get("headers", ()))
                 if headed is not None:
@@ -394,12 +407,26 @@ class RateLimitMiddleware(GeminiMiddleware):
         try:
             await self.app(scope, receive, observing_send)
         finally:
-            reservation = decision.reservation
-            deltas = _deltas(limits, costs, answer, context)
-            limiter = self.limiter
-            if not limiter.settle_now(reservation, deltas):  # the usual case settles at once
-                with anyio.CancelScope(shield=True):
-                    await limiter.settle(reservation, deltas)
+            if not settled:
+                later = self._settle(decision, limits, costs, answer, context)
+                if later is not None:
+                    await later
+
+    def _settle(
+        self,
+        decision: Decision,
+        limits: Sequence[Limit],
+        costs: Sequence[int],
+        answer: AnswerUsage,
+        context: RequestContext,
+    ) -> Coroutine[Any, Any, None] | None:
+        """Settle ``decision``'s reservation to what ``answer`` reported: at once, the
+        usual case, or by the round trip returned to await."""
+        reservation = decision.reservation
+        deltas = _deltas(limits, costs, answer, context)
+        if self.limiter.settle_now(reservation, deltas):
+            return None
+        return _settle_shielded(self.limiter, reservation, deltas)
 
 
 class IPRateLimitMiddleware(RateLimitMiddleware):
@@ -440,6 +467,13 @@ class IPRateLimitMiddleware(RateLimitMiddleware):
             exempt=exempt,
             clock=clock,
         )
+
+
+async def _settle_shielded(
+    limiter: RateLimiter, reservation: Reservation | None, deltas: Sequence[int]
+) -> None:
+    with anyio.CancelScope(shield=True):  # a settlement begun is never cut short
+        await limiter.settle(reservation, deltas)
 
 
 def _with_rate_limit_headers(

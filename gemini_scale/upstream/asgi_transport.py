@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import httpx
 
 from gemini_scale.types import ASGIApp, Message
@@ -245,7 +246,10 @@ class StreamingASGITransport(httpx.AsyncBaseTransport):
         try:
             start = await self._await_start(exchange)
         except BaseException:
-            await exchange.shutdown(self._grace, 0.0)
+            # Shielded: an anyio cancel scope (the caller gave up) would interrupt the
+            # shutdown at its first await and leave the app task running.
+            with anyio.CancelScope(shield=True):
+                await exchange.shutdown(self._grace, 0.0)
             raise
         body = _StreamingBody(
             exchange,

@@ -7,7 +7,9 @@ relays incoming requests (:meth:`GeminiUpstream.forward`) to the Gemini API with
 
 Answers come back as a Starlette response that relays the upstream body chunk by chunk
 (:class:`UpstreamResponse`): no layer buffers ``text/event-stream`` (DESIGN.md §3), and a
-client that goes away cancels the upstream request.
+client that goes away, before or after the upstream starts answering, cancels the upstream
+request. A path that cannot reach the routed resource upstream (control characters, ``.``
+or ``..`` segments) is refused with 400 ``INVALID_ARGUMENT`` without calling upstream.
 
 Failure mapping (always Google's envelope, never a 500 traceback):
 
@@ -39,7 +41,7 @@ from typing import Any, Final
 
 import anyio
 import httpx
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
 from gemini_scale.errors import (
@@ -48,12 +50,14 @@ from gemini_scale.errors import (
     UpstreamTimeoutError,
     UpstreamUnavailableError,
     canonical_status,
+    error_body,
     error_response,
     reason_phrase,
 )
 from gemini_scale.gemini_json import respelled
 from gemini_scale.observability import tracing
 from gemini_scale.observability.metrics import BoundedLabel, families
+from gemini_scale.routing import CONTEXT_KEY, UPSTREAM_BROKEN_KEY, RequestContext, route_path
 from gemini_scale.types import Message, Receive, Scope, Send
 
 __all__ = ["DEFAULT_BASE_URL", "FORWARDED_QUERY_PARAMS", "GeminiUpstream", "UpstreamResponse"]
@@ -84,8 +88,17 @@ _RELAYED_RESPONSE_HEADERS = ("content-type", "content-disposition", "vary", "ret
 #: Upstream error bodies are read whole to check their envelope; larger ones are wrapped.
 _MAX_ERROR_BODY = 1 << 20
 
+#: A ``RetryInfo.retryDelay`` longer than this (Gemini's longest quota window) is unusable.
+_MAX_RETRY_DELAY = 86_400
+
 _USER_AGENT = "gemini-scale"
 _REQUEST_ID_MAX = 200
+
+#: Characters httpx refuses in a URL (``httpx.InvalidURL``).
+_CONTROL_CHARACTER: Final = re.compile(r"[\x00-\x1f\x7f]")
+#: A ``.`` or ``..`` segment, also percent-encoded: httpx (or the upstream) would resolve it
+#: to another resource.
+_DOT_SEGMENT: Final = re.compile(r"(?:\.|%2e){1,2}", re.IGNORECASE)
 
 
 def _event_boundary(tail: bytes) -> bool:
@@ -99,11 +112,12 @@ def _sse_error_event(code: int, message: str) -> bytes:
     return b"data: " + json.dumps(payload, separators=(",", ": ")).encode() + b"\r\n\r\n"
 
 
-def _google_envelope(body: bytes) -> bytes | None:
-    """``body`` if it is Google's error envelope (unwrapping a one-element array), else None."""
+def _google_envelope(body: bytes) -> tuple[bytes, dict[str, Any]] | None:
+    """``body`` and its ``error`` if it is Google's error envelope (unwrapping a one-element
+    array), else None."""
     try:
         data: Any = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly deep nesting
         return None
     wrapped = isinstance(data, list) and len(data) == 1
     if wrapped:
@@ -117,12 +131,18 @@ def _google_envelope(body: bytes) -> bytes | None:
         and isinstance(error.get("message"), str)
     ):
         return None
-    return json.dumps(data, indent=2, ensure_ascii=False).encode() if wrapped else body
+    if not wrapped:
+        return body, error
+    try:
+        return json.dumps(data, indent=2, ensure_ascii=False).encode(), error
+    except (ValueError, RecursionError):
+        return None
 
 
-def _retry_delay(envelope: bytes) -> str | None:
-    """``Retry-After`` seconds from a ``google.rpc.RetryInfo`` detail (``"27s"`` -> ``"27"``)."""
-    details = json.loads(envelope)["error"].get("details")
+def _retry_delay(error: Mapping[str, Any]) -> str | None:
+    """``Retry-After`` seconds from a ``google.rpc.RetryInfo`` detail (``"27s"`` -> ``"27"``);
+    None when there is none or it is unusable (not a number, infinite, over a day)."""
+    details = error.get("details")
     for detail in details if isinstance(details, list) else ():
         delay = detail.get("retryDelay") if isinstance(detail, dict) else None
         if (
@@ -134,8 +154,67 @@ def _retry_delay(envelope: bytes) -> str | None:
                 seconds = float(delay[:-1])
             except ValueError:
                 return None
+            if not (math.isfinite(seconds) and seconds <= _MAX_RETRY_DELAY):
+                return None
             return str(max(1, math.ceil(seconds)))
     return None
+
+
+def _path_problem(path: str) -> str | None:
+    """Why ``path`` cannot go upstream as it is (None: it can)."""
+    if _CONTROL_CHARACTER.search(path):
+        return "control characters"
+    resource = path.split("?", 1)[0].split("#", 1)[0]
+    if any(_DOT_SEGMENT.fullmatch(segment) for segment in resource.split("/")):
+        return "a '.' or '..' segment"
+    return None
+
+
+def _routed_path(scope: Scope) -> str:
+    """The path the app routed on (no ``root_path``), with the characters httpx would read
+    as an escape, a query, a fragment or a separator escaped again: the upstream decodes
+    exactly the path that was routed (``%2F`` sent by a client as ``%252F`` stays text)."""
+    path = route_path(scope)
+    return (
+        path.replace("%", "%25").replace("?", "%3F").replace("#", "%23").replace("\\", "%5C")
+    )
+
+
+class _ClientClosedResponse(Response):
+    """499 ``CANCELLED`` for a client that left before the upstream answered.
+
+    It reaches no one: servers drop it, and a ``send`` that fails (ASGI spec 2.4) is ignored.
+    """
+
+    def __init__(self) -> None:
+        body = error_body(499, "The client closed the request.")
+        super().__init__(body, status_code=499, media_type=ERROR_CONTENT_TYPE)
+        self.headers["cache-control"] = "no-store"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        except OSError:
+            logger.debug("client gone; its 499 was not sent")
+
+
+async def _client_left(receive: Receive) -> bool:
+    """Wait for ``http.disconnect`` on a request whose body was read.
+
+    False when ``receive`` answers anything else, or fails: it does not behave like a
+    server's, so there is nothing to watch (and nothing else is taken from it).
+    """
+    try:
+        message = await receive()
+    except Exception:  # watching is best effort: it must never fail the call itself
+        logger.debug("cannot watch the client for a disconnect", exc_info=True)
+        return False
+    return bool(message.get("type") == "http.disconnect")
+
+
+def _invalid_path_response(problem: str) -> Response:
+    """400 ``INVALID_ARGUMENT`` for a path that cannot go upstream as it is."""
+    return error_response(400, f"The request path is not valid: it has {problem}.")
 
 
 def _failure_response(exc: Exception) -> Response:
@@ -201,7 +280,7 @@ class UpstreamResponse(Response):
             )
             async with anyio.create_task_group() as group:
                 group.start_soon(watch_disconnect, group.cancel_scope)
-                await self._relay(send)
+                await self._relay(scope, send)
                 finished = True
                 group.cancel_scope.cancel()
         except OSError:
@@ -211,7 +290,7 @@ class UpstreamResponse(Response):
             with anyio.CancelScope(shield=True):
                 await self._upstream.aclose()
 
-    async def _relay(self, send: Send) -> None:
+    async def _relay(self, scope: Scope, send: Send) -> None:
         tail = b""
         try:
             async for chunk in self._upstream.aiter_bytes():
@@ -219,6 +298,9 @@ class UpstreamResponse(Response):
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     tail = (tail + chunk)[-4:]
         except (httpx.TransportError, httpx.DecodingError) as exc:
+            context = scope.get(CONTEXT_KEY)
+            if isinstance(context, RequestContext):  # the metrics layer: not the client
+                context.extras[UPSTREAM_BROKEN_KEY] = True
             await self._end_broken_stream(send, exc, tail)
             return
         except OSError:
@@ -350,25 +432,36 @@ class GeminiUpstream:
     ) -> Response:
         """Relay an incoming request upstream with the server key.
 
-        Goes to the request's path (or ``path``) with only ``alt``, ``pageSize`` and
-        ``pageToken`` from its query, ``body`` (or the request's own body; snake_case
-        member names spelled camelCase) and no caller header except ``x-request-id``.
+        Goes to the path the app routed on (without ``root_path``), or ``path``, with only
+        ``alt``, ``pageSize`` and ``pageToken`` from its query, ``body`` (or the request's
+        own body; snake_case member names spelled camelCase) and no caller header except
+        ``x-request-id``. The request's own body is read even when ``body`` is given, so
+        that a client that leaves before the upstream answers cancels the upstream call.
         """
-        target = path if path is not None else request.url.path
+        target = path if path is not None else _routed_path(request.scope)
         query = [
             (name, value)
             for name, value in request.query_params.multi_items()
             if name in FORWARDED_QUERY_PARAMS
         ]
-        if body is None:
-            body = await request.body()
-        body = respelled(body)  # both spellings come in; camelCase goes out (DESIGN.md §4)
+        try:
+            own_body = await request.body()
+        except ClientDisconnect:
+            logger.debug("client disconnected before its request body was read")
+            return _ClientClosedResponse()
+        except RuntimeError:  # the endpoint streamed the body itself: it was read
+            if body is None:
+                raise
+            own_body = b""
+        body = respelled(own_body if body is None else body)  # camelCase goes out (DESIGN §4)
         extra: dict[str, str] = {}
         request_id = request.headers.get("x-request-id")
         if request_id and len(request_id) <= _REQUEST_ID_MAX and request_id.isprintable():
             extra["x-request-id"] = request_id
         content = body if body or request.method not in ("GET", "HEAD", "DELETE") else None
-        return await self._exchange(request.method, target, query, content, extra)
+        return await self._exchange(
+            request.method, target, query, content, extra, receive=request.receive
+        )
 
     def _pick_key(self) -> str | None:
         if not self._keys:
@@ -384,9 +477,16 @@ class GeminiUpstream:
         query: Sequence[tuple[str, str]],
         body: bytes | None,
         extra_headers: Mapping[str, str],
+        *,
+        receive: Receive | None = None,
     ) -> Response:
         if not path.startswith("/"):
             raise ValueError(f"path must start with '/', got {path!r}")
+        problem = _path_problem(path)
+        if problem is not None:
+            # The path is not logged: it is the client's, control characters included.
+            logger.info("upstream %s: refused a path with %s", method, problem)
+            return _invalid_path_response(problem)
         headers = dict(extra_headers)
         if body is not None:
             headers["content-type"] = "application/json"
@@ -398,7 +498,9 @@ class GeminiUpstream:
             "http.request.method": method, "gen_ai.request.model": _model_label(model, False),
         }):
             tracing.inject(headers)  # W3C traceparent, when tracing is on
-            return await self._send(method, path, query, body, headers=headers, model=model)
+            return await self._send(
+                method, path, query, body, headers=headers, model=model, receive=receive
+            )
 
     async def _send(
         self,
@@ -409,17 +511,22 @@ class GeminiUpstream:
         *,
         headers: dict[str, str],
         model: str | None,
+        receive: Receive | None,
     ) -> Response:
         started = time.monotonic()
         if self._client.is_closed:
             logger.warning("upstream %s %s: client closed", method, path)
             _record(_model_label(model, False), None, 0.0, "unavailable")
             return UpstreamUnavailableError().response()
-        outgoing = self._client.build_request(
-            method, self._base_url + path, params=list(query), content=body, headers=headers
-        )
         try:
-            upstream = await self._client.send(outgoing, stream=True)
+            outgoing = self._client.build_request(
+                method, self._base_url + path, params=list(query), content=body, headers=headers
+            )
+        except (httpx.InvalidURL, UnicodeError):  # too long, or not encodable
+            logger.info("upstream %s: refused a path httpx cannot send", method)
+            return _invalid_path_response("characters that cannot be sent")
+        try:
+            upstream = await self._send_unless_gone(outgoing, receive)
         except httpx.TransportError as exc:
             elapsed = time.monotonic() - started
             logger.warning(
@@ -431,6 +538,11 @@ class GeminiUpstream:
                     "timeout" if response.status_code == 504 else "unavailable")
             return response
         elapsed = time.monotonic() - started
+        if upstream is None:
+            logger.debug(
+                "upstream %s %s cancelled after %.3fs: the client left", method, path, elapsed
+            )
+            return _ClientClosedResponse()
         status = upstream.status_code
         logger.debug("upstream %s %s -> %d in %.3fs", method, path, status, elapsed)
         if 200 <= status < 300:
@@ -440,6 +552,37 @@ class GeminiUpstream:
         error = "status_4xx" if status < 500 else "status_5xx"
         _record(_model_label(model, False), status, elapsed, error)
         return await self._error_response(upstream, method, path)
+
+    async def _send_unless_gone(
+        self, outgoing: httpx.Request, receive: Receive | None
+    ) -> httpx.Response | None:
+        """The upstream's answer (still streaming), or None when the client left before it
+        started: then the upstream call is cancelled (``receive`` None: nothing to watch)."""
+        if receive is None:
+            return await self._client.send(outgoing, stream=True)
+        gone = False
+        upstream: httpx.Response | None = None
+        failure: Exception | None = None
+
+        async def watch(cancel: anyio.CancelScope) -> None:
+            nonlocal gone
+            if await _client_left(receive):
+                gone = True
+                cancel.cancel()
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(watch, group.cancel_scope)
+            try:
+                upstream = await self._client.send(outgoing, stream=True)
+            except Exception as exc:  # raised below, not as an ExceptionGroup
+                failure = exc
+            group.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        if gone and upstream is not None:  # both at once: the client is gone all the same
+            await upstream.aclose()
+            return None
+        return upstream
 
     @staticmethod
     def _relay_response(upstream: httpx.Response, model: str) -> UpstreamResponse:
@@ -481,8 +624,8 @@ class GeminiUpstream:
             return UpstreamUnavailableError(
                 f"The upstream Gemini API answered an unexpected {status} {reason_phrase(status)}."
             ).response()
-        envelope = _google_envelope(body) if body is not None else None
-        if envelope is None:
+        found = _google_envelope(body) if body is not None else None
+        if found is None:
             logger.warning(
                 "upstream %s %s -> %d without Google's error envelope", method, path, status
             )
@@ -491,9 +634,10 @@ class GeminiUpstream:
                 f"The upstream Gemini API answered {status} {reason_phrase(status)}.",
                 headers=extra,
             )
+        envelope, error = found
         logger.info("upstream %s %s -> %d", method, path, status)
         if "retry-after" not in extra:
-            delay = _retry_delay(envelope)
+            delay = _retry_delay(error)
             if delay is not None:
                 extra["retry-after"] = delay
         response = Response(envelope, status_code=status, media_type=ERROR_CONTENT_TYPE)

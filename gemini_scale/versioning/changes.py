@@ -403,9 +403,11 @@ def rename_model_members(body: Any, names: dict[str, str]) -> bool:
     ``generateContentRequest``, ``batchEmbedContents``' requests); whether any changed."""
     changed = False
     targets = [body]
-    inner = body.get("generateContentRequest") if type(body) is dict else None
-    if type(inner) is dict:
-        targets.append(inner)
+    if type(body) is dict:  # either spelling: the head takes both (DESIGN.md §4)
+        for name in ("generateContentRequest", "generate_content_request"):
+            inner = body.get(name)
+            if type(inner) is dict:
+                targets.append(inner)
     requests = body.get("requests") if type(body) is dict else None
     if type(requests) is list:
         targets.extend(r for r in requests if type(r) is dict)

@@ -26,8 +26,14 @@ from starlette.datastructures import MutableHeaders
 
 from gemini_scale import fastjson
 from gemini_scale.body import BODY_KEY, JSON_KEY
-from gemini_scale.errors import ConfigurationError, HTTPError, send_error
+from gemini_scale.errors import (
+    ConfigurationError,
+    HTTPError,
+    InvalidArgumentError,
+    send_error,
+)
 from gemini_scale.gemini_json import dump_json
+from gemini_scale.header_names import lowercased
 from gemini_scale.memo import remember
 from gemini_scale.policies import Policy, VersionPolicy
 from gemini_scale.routing import (
@@ -113,6 +119,9 @@ class _Selection:
     """Whether every request is rewritten (a new path, or request hooks that always run)."""
     is_head: bool
     """A ``HEAD`` request: its answer has no body to migrate."""
+    tag_suffix: bytes | None
+    """How this version's migrated answers' entity tags end (``.v<version>"``), taken off
+    the client's ``If-None-Match`` tags (``None``: its answers are not migrated)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,6 +317,10 @@ class VersionMiddleware(GeminiMiddleware):
                 bool(request_hooks) and _query_triggers(request_hooks) is None
             ),
             is_head=method == "HEAD",
+            tag_suffix=(
+                b".v" + version.name.encode("latin-1") + b'"'
+                if body_down and method != "HEAD" else None
+            ),
         )
 
     def _selection(
@@ -349,7 +362,7 @@ class VersionMiddleware(GeminiMiddleware):
             if not isinstance(selected, _Selection):
                 await self._unversioned(scope, receive, send, selected)
                 return
-        if selected.rewrites or (
+        if selected.rewrites or selected.tag_suffix or (
             selected.request_hooks
             and scope.get("query_string")
             and _triggered(selected.query_triggers, scope)
@@ -514,6 +527,8 @@ class VersionMiddleware(GeminiMiddleware):
                 change.upgrade_request(info)
             if info.query != original:
                 scope["query_string"] = _query_string(info.query, original, parts)
+        if selected.tag_suffix is not None:
+            _unversion_validators(scope, selected.tag_suffix)
         context = scope.get(CONTEXT_KEY)
         if context is not None and selected.head_path is not None:
             # An outer layer matched the client's path: every layer now sees the head's.
@@ -620,11 +635,17 @@ def _migrated_body(scope: Scope, selected: _Selection, raw: bytes) -> Message:
         headers=MutableHeaders(scope=scope),
     )
     dirty = False
-    for change in selected.body_hooks:
-        body = change.upgrade_body(body, info)
-        dirty = dirty or not change.reports_changes
+    try:
+        for change in selected.body_hooks:
+            body = change.upgrade_body(body, info)
+            dirty = dirty or not change.reports_changes
+        if dirty or info.body_changed:
+            raw = dump_json(body)
+    except RecursionError:  # parsed, but too deep for the changes (or their encoding)
+        raise InvalidArgumentError(
+            "Invalid JSON payload received. The body is nested too deeply."
+        ) from None
     if dirty or info.body_changed:
-        raw = dump_json(body)
         scope["headers"] = [
             (k, str(len(raw)).encode() if k == b"content-length" else v)
             for k, v in scope["headers"]
@@ -779,7 +800,7 @@ class _Downgrade:
 
     async def _start(self, message: Message) -> None:
         selected = self.selected
-        headers = list(message.get("headers", ()))
+        headers = list(lowercased(message.get("headers", ())))  # a copy: hooks edit it
         status: int = message["status"]
         if selected.response_hooks or selected.body_down:
             info = self._response = ResponseInfo(
@@ -796,6 +817,13 @@ class _Downgrade:
             headers = list(merge_deprecations((*headers, *self.extra)))
         message = {**message, "status": status, "headers": headers}
         if not self._migrates(status, headers):
+            if status == 304 and selected.tag_suffix is not None:
+                # The client's validator named this version's representation: so does ours.
+                version = selected.version.name.encode("latin-1")
+                message["headers"] = [
+                    (name, _versioned_etag(value, version) if name == b"etag" else value)
+                    for name, value in headers
+                ]
             await self.send(message)
             return
         # The migrated body is another representation: uncompressed (when an inner layer
@@ -844,6 +872,21 @@ class _Downgrade:
         for change in self.selected.body_down:
             value = change.downgrade_body(value, info)
         return value
+
+
+def _unversion_validators(scope: Scope, suffix: bytes) -> None:
+    """``If-None-Match`` tags of a version's representations (``"abc.v<version>"``, ending
+    in ``suffix``) back to the head's (``"abc"``), which the layers inside compare with: an
+    older version's client gets its 304 too."""
+    headers = scope["headers"]
+    for index, (name, value) in enumerate(headers):
+        if name == b"if-none-match" and suffix in value:
+            members = [
+                m[: -len(suffix)] + b'"' if m.endswith(suffix) else m
+                for m in (part.strip() for part in value.split(b","))
+            ]
+            headers = scope["headers"] = list(headers)
+            headers[index] = (name, b", ".join(members))
 
 
 def _versioned_etag(value: bytes, version: bytes) -> bytes:

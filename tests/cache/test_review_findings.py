@@ -237,3 +237,65 @@ async def test_a_rules_model_tags_the_entry_in_front_of_a_plain_app() -> None:
     assert first.headers["cache-status"] == again.headers["cache-status"] == (
         "gemini-scale; fwd=miss; stored")
 
+
+
+def _models_app(headers: Any) -> Any:
+    """A ``GET /v1beta/models`` endpoint answering with ``headers()`` (called per request:
+    a generator is used up once) and counting its calls."""
+    calls: list[int] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        calls.append(1)
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": headers(len(calls))})
+        await send({"type": "http.response.body", "body": b'{"models": []}'})
+
+    app.calls = calls  # type: ignore[attr-defined]
+    return app
+
+
+_SHARED_LIST: Any = {"GET /v1beta/models": CachePolicy(ttl=300, scope="shared")}
+
+
+async def test_an_answer_that_names_its_cookie_in_capitals_is_never_stored() -> None:
+    # ASGI asks for lower-case names; apps send ``Set-Cookie`` all the same. A shared
+    # entry holding one caller's cookie would hand it to every other caller.
+    inner = _models_app(lambda n: [
+        (b"Content-Type", b"application/json"),
+        (b"Set-Cookie", f"session=caller{n}-secret".encode()),
+    ])
+    app = FakeAuth(CacheMiddleware(inner, rules=_SHARED_LIST))
+    first = await call(app, "GET", "/v1beta/models", headers=who("alice"))
+    second = await call(app, "GET", "/v1beta/models", headers=who("bob"))
+    assert second.headers["set-cookie"] == "session=caller2-secret"
+    assert first.headers["cache-status"] == second.headers["cache-status"] == (
+        "gemini-scale; fwd=miss"
+    )
+    assert len(inner.calls) == 2
+
+
+async def test_an_answer_that_says_no_store_in_capitals_is_never_stored() -> None:
+    inner = _models_app(lambda n: [
+        (b"content-type", b"application/json"), (b"Cache-Control", b"no-store"),
+    ])
+    app = FakeAuth(CacheMiddleware(inner, rules=_SHARED_LIST))
+    for sub in ("alice", "bob"):
+        answer = await call(app, "GET", "/v1beta/models", headers=who(sub))
+        assert answer.headers["cache-status"] == "gemini-scale; fwd=miss"
+    assert len(inner.calls) == 2
+
+
+async def test_headers_sent_as_a_generator_reach_the_client_and_the_entry() -> None:
+    # ASGI allows any iterable of pairs: one read of it must serve both the decision and
+    # the answer (a used-up generator once stored a header-less entry for every caller).
+    inner = _models_app(lambda n: (
+        pair for pair in [(b"content-type", b"application/json"), (b"x-app", b"yes")]
+    ))
+    app = FakeAuth(CacheMiddleware(inner, rules=_SHARED_LIST))
+    miss = await call(app, "GET", "/v1beta/models", headers=who("alice"))
+    hit = await call(app, "GET", "/v1beta/models", headers=who("bob"))
+    for answer in (miss, hit):
+        assert answer.headers["content-type"] == "application/json"
+        assert answer.headers["x-app"] == "yes"
+    assert hit.headers["cache-status"] == "gemini-scale; hit"
+    assert len(inner.calls) == 1

@@ -17,12 +17,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from gemini_scale import (
+    CacheMiddleware,
     FieldRenamed,
     Version,
     VersionBundle,
     VersionChange,
     VersionMiddleware,
     VersionPolicy,
+    cache,
     gemini_versions,
 )
 from gemini_scale.gemini_json import _camel_memo, camel_name, respelled
@@ -77,6 +79,33 @@ async def test_a_lone_surrogate_in_a_body_is_not_a_500() -> None:
     assert json.loads(seen[-1]) == {"contents": [{"parts": [{"text": "\ud800"}]}],
                                     "generationConfig": {}}
     assert b"\\ud800" in respelled(raw)  # the upstream client's respelling too
+
+
+async def test_a_body_too_deep_to_respell_is_a_400_not_a_500() -> None:
+    """A ``/v1`` body that parses (orjson reads 1024 levels) but is deeper than the
+    respelling can walk is the client's error."""
+    reached: list[bytes] = []
+
+    async def echo(request: Request) -> Response:
+        reached.append(await request.body())
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/v1beta/models/{m}:generateContent", echo, methods=["POST"])])
+    transport = httpx.ASGITransport(VersionMiddleware(app))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        for depth in (10, 1000):
+            raw = b'{"generation_config": {}, "contents": ' + b"[" * depth + b"]" * depth + b"}"
+            response = await client.post(
+                "/v1/models/m:generateContent", content=raw,
+                headers={"content-type": "application/json"},
+            )
+            if depth == 10:
+                assert response.status_code == 200
+                continue
+            assert response.status_code == 400
+            assert response.json()["error"]["status"] == "INVALID_ARGUMENT"
+            assert "nested too deeply" in response.json()["error"]["message"]
+    assert len(reached) == 1
 
 
 def test_long_member_names_are_not_remembered() -> None:
@@ -336,3 +365,42 @@ async def test_header_values_empty_and_impossible_dates() -> None:
             assert response.status_code == 400, impossible
         waterfall = await client.get("/x", headers={"x-api-version": "2026-02-28"})
         assert waterfall.headers["x-api-version"] == OLD
+
+
+@pytest.mark.parametrize("name", [b"Content-Type", b"CONTENT-TYPE"])
+async def test_an_answer_whose_header_names_have_capitals_is_migrated(name: bytes) -> None:
+    # ASGI asks for lower-case names; some apps send them capitalised all the same.
+    app = scripted(
+        {"type": "http.response.start", "status": 200,
+         "headers": [(name, b"application/json"), (b"ETag", b'"abc"')]},
+        body(b'{"fullName": "Ada"}'),
+    )
+    answer = await call(app, "GET", "/people/1", headers=OLD_CLIENT)
+    assert json.loads(answer.body) == {"name": "Ada"}
+    assert answer.headers["etag"] == f'"abc.v{OLD}"'
+
+
+async def test_an_older_versions_client_revalidates_with_the_tag_it_was_given() -> None:
+    """A migrated answer's tag names its version (``"abc.v<version>"``); sent back in
+    ``If-None-Match``, it is the head's tag to the cache inside, and the 304 names the
+    version again."""
+
+    async def person(request: Request) -> Response:
+        return JSONResponse({"fullName": "Ada"})
+
+    app = Starlette(routes=[Route("/people/{id}", cache(ttl=300, scope="shared")(person))])
+    stack = VersionMiddleware(CacheMiddleware(app), versions=None, dated=RENAMED)
+    transport = httpx.ASGITransport(stack)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        for version in (HEAD, OLD):
+            headers = {"x-api-version": version}
+            first = await client.get("/people/1", headers=headers)
+            tag = first.headers["etag"]
+            assert tag.endswith(f'.v{version}"') == (version == OLD)
+            again = await client.get("/people/1", headers={**headers, "if-none-match": tag})
+            assert again.status_code == 304
+            assert again.headers["etag"] == tag
+            listed = f'"other", W/{tag}'  # a list, and a weak comparison
+            assert (await client.get(
+                "/people/1", headers={**headers, "if-none-match": listed}
+            )).status_code == 304

@@ -162,8 +162,11 @@ async def test_retired_model_is_served_by_its_successor_with_headers(gateway: Ga
     assert "link" not in current.headers
 
 
-async def test_retired_model_in_a_count_tokens_body_is_mapped(gateway: Gateway) -> None:
-    body = {"generateContentRequest": {"model": "models/gemini-pro", **GENERATE}}
+@pytest.mark.parametrize("member", ["generateContentRequest", "generate_content_request"])
+async def test_retired_model_in_a_count_tokens_body_is_mapped(
+    gateway: Gateway, member: str
+) -> None:
+    body = {member: {"model": "models/gemini-pro", **GENERATE}}
     response = await gateway.client.post("/v1beta/models/gemini-pro:countTokens", json=body)
     assert response.status_code == 200, response.text
     assert gateway.paths() == ["/v1beta/models/gemini-2.5-pro:countTokens"]
