@@ -3,6 +3,8 @@ the google-genai SDK with and without a token."""
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 from fastapi import Request
@@ -10,7 +12,8 @@ from google import genai
 from google.genai import errors, types
 
 from example_app.standin import ReceivedRequest, create_standin
-from tests.gateway import build, dev_token, running
+from tests.cache.support import http_scope
+from tests.gateway import build, dev_token, lifespan, running
 
 PROMPT = {"contents": [{"role": "user", "parts": [{"text": "Hello"}]}]}
 GENERATE = "/v1beta/models/gemini-2.5-flash:generateContent"
@@ -149,3 +152,35 @@ def test_a_bad_api_key_table_names_the_variable() -> None:
 
     with pytest.raises(ConfigurationError, match="GEMINI_SCALE_CLIENT_API_KEYS"):
         load_settings({"GEMINI_SCALE_DEV_ISSUER": "1", "GEMINI_SCALE_CLIENT_API_KEYS": "plain=x"})
+
+
+@pytest.mark.parametrize("path", [GENERATE, "/v1/models/gemini-2.5-flash:generateContent"])
+async def test_a_bad_token_with_a_form_body_is_refused_before_the_body_is_read(
+    path: str,
+) -> None:
+    """A form body may carry a second token (RFC 6750 §2), but only a request whose header
+    token holds is worth reading: a bad one is refused at once, whatever body it declares
+    (no layer buffers megabytes for a caller that is not authenticated)."""
+    app = build()
+    sent: list[dict[str, object]] = []
+    first = True
+
+    async def receive() -> dict[str, object]:
+        nonlocal first
+        if first:  # one MiB of 15 declared, then the client stalls
+            first = False
+            return {"type": "http.request", "body": b"a" * (1 << 20), "more_body": True}
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, object]) -> None:
+        sent.append(message)
+
+    scope = http_scope("POST", path, headers={
+        "authorization": "Bearer a.b.c",
+        "content-type": "application/x-www-form-urlencoded",
+        "content-length": str(15 << 20),
+    })
+    async with lifespan(app):
+        await asyncio.wait_for(app(scope, receive, send), 5)
+    assert sent[0]["status"] == 401

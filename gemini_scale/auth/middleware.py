@@ -141,9 +141,10 @@ class OAuth2Middleware(GeminiMiddleware):
             credential = extract_credential(
                 scope, api_keys=self._api_keys is not None, max_token_bytes=self.max_token_bytes
             )
+            # The token first: a request whose token fails costs no body read.
+            principal = await self._verify(credential)
             if credential.kind == "bearer" and is_form(scope):
                 receive = await self._refuse_second_form_token(receive)
-            principal = await self._verify(credential)
             required = policy_for(context, self._rules, ScopePolicy, scope)
             if required is not None and not principal.scopes.issuperset(required.scopes):
                 raise InsufficientScopeError(required.scopes)

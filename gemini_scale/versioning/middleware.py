@@ -396,16 +396,25 @@ class VersionMiddleware(GeminiMiddleware):
             await self._call(scope, receive, send, selected)
 
     async def _call(self, scope: Scope, receive: Receive, send: Send, selected: _Selection) -> None:
-        if selected.body_hooks and self._declared_within_limit(scope):
+        if selected.body_hooks and self._migratable(scope):
             await self._call_migrating(scope, receive, send, selected)
         else:
             await self.app(scope, receive, send)
 
-    def _declared_within_limit(self, scope: Scope) -> bool:
+    def _migratable(self, scope: Scope) -> bool:
+        """Whether the body is read whole (when the app first reads) to migrate it: a JSON
+        body, the only kind the changes read, not declared longer than ``max_body_bytes``.
+        Any other body passes as it comes: an inner layer may refuse the request after
+        reading a little of it (authentication, a form body) and must not find it buffered."""
+        json_body = False
         for name, value in scope["headers"]:
             if name == b"content-length":
-                return not value.isdigit() or int(value) <= self.max_body_bytes
-        return True
+                if value.isdigit() and int(value) > self.max_body_bytes:
+                    return False
+            elif name == b"content-type":
+                media = value.split(b";", 1)[0].strip().lower()
+                json_body = media == b"application/json" or media.endswith(b"+json")
+        return json_body
 
     async def _call_migrating(
         self, scope: Scope, receive: Receive, send: Send, selected: _Selection
