@@ -56,6 +56,9 @@ UPSTREAM_KEY = "upstream"
 #: Set (``True``) by ``GeminiUpstream`` when the upstream broke off an answer it had begun:
 #: the answer ends unfinished, and not because the client left.
 UPSTREAM_BROKEN_KEY = "upstream_broken"
+#: Set (``True``) by a layer that found the client gone before the answer started (the
+#: upstream call it cancelled): what is sent afterwards reaches no one.
+CLIENT_GONE_KEY = "client_gone"
 #: The client's API version (set by ``VersionMiddleware``).
 API_VERSION_EXTRA = "api_version"
 _LIFESPAN_KEY = "gemini_scale.lifespan"
@@ -580,6 +583,7 @@ __all__ = [
     "AUTH_REFUSAL_KEY",
     "CACHE_HIT_KEY",
     "CACHE_OUTCOME_KEY",
+    "CLIENT_GONE_KEY",
     "CONTEXT_KEY",
     "DECISIONS_KEY",
     "UPSTREAM_BROKEN_KEY",

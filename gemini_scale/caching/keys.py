@@ -84,9 +84,11 @@ def principal_tag(principal: Principal) -> str:
     return "principal:" + _encode(principal.issuer, principal.tenant or None, principal.subject)
 
 
-def tenant_tag(tenant: str) -> str:
-    """The tag of every entry owned by ``tenant`` (policies with ``scope="tenant"``)."""
-    return "tenant:" + tenant
+def tenant_tag(issuer: str, tenant: str) -> str:
+    """The tag of every entry owned by ``tenant`` as ``issuer`` asserts it (policies with
+    ``scope="tenant"``): two issuers' tenants of one name are two owners, as their subjects
+    are (one issuer cannot speak for another's tenant)."""
+    return "tenant:" + _encode(issuer, tenant)
 
 
 def model_tag(model: str) -> str:
@@ -102,15 +104,15 @@ def owner_tag(scope: CacheScope, principal: Principal | None) -> str | None:
     """Who an entry belongs to, as a tag; ``None``: nobody may own it (do not cache).
 
     ``shared`` entries belong to everyone (``*``); ``tenant`` entries to the principal's
-    tenant, or to the principal alone when it has none (never one entry for every
-    tenant-less caller); ``principal`` entries to the verified principal.
+    tenant under its issuer, or to the principal alone when it has none (never one entry for
+    every tenant-less caller); ``principal`` entries to the verified principal.
     """
     if scope == "shared":
         return ALL_TAG
     if principal is None:
         return None
     if scope == "tenant" and principal.tenant:
-        return tenant_tag(principal.tenant)
+        return tenant_tag(principal.issuer, principal.tenant)
     return principal_tag(principal)
 
 

@@ -370,7 +370,8 @@ class UsageAnomalyDetector:
     :param max_clock_skew: seconds this replica's clock may differ from the store's (Redis
         ``TIME``) before the store's clock places its counts in windows, so a replica whose
         clock is stepped or badly set cannot roll every principal's windows forward or back
-        (``None``: always this replica's clock, as tests with an injected clock need).
+        (``None``: one window; a slow store or a late batch is no skew; ``math.inf``: always
+        this replica's clock, as tests with an injected clock need).
     :param on_anomaly: called with each new :class:`Anomaly`.
     :param clock: wall-clock source (windows come from its ``time()``); tests inject one.
     :param registry: the Prometheus registry (default: the global one).
@@ -389,7 +390,7 @@ class UsageAnomalyDetector:
         max_principals: int = 10_000,
         flush_interval: float = 5.0,
         history_ttl: float | None = None,
-        max_clock_skew: float | None = 1.0,
+        max_clock_skew: float | None = None,
         on_anomaly: Callable[[Anomaly], object] | None = None,
         clock: Clock = SYSTEM_CLOCK,
         registry: CollectorRegistry | None = None,
@@ -408,10 +409,9 @@ class UsageAnomalyDetector:
         if history_ttl is None:
             history_ttl = max(86_400.0, 3 * window)
         _check(history_ttl >= 3 * window, "history_ttl must be at least 3 windows", history_ttl)
-        _check(
-            max_clock_skew is None or 0 <= max_clock_skew < math.inf,
-            "max_clock_skew must be >= 0 seconds or None", max_clock_skew,
-        )
+        if max_clock_skew is None:
+            max_clock_skew = float(window)
+        _check(max_clock_skew >= 0, "max_clock_skew must be >= 0 seconds", max_clock_skew)
         if registry is None:
             from prometheus_client import REGISTRY
 
@@ -442,7 +442,7 @@ class UsageAnomalyDetector:
         self._head: list[int | float] = [
             0, self.factor, self.smoothing, warmup_windows, min_requests, min_tokens,
             max(1, round(history_ttl * 1000)), self.window, 0.0,
-            -1.0 if max_clock_skew is None else float(max_clock_skew),
+            -1.0 if max_clock_skew == math.inf else float(max_clock_skew),
         ]
         self._tag = f"anomaly:{{anomaly}}:{self.window:g}s:"
         self._locals: OrderedDict[str, _Local] = OrderedDict()
@@ -588,11 +588,12 @@ class UsageAnomalyDetector:
             if local.key is None:
                 local.key = self._key(principal)
             batch.append((principal, local, entries or idle))
-        self._head[0], self._head[8] = now, wall
+        self._head[0] = now
         found: list[Anomaly] = []
         for start in range(0, len(batch), _BATCH):
             part = batch[start : start + _BATCH]
             keys = [local.key or "" for _, local, _ in part]
+            self._head[8] = self._time() if start else wall  # this part's own send time
             args = [*self._head, *chain.from_iterable(entries for _, _, entries in part)]
             try:
                 reply = await self.store.run(FLUSH, keys, args)

@@ -32,6 +32,7 @@ from gemini_scale.routing import (
     AUTH_REFUSAL_KEY,
     CACHE_HIT_KEY,
     CACHE_OUTCOME_KEY,
+    CLIENT_GONE_KEY,
     DECISIONS_KEY,
     UPSTREAM_BROKEN_KEY,
     USAGE_KEY,
@@ -253,6 +254,8 @@ class MetricsMiddleware(GeminiMiddleware):
         method = scope["method"]
         if method == "HEAD":  # the server sends no body
             x.sent, x.first_byte = 0, 0.0
+        if extras.get(CLIENT_GONE_KEY):  # a layer inside saw the client leave first
+            x.gone = x.early = True
         if x.gone or (
             not (x.complete or x.failed) and not extras.get(UPSTREAM_BROKEN_KEY)
         ):

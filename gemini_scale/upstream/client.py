@@ -57,7 +57,13 @@ from gemini_scale.errors import (
 from gemini_scale.gemini_json import respelled
 from gemini_scale.observability import tracing
 from gemini_scale.observability.metrics import BoundedLabel, families
-from gemini_scale.routing import CONTEXT_KEY, UPSTREAM_BROKEN_KEY, RequestContext, route_path
+from gemini_scale.routing import (
+    CLIENT_GONE_KEY,
+    CONTEXT_KEY,
+    UPSTREAM_BROKEN_KEY,
+    RequestContext,
+    route_path,
+)
 from gemini_scale.types import Message, Receive, Scope, Send
 
 __all__ = ["DEFAULT_BASE_URL", "FORWARDED_QUERY_PARAMS", "GeminiUpstream", "UpstreamResponse"]
@@ -192,6 +198,9 @@ class _ClientClosedResponse(Response):
         self.headers["cache-control"] = "no-store"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        context = scope.get(CONTEXT_KEY)
+        if isinstance(context, RequestContext):  # the metrics layer: a client that left
+            context.extras[CLIENT_GONE_KEY] = True
         try:
             await super().__call__(scope, receive, send)
         except OSError:

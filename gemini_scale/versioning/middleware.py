@@ -317,10 +317,7 @@ class VersionMiddleware(GeminiMiddleware):
                 bool(request_hooks) and _query_triggers(request_hooks) is None
             ),
             is_head=method == "HEAD",
-            tag_suffix=(
-                b".v" + version.name.encode("latin-1") + b'"'
-                if body_down and method != "HEAD" else None
-            ),
+            tag_suffix=b".v" + version.name.encode("latin-1") + b'"' if body_down else None,
         )
 
     def _selection(
@@ -826,8 +823,11 @@ class _Downgrade:
             headers = list(merge_deprecations((*headers, *self.extra)))
         message = {**message, "status": status, "headers": headers}
         if not self._migrates(status, headers):
-            if status == 304 and selected.tag_suffix is not None:
-                # The client's validator named this version's representation: so does ours.
+            if selected.tag_suffix is not None and (
+                status == 304 or (selected.is_head and _json_answer(status, headers))
+            ):
+                # The tag names this version's representation, as the GET's does (a 304:
+                # the client's validator named it).
                 version = selected.version.name.encode("latin-1")
                 message["headers"] = [
                     (name, _versioned_etag(value, version) if name == b"etag" else value)
@@ -886,16 +886,35 @@ class _Downgrade:
 def _unversion_validators(scope: Scope, suffix: bytes) -> None:
     """``If-None-Match`` tags of a version's representations (``"abc.v<version>"``, ending
     in ``suffix``) back to the head's (``"abc"``), which the layers inside compare with: an
-    older version's client gets its 304 too."""
+    older version's client gets its 304 too. Tags without it name another representation
+    (the head's, say) and are dropped: they must not match this version's answer."""
     headers = scope["headers"]
-    for index, (name, value) in enumerate(headers):
-        if name == b"if-none-match" and suffix in value:
-            members = [
-                m[: -len(suffix)] + b'"' if m.endswith(suffix) else m
-                for m in (part.strip() for part in value.split(b","))
-            ]
-            headers = scope["headers"] = list(headers)
-            headers[index] = (name, b", ".join(members))
+    if not any(name == b"if-none-match" for name, _ in headers):
+        return
+    kept: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        if name != b"if-none-match":
+            kept.append((name, value))
+            continue
+        members = [
+            b"*" if m == b"*" else m[: -len(suffix)] + b'"'
+            for m in (part.strip() for part in value.split(b","))
+            if m == b"*" or m.endswith(suffix)
+        ]
+        if members:
+            kept.append((name, b", ".join(members)))
+    scope["headers"] = kept
+
+
+def _json_answer(status: int, headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether a GET answered like this would be migrated (and its tag versioned)."""
+    if not 200 <= status < 300 or status == 204:
+        return False
+    media = _media_type(headers)
+    if media not in (b"text/event-stream", b"application/json") and not media.endswith(b"+json"):
+        return False
+    encoding = _content_encoding(headers)
+    return encoding == b"identity" or encoding in _DECODERS
 
 
 def _versioned_etag(value: bytes, version: bytes) -> bytes:

@@ -98,11 +98,15 @@ async def test_C03_tenant_scoped_entries_follow_the_tenant(backend: Backend) -> 
         first = await stack.client.get(MODEL_GET, headers=who("alice", tenant="acme"))
         colleague = await stack.client.get(MODEL_GET, headers=who("carol", tenant="acme"))
         elsewhere = await stack.client.get(MODEL_GET, headers=who("alice", tenant="other"))
+        # Another issuer's "acme" is not this issuer's: it cannot read acme's entries.
+        impostor = await stack.client.get(
+            MODEL_GET, headers=who("mallory", tenant="acme", iss="https://other-idp.example/")
+        )
         loner = await stack.client.get(MODEL_GET, headers=who("dave"))
         loner2 = await stack.client.get(MODEL_GET, headers=who("erin"))
         assert status_of(colleague) == "gemini-scale; hit"
         assert colleague.content == first.content
-        for response in (elsewhere, loner, loner2):  # tenant-less callers never share
+        for response in (elsewhere, impostor, loner, loner2):  # tenant-less never share
             assert status_of(response).startswith("gemini-scale; fwd=miss")
 
 

@@ -141,9 +141,12 @@ def test_owners() -> None:
     assert owner_tag("tenant", None) is None
     assert owner_tag("principal", alice) == principal_tag(alice)
     assert owner_tag("principal", alice) != owner_tag("principal", same_sub_other_issuer)
-    assert owner_tag("tenant", alice) == tenant_tag("acme") == owner_tag(
-        "tenant", same_sub_other_issuer
+    colleague = Principal(issuer="https://a/", subject="carol", tenant="acme")
+    assert owner_tag("tenant", alice) == tenant_tag("https://a/", "acme") == owner_tag(
+        "tenant", colleague
     )
+    # Another issuer's "acme" is another tenant: it cannot read this one's entries.
+    assert owner_tag("tenant", alice) != owner_tag("tenant", same_sub_other_issuer)
     loner = Principal(issuer="https://a/", subject="bob")
     assert owner_tag("tenant", loner) == principal_tag(loner)  # never shared by tenant-less
     assert model_tag("models/Gemini-2.5-Flash") == model_tag("gemini-2.5-flash")

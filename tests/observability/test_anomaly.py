@@ -3,7 +3,7 @@ baseline, shared across replicas through the store, with bounded memory and a st
 that never reaches the caller.
 
 Time is a FakeClock placed on a window boundary, also on Redis: there the detectors trust
-their own clock (``max_clock_skew=None``; Redis' ``TIME`` cannot be moved by a test), so
+their own clock (``max_clock_skew=math.inf``; Redis' ``TIME`` cannot be moved by a test), so
 every scenario is exact on every backend. What a replica with a stepped clock does to the
 shared windows is tested against the store's own clock, Redis ``TIME`` included.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import socket
 import time
@@ -91,7 +92,7 @@ def detector_on(
     assert backend.clock is not None
     options.setdefault("flush_interval", WINDOW)
     if backend.redis:
-        options.setdefault("max_clock_skew", None)
+        options.setdefault("max_clock_skew", math.inf)
     return UsageAnomalyDetector(
         store=backend.store(), clock=backend.clock, registry=registry, **options
     )
@@ -430,6 +431,41 @@ async def test_a_replica_with_a_stepped_clock_cannot_blind_the_others() -> None:
     assert hook.calls == found
     for replica in (honest, ahead, behind):
         await replica.aclose()
+
+
+class LateStore:
+    """A memory store whose scripts run ``delay`` seconds after they are sent (a pool
+    wait, a paused Redis): its clock moves on meanwhile."""
+
+    prefix = "gs-anomaly-late"
+
+    def __init__(self, clock: FakeClock, delay: float) -> None:
+        self.inner = MemoryStore(clock=clock, prefix=self.prefix)
+        self.clock, self.delay = clock, delay
+
+    async def run(self, script: Script, keys: list[str], args: Sequence[ScriptArg]) -> Any:
+        self.clock.advance(self.delay)
+        return await self.inner.run(script, keys, list(args))
+
+
+async def test_a_slow_store_is_not_a_skewed_clock() -> None:
+    """Counts flushed just before a window ends, to a store that answers a second and a
+    half later (in the next window), stay in the window they were counted in."""
+    clock = FakeClock(START)
+    hook = Hook()
+    detector = UsageAnomalyDetector(
+        store=LateStore(clock, 1.5), clock=clock, registry=fresh_registry(),  # type: ignore[arg-type]
+        flush_interval=WINDOW, on_anomaly=hook,
+    )
+    principal = "iss slow-store"
+    for _ in range(8):
+        assert await run_window(clock, {principal: (40, 0)}, detector) == []
+    burst_window = clock.now
+    clock.advance(59)
+    detector.observe(principal, requests=400)
+    found = await detector.flush()
+    assert [(a.observed, a.window_start) for a in found] == [(400.0, burst_window)]
+    await detector.aclose()
 
 
 @pytest.mark.redis

@@ -402,3 +402,26 @@ async def test_an_answer_the_upstream_broke_off_is_not_a_client_disconnect(
     assert access["client_disconnected"] is False
     assert access["upstream_broken"] is True
     assert access["status"] == 200
+
+
+async def test_leaving_before_the_upstream_answers_is_a_client_disconnect(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The 499 the relay answers reaches no one: the metrics layer records a client that
+    left before any answer (no time to first byte, no bytes), not an answered request."""
+    caplog.set_level(logging.INFO, logger="gemini_scale.access")
+    registry = CollectorRegistry()
+    held = HeldUpstream()
+    async with GeminiUpstream(
+        base_url=UPSTREAM_URL, transport=StreamingASGITransport(held)
+    ) as upstream:
+        app = MetricsMiddleware(relay(upstream), registry=registry)
+        client = RawClient(json.dumps(PROMPT).encode())
+        await leave_while_held(app, http_scope(GENERATE_PATH, b""), client, held)
+    assert registry.get_sample_value(
+        "gemini_scale_client_disconnects_total", {"http_route": "/{path:path}"}
+    ) == 1
+    [record] = [r for r in caplog.records if r.name == "gemini_scale.access"]
+    access = record.access  # type: ignore[attr-defined]
+    assert (access["status"], access["client_disconnected"]) == (499, True)
+    assert "ttfb_ms" not in access

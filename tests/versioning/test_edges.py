@@ -404,3 +404,14 @@ async def test_an_older_versions_client_revalidates_with_the_tag_it_was_given() 
             assert (await client.get(
                 "/people/1", headers={**headers, "if-none-match": listed}
             )).status_code == 304
+            head = await client.head("/people/1", headers=headers)  # the GET's fields
+            assert head.headers["etag"] == tag
+            revalidated = await client.head("/people/1", headers={**headers, "if-none-match": tag})
+            assert revalidated.status_code == 304
+        # The head's tag names the head's representation, not the old version's.
+        head_tag = (await client.get("/people/1", headers={"x-api-version": HEAD})).headers["etag"]
+        other = await client.get(
+            "/people/1", headers={"x-api-version": OLD, "if-none-match": head_tag}
+        )
+        assert other.status_code == 200
+        assert other.json() == {"name": "Ada"}
