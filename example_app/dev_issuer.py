@@ -11,7 +11,7 @@ import json
 import logging
 import secrets
 import time
-from typing import Any
+from typing import Any, TypeGuard
 
 from joserfc import jwt
 from joserfc.jwk import ECKey, KeySet
@@ -31,6 +31,18 @@ WARNING = (
     "GEMINI_SCALE_DEV_ISSUER is on: POST /dev/token mints access tokens for anyone. "
     "This is for demos only; never enable it in production."
 )
+
+
+def _is_text(value: object) -> TypeGuard[str]:
+    """Whether ``value`` is a string that UTF-8 can encode: JSON's ``\\ud800`` escapes
+    decode to lone surrogates, which no token can carry."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class DevIssuer:
@@ -93,7 +105,7 @@ class DevIssuer:
         raw = await request.body()
         try:
             params = json.loads(raw) if raw.strip() else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: JSON nested too deeply
             return error_response(400, "Invalid JSON payload received.")
         if not isinstance(params, dict):
             return error_response(400, "The body must be a JSON object.")
@@ -102,10 +114,10 @@ class DevIssuer:
         tenant = params.get("tenant")
         lifetime = params.get("expires_in", DEFAULT_LIFETIME)
         if (
-            not isinstance(scope, str)
-            or not isinstance(subject, str)
+            not _is_text(scope)
+            or not _is_text(subject)
             or not 0 < len(subject) <= 200
-            or (tenant is not None and not isinstance(tenant, str))
+            or (tenant is not None and not _is_text(tenant))
             or not isinstance(lifetime, int)
             or isinstance(lifetime, bool)
             or not 0 < lifetime <= MAX_LIFETIME

@@ -580,7 +580,9 @@ class JWKSCache:
         self._max_bytes = max_bytes
         self._max_keys = max_keys
         self._snapshot: KeySetSnapshot | None = None
-        self._expires_at = -math.inf
+        self.stale_at = -math.inf
+        """Monotonic instant from which the key set is stale and the next use refreshes it
+        (``inf`` for a static set). Read on the verified-token cache's hit path."""
         self._last_fetch = -math.inf
         self._retry_at = -math.inf
         self._inflight: asyncio.Task[bool] | None = None
@@ -621,9 +623,17 @@ class JWKSCache:
         snapshot = self._snapshot
         if snapshot is None:
             return None
-        if self._clock.monotonic() >= self._expires_at:
+        if self._clock.monotonic() >= self.stale_at:
             self._refresh_in_background()
         return snapshot.find(kid, algorithm)
+
+    def refresh_if_stale(self) -> None:
+        """Start the background refresh of a stale key set, as :meth:`cached_key` does,
+        without looking up a key: for a token answered from the verified-token cache, so a
+        withdrawn key stops working for cached tokens too. Never waits; single-flight and
+        throttled after a failure like every refresh."""
+        if self._clock.monotonic() >= self.stale_at:
+            self._refresh_in_background()
 
     async def key_for(self, kid: str | None, algorithm: SignatureAlgorithm) -> VerificationKey:
         """The key to verify a token with ``kid`` and ``algorithm``.
@@ -634,7 +644,7 @@ class JWKSCache:
         snapshot = self._snapshot
         if snapshot is None:
             snapshot = await self._load_cold()
-        elif self._clock.monotonic() >= self._expires_at:
+        elif self._clock.monotonic() >= self.stale_at:
             self._refresh_in_background()
         key = snapshot.find(kid, algorithm)
         if key is not None:
@@ -756,7 +766,7 @@ class JWKSCache:
         if self._snapshot is None or snapshot.fingerprint != self._snapshot.fingerprint:
             self._snapshot = snapshot
             self.generation += 1
-        self._expires_at = expires_at
+        self.stale_at = expires_at
 
 
 async def cancel_task(task: asyncio.Task[Any] | None) -> None:

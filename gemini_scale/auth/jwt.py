@@ -497,10 +497,13 @@ class JWTValidator:
         digest = token_digest_of_bytes(data)
         cached = self._cache.get(digest)
         if cached is not None:
-            if (
-                self._clock.time() < cached.valid_until
-                and cached.keys.generation == cached.key_generation
-            ):
+            keys = cached.keys
+            if self._clock.time() < cached.valid_until and keys.generation == cached.key_generation:
+                if self._clock.monotonic() >= keys.stale_at:
+                    # The key set's lifetime is over: refresh it in the background, as a
+                    # first-seen token would. Once the new set is installed its generation
+                    # differs, so this entry is verified again against it.
+                    keys.refresh_if_stale()
                 self.stats.cache_hits += 1
                 return cached.principal
             # Expired, or the issuer's keys changed since (a removed key must stop working):
