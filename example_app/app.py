@@ -69,6 +69,10 @@ UNLIMITED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 STANDIN_URL = "http://gemini-standin.invalid"
 #: The in-process cache's bound when there is no shared store.
 CACHE_MEMORY_BYTES = 256 * 1024 * 1024
+#: How many keys the per-address limiter's own in-process store holds when there is no
+#: shared store (one per client address, or IPv6 /64, and limit; the least recently used
+#: is evicted first).
+IP_MEMORY_KEYS = 100_000
 
 
 def create_upstream(
@@ -112,6 +116,10 @@ def create_app(
     # Without Redis the cache gets a memory store of its own, bounded by bytes: cached
     # answers must never crowd the rate limiters' counters out of a shared LRU.
     cache_store = store if settings.redis_url else MemoryStore(max_bytes=CACHE_MEMORY_BYTES)
+    # Likewise the per-address limiter: unauthenticated clients choose their addresses, so
+    # in a shared LRU their counters would evict the principals' counters, and a spent
+    # budget would come back. (Redis keys expire with their windows and are not evicted.)
+    ip_store = store if settings.redis_url else MemoryStore(max_keys=IP_MEMORY_KEYS)
     cache_engine = CacheEngine(cache_store) if settings.cache_ttl > 0 else None
 
     @asynccontextmanager
@@ -203,7 +211,7 @@ def create_app(
     app.add_middleware(
         IPRateLimitMiddleware,
         limit=settings.ip_rate_limit,
-        store=store,
+        store=ip_store,
         on_store_error=settings.on_store_error,
         trusted_proxies=settings.trusted_proxy_list,
         exempt=UNLIMITED_PATHS,

@@ -2,7 +2,8 @@
 bucket identities rate limits are keyed on.
 
 Trust is explicit (STYLE habit 7). The client address comes from ``X-Forwarded-For`` only
-when the connecting peer is a proxy the operator named; a bucket that needs a verified
+when the connecting peer is a proxy the operator named (an IPv6 client's bucket is its /64,
+not one of the many addresses it can send from); a bucket that needs a verified
 principal is never replaced by a shared fallback bucket; and a bucket's store key is a
 digest of a canonical encoding, so no subject, model or header value can collide with
 another or break a Redis Cluster hash tag.
@@ -50,6 +51,10 @@ _MAX_ENTRY: Final = 100  # longer than any address with brackets, zone and port
 _TAG_HEX: Final = 24  # 96 bits: collisions are out of reach at any realistic cardinality
 _TAG_DOMAIN: Final = b"gemini-scale:identity:v1\x00"
 _SHOWN: Final = 64  # characters of a value describe() shows
+#: The IPv6 prefix one client address bucket covers by default: a /64 is one IPv6 subnet
+#: (RFC 7421), the least a subscriber or host is given; it may send from any address in it
+#: (privacy addresses rotate on their own), so a bucket per address would not limit it.
+DEFAULT_IPV6_PREFIX: Final = 64
 
 
 # -- client address ----------------------------------------------------------------------
@@ -137,21 +142,47 @@ class TrustedProxies:
     as a comma-separated list (``GEMINI_SCALE_TRUSTED_PROXIES``), and
     ``TrustedProxies(settings.trusted_networks)`` takes parsed settings. Empty: trust no one.
 
+    It also says how wide a client address bucket is: ``ipv6_prefix`` (default 64) groups
+    an IPv6 client's addresses by that prefix (:func:`client_bucket`). A copy
+    (``TrustedProxies(other)``) keeps ``other``'s prefix unless one is given.
+
     Raises:
         ConfigurationError: an entry is not an address or network, or it covers every
             address (``"*"``, ``0.0.0.0/0``, ``::/0``): uvicorn's ``"*"`` takes the leftmost
-            ``X-Forwarded-For`` entry, which the client writes (research/security.md B10).
+            ``X-Forwarded-For`` entry, which the client writes (research/security.md B10);
+            or ``ipv6_prefix`` is not a prefix length from 1 to 128.
     """
 
     networks: tuple[IPNetwork, ...]
     """The trusted networks; IPv4-mapped IPv6 networks are stored as IPv4."""
+    ipv6_prefix: int
+    """The prefix length of an IPv6 client's bucket (:func:`client_bucket`); 128 keys on
+    the full address. IPv4 clients are always one address."""
     _peers: dict[object, bool] = field(repr=False, compare=False, hash=False)
 
-    def __init__(self, networks: Iterable[str | IPNetwork | IPAddress] = ()) -> None:
+    def __init__(
+        self,
+        networks: Iterable[str | IPNetwork | IPAddress] = (),
+        *,
+        ipv6_prefix: int | None = None,
+    ) -> None:
+        if ipv6_prefix is None:  # a copy keeps the original's grouping
+            ipv6_prefix = (
+                networks.ipv6_prefix if isinstance(networks, TrustedProxies)
+                else DEFAULT_IPV6_PREFIX
+            )
+        if isinstance(ipv6_prefix, bool) or not isinstance(ipv6_prefix, int) or not (
+            1 <= ipv6_prefix <= 128
+        ):
+            raise ConfigurationError(
+                f"ipv6_prefix must be a prefix length from 1 to 128 (64: one subscriber's "
+                f"network, 128: one address), got {ipv6_prefix!r}"
+            )
         if isinstance(networks, str):
             networks = [part for part in networks.split(",") if part.strip()]
         parsed = tuple(_network(value, n) for n, value in enumerate(networks, start=1))
         object.__setattr__(self, "networks", tuple(dict.fromkeys(parsed)))
+        object.__setattr__(self, "ipv6_prefix", ipv6_prefix)
         object.__setattr__(self, "_peers", {})
 
     def trusts_peer(self, peer: object) -> bool:
@@ -213,6 +244,30 @@ def client_address(scope: Scope, trusted: TrustedProxies) -> str:
     Addresses are canonical: IPv4-mapped IPv6 (``::ffff:1.2.3.4``) is the IPv4 address,
     IPv6 is compressed lower case without a zone, and a port in an entry is dropped.
     """
+    return str(_client(scope, trusted))
+
+
+def client_bucket(scope: Scope, trusted: TrustedProxies) -> str:
+    """What the ``client_ip`` dimension keys on: :func:`client_address`, with an IPv6
+    client widened to its ``trusted.ipv6_prefix`` network (``2001:db8:0:1::/64``).
+
+    One subscriber or host holds a whole IPv6 /64 and may send from any address in it, so
+    a bucket per IPv6 address would never fill (research/security.md A41). IPv4 (and
+    IPv4-mapped IPv6, which is IPv4) stays one address, as do :data:`UNKNOWN_CLIENT` and a
+    peer that is not an IP; ``ipv6_prefix=128`` keys on the full IPv6 address.
+    """
+    client = _client(scope, trusted)
+    prefix = trusted.ipv6_prefix
+    if isinstance(client, ipaddress.IPv6Address) and prefix < 128:
+        host_bits = 128 - prefix
+        network = ipaddress.IPv6Address(int(client) >> host_bits << host_bits)
+        return f"{network}/{prefix}"
+    return str(client)
+
+
+def _client(scope: Scope, trusted: TrustedProxies) -> IPAddress | str:
+    """:func:`client_address` before it is written out: an address, or the peer as the
+    server reported it when that is not an IP, or :data:`UNKNOWN_CLIENT`."""
     peer = _peer(scope)
     if peer is None:
         return UNKNOWN_CLIENT
@@ -220,8 +275,8 @@ def client_address(scope: Scope, trusted: TrustedProxies) -> str:
     if peer_ip is None:
         return peer
     if peer_ip not in trusted:
-        return str(peer_ip)
-    return str(_forwarded_client(scope, peer_ip, trusted))
+        return peer_ip
+    return _forwarded_client(scope, peer_ip, trusted)
 
 
 def _forwarded_client(scope: Scope, peer: IPAddress, trusted: TrustedProxies) -> IPAddress:
@@ -338,7 +393,7 @@ def _value(
     dimension: str, scope: Scope, context: RequestContext | None, trusted: TrustedProxies
 ) -> str | None:
     if dimension == "client_ip":
-        return client_address(scope, trusted)
+        return client_bucket(scope, trusted)
     if dimension == "model":
         return _model(context)
     if dimension == "route":
@@ -388,7 +443,8 @@ def identity(
       case.
     - ``route``: the template of the route the request resolved to (``/v1/...`` and
       ``/v1beta/...`` are two routes unless a version layer resolves both to one).
-    - ``client_ip``: :func:`client_address` behind ``trusted``.
+    - ``client_ip``: :func:`client_bucket` behind ``trusted``: the client address, an IPv6
+      client's widened to its ``trusted.ipv6_prefix`` network (a /64 by default).
 
     Returns ``None`` when a dimension has no value for this request: no verified principal
     (authentication did not run, or the route is public), a principal that is not an API
@@ -469,10 +525,11 @@ def route_key(request: Request) -> str:
 
 
 def client_ip_key(*, trusted: TrustedProxies) -> Callable[[Request], str]:
-    """A slowapi ``key_func`` keyed on :func:`client_address` behind ``trusted``.
+    """A slowapi ``key_func`` keyed on :func:`client_bucket` behind ``trusted``.
 
     ``Limiter(key_func=client_ip_key(trusted=TrustedProxies(["10.0.0.0/8"])))``; unlike
-    slowapi's ``get_ipaddr`` it believes ``X-Forwarded-For`` only from those proxies.
+    slowapi's ``get_ipaddr`` it believes ``X-Forwarded-For`` only from those proxies, and
+    an IPv6 client is one bucket per ``trusted.ipv6_prefix`` network (a /64 by default).
     """
     if not isinstance(trusted, TrustedProxies):
         raise ConfigurationError("client_ip_key(trusted=...) takes a TrustedProxies")
@@ -486,12 +543,14 @@ def client_ip_key(*, trusted: TrustedProxies) -> Callable[[Request], str]:
 
 
 __all__ = [
+    "DEFAULT_IPV6_PREFIX",
     "DIMENSIONS",
     "UNKNOWN_CLIENT",
     "Identity",
     "TrustedProxies",
     "check_dimensions",
     "client_address",
+    "client_bucket",
     "client_ip_key",
     "identity",
     "model_key",

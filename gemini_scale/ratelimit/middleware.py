@@ -83,7 +83,9 @@ class RateLimitMiddleware(GeminiMiddleware):
         store: where the counters live (``MemoryStore`` or ``RedisStore``); or ``limiter``.
         default: the policy for routes without a ``@rate_limit`` mark or rule.
         rules: central rules, path template -> :class:`RateLimitPolicy`.
-        trusted_proxies: CIDRs whose ``X-Forwarded-For`` is believed (client address keys).
+        trusted_proxies: CIDRs whose ``X-Forwarded-For`` is believed (client address keys),
+            or a :class:`~gemini_scale.keys.TrustedProxies` (its ``ipv6_prefix``, 64 by
+            default, sets how wide an IPv6 client's bucket is).
         on_store_error: ``"local"`` (per-replica limits in memory), ``"open"`` or ``"closed"``.
         count: which usage settles token limits: ``"total"``, ``"input"`` or ``"output"``.
         default_output_tokens: reserved output when a request sets no ``maxOutputTokens``.
@@ -114,7 +116,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         limiter: RateLimiter | None = None,
         default: RateLimitPolicy | None = None,
         rules: Mapping[str, Policy | Sequence[Policy]] | None = None,
-        trusted_proxies: Collection[str] = (),
+        trusted_proxies: TrustedProxies | Collection[str] = (),
         on_store_error: StoreErrorMode = "local",
         count: Count = "total",
         default_output_tokens: int = 1024,
@@ -450,7 +452,7 @@ class IPRateLimitMiddleware(RateLimitMiddleware):
         limit: str = "600/minute",
         store: Store | None = None,
         limiter: RateLimiter | None = None,
-        trusted_proxies: Collection[str] = (),
+        trusted_proxies: TrustedProxies | Collection[str] = (),
         on_store_error: StoreErrorMode = "local",
         headers: bool = True,
         exempt: Collection[str] = (),
