@@ -9,6 +9,7 @@ policy that no middleware in its stack enforces.
 from __future__ import annotations
 
 import datetime as dt
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal, TypeVar
@@ -224,7 +225,12 @@ def parse_limits(text: str | None) -> tuple[RateLimitItem, ...]:
         raise ConfigurationError(f"invalid rate limit {text!r}: {exc}") from exc
     if any(item.amount <= 0 for item in items):
         raise ConfigurationError(f"invalid rate limit {text!r}: amounts must be positive")
+    if _ZERO_WINDOW.search(text):  # limits reads "60/0 minute" as 60 per minute
+        raise ConfigurationError(f"invalid rate limit {text!r}: windows must be positive")
     return items
+
+
+_ZERO_WINDOW: Final = re.compile(r"/\s*0+\s*[A-Za-z]")
 
 
 def policies_of(endpoint: object) -> Mapping[type[Policy], Policy]:

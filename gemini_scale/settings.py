@@ -10,7 +10,7 @@ import ipaddress
 from collections.abc import Mapping
 from typing import Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gemini_scale.errors import ConfigurationError
@@ -58,7 +58,7 @@ class GeminiScaleSettings(BaseSettings):
     """Per-client-IP limit before authentication."""
     on_store_error: Literal["local", "open", "closed"] = "local"
     """What to do when the store fails."""
-    cache_ttl: float = Field(default=300, ge=0)
+    cache_ttl: float = Field(default=300, ge=0, allow_inf_nan=False)
     """Cache entry lifetime in seconds; ``0`` disables caching."""
     cache_generation: Literal["off", "deterministic", "all"] = "deterministic"
     """Which ``generateContent`` answers may be cached."""
@@ -66,7 +66,7 @@ class GeminiScaleSettings(BaseSettings):
     """CIDRs whose ``X-Forwarded-For`` is believed (comma-separated)."""
     max_body_bytes: int = Field(default=20 * 1024 * 1024, gt=0)
     """Largest accepted request body."""
-    upstream_timeout: float = Field(default=60.0, gt=0)
+    upstream_timeout: float = Field(default=60.0, gt=0, allow_inf_nan=False)
     """Seconds to wait for the upstream (per read)."""
     strict_v1: bool = False
     """``/v1`` refuses the members its published proto lacks, as Google's v1 once did."""
@@ -81,7 +81,7 @@ class GeminiScaleSettings(BaseSettings):
     )
     """OpenTelemetry's own variable: set, traces are exported there (needs the ``otel``
     extra)."""
-    anomaly_factor: float = Field(default=5.0, ge=0)
+    anomaly_factor: float = Field(default=5.0, ge=0, allow_inf_nan=False)
     """A principal's usage this many times its own baseline is flagged; ``0`` turns the
     detector off."""
 
@@ -101,11 +101,28 @@ class GeminiScaleSettings(BaseSettings):
 
     @field_validator("rate_limit", "token_limit", "ip_rate_limit")
     @classmethod
-    def _valid_limits(cls, value: str) -> str:
+    def _valid_limits(cls, value: str, info: ValidationInfo) -> str:
         try:
-            parse_limits(value)
+            parsed = parse_limits(value)
         except ConfigurationError as exc:
             raise ValueError("not a rate limit such as '60/minute;1000/day'") from exc
+        if not parsed and info.field_name == "ip_rate_limit":
+            raise ValueError("empty: the per-address limit cannot be turned off here")
+        return value
+
+    @field_validator("gemini_api_key")
+    @classmethod
+    def _some_key(cls, value: str | None) -> str | None:
+        # Set but blank (an empty secret mount): never the offline stand-in in its place.
+        if value is not None and not _split(value):
+            raise ValueError("set but holds no key (unset it for the offline stand-in)")
+        return value
+
+    @field_validator("oauth_audience")
+    @classmethod
+    def _audience(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("blank")
         return value
 
     @field_validator("client_api_keys")
@@ -189,8 +206,8 @@ class GeminiScaleSettings(BaseSettings):
 
 
 def _variable(field: str) -> str:
-    if field == "gemini_api_key":
-        return "GEMINI_API_KEY"
+    if field.lower() in ("gemini_api_key", "otel_exporter_otlp_endpoint"):  # not ours
+        return field.upper()
     return ENV_PREFIX + field.upper()
 
 
@@ -207,6 +224,11 @@ def load_settings(environ: Mapping[str, str] | None = None) -> GeminiScaleSettin
             field = str(error["loc"][0]) if error["loc"] else "?"
             problems.append(f"{_variable(field)}: {error['msg']}")
         raise ConfigurationError("invalid configuration: " + "; ".join(problems)) from None
+    if not parse_limits(settings.rate_limit) and not parse_limits(settings.token_limit):
+        raise ConfigurationError(
+            "GEMINI_SCALE_RATE_LIMIT, GEMINI_SCALE_TOKEN_LIMIT: both empty (a principal "
+            "needs request or token limits)"
+        )
     if settings.oauth_issuer is not None and not settings.oauth_audience:
         raise ConfigurationError(
             "GEMINI_SCALE_OAUTH_AUDIENCE: required with GEMINI_SCALE_OAUTH_ISSUER "

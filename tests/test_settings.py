@@ -52,6 +52,13 @@ def test_key_pool_and_upstream_choice() -> None:
         ("GEMINI_SCALE_DEV_ISSUER", "perhaps"),
         ("GEMINI_SCALE_MAX_BODY_BYTES", "0"),
         ("GEMINI_SCALE_REDIS_URL", "memcached://127.0.0.1:11211"),
+        # Values that used to start and fail later, or quietly mean something else:
+        ("GEMINI_SCALE_IP_RATE_LIMIT", ""),  # was a 500 on every request
+        ("GEMINI_API_KEY", " , "),  # set but blank: was the offline stand-in, silently
+        ("GEMINI_SCALE_CACHE_TTL", "inf"),
+        ("GEMINI_SCALE_UPSTREAM_TIMEOUT", "inf"),  # no timeout at all
+        ("GEMINI_SCALE_ANOMALY_FACTOR", "inf"),  # a detector that never flags
+        ("GEMINI_SCALE_RATE_LIMIT", "60/0 minute"),  # was read as 60 per minute
     ],
 )
 def test_a_bad_value_names_its_variable(variable: str, value: str) -> None:
@@ -114,3 +121,17 @@ def test_an_issuer_is_kept_exactly_as_given() -> None:
     )
     assert settings.oauth_issuer == "https://tenant.auth0.com/"
     assert settings.oauth_jwks_url == "https://tenant.auth0.com/.well-known/jwks.json/"
+
+
+def test_no_limits_at_all_names_both_variables() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings({**DEV, "GEMINI_SCALE_RATE_LIMIT": "", "GEMINI_SCALE_TOKEN_LIMIT": ""})
+    assert "GEMINI_SCALE_RATE_LIMIT" in str(caught.value)
+    assert "GEMINI_SCALE_TOKEN_LIMIT" in str(caught.value)
+
+
+def test_a_blank_audience_is_no_audience() -> None:
+    issuer = {"GEMINI_SCALE_OAUTH_ISSUER": "https://idp.example"}
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings({**issuer, "GEMINI_SCALE_OAUTH_AUDIENCE": " "})
+    assert "GEMINI_SCALE_OAUTH_AUDIENCE" in str(caught.value)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
 import weakref
 from bisect import bisect_left
@@ -28,6 +29,7 @@ __all__ = [
     "Families",
     "TokenSink",
     "families",
+    "forget_dead_workers",
     "metrics_body",
     "record_store_error",
 ]
@@ -369,13 +371,57 @@ def record_store_error(area: str) -> None:
 
 def metrics_body(registry: CollectorRegistry | None = None) -> tuple[bytes, str]:
     """The exposition of ``registry`` (default: the global one, or, with
-    ``PROMETHEUS_MULTIPROC_DIR`` set, every worker's values merged) and its content type."""
+    ``PROMETHEUS_MULTIPROC_DIR`` set, every worker's values merged, the ``live*`` gauges of
+    workers that no longer run left out) and its content type."""
     from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-    if registry is None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if registry is None and directory:
         from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
 
+        forget_dead_workers(directory)
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        try:
+            return generate_latest(registry), CONTENT_TYPE_LATEST
+        except FileNotFoundError:  # another scrape forgot a dead worker meanwhile
+            return generate_latest(registry), CONTENT_TYPE_LATEST
     return generate_latest(registry or REGISTRY), CONTENT_TYPE_LATEST
+
+
+#: A ``live*`` gauge file of one worker (prometheus-client's multiprocess naming).
+_LIVE_GAUGE_FILE: Final = re.compile(r"gauge_live[a-z]+_(\d+)\.db")
+
+
+def forget_dead_workers(directory: str) -> list[int]:
+    """``mark_process_dead`` for each worker whose ``live*`` gauge files are in
+    ``directory`` but whose process is gone; the pids forgotten.
+
+    gunicorn tells the library when a worker exits (its ``child_exit`` hook); uvicorn's
+    ``--workers`` supervisor does not, so a worker killed and replaced would hold
+    ``gemini_scale_ratelimit_store_degraded`` (``livemax``) at its last value for good.
+    Every multiprocess scrape calls this. It relies on the directory being this server's
+    alone (docs/operations/index.md): a pid is looked up on this host only.
+    """
+    from prometheus_client import multiprocess
+
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return []
+    pids = {int(m.group(1)) for m in map(_LIVE_GAUGE_FILE.fullmatch, names) if m is not None}
+    dead = sorted(pid for pid in pids if pid != os.getpid() and not _running(pid))
+    for pid in dead:
+        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+    return dead
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # it exists (another user's, say)
+        return True
+    return True
