@@ -376,7 +376,7 @@ class VersionMiddleware(GeminiMiddleware):
         else:
             found = self._route_table(scope)
             if found is None:
-                await send_error(send, 500, "The service is misconfigured; see its logs.")
+                await self.serve_misconfigured(scope, receive, send)
                 return
             table = found
         lifecycle = _NO_LIFECYCLE
