@@ -236,9 +236,10 @@ class CacheEngine:
         remembered = self.known_key(material)
         if remembered is not None:
             return remembered
+        epoch = self.epoch  # before the read: an invalidation during it makes this stale
         suffix, fresh_until = await self.generations(tags)
         key = entry_key(material + suffix)
-        remember(self._keys, material, (key, self.epoch, fresh_until), _KEYS_SIZE)
+        remember(self._keys, material, (key, epoch, fresh_until), _KEYS_SIZE)
         return key
 
     async def generations(self, tags: Sequence[str]) -> tuple[bytes, float]:
@@ -394,7 +395,7 @@ class CacheEngine:
         held = self.put_now(key, response)
         if held is not None:
             return held
-        ttl = min(response.expires - response.created, self.max_ttl)
+        ttl = self._store_ttl(response)
         if ttl <= 0:
             return False
         name = self.entry_name(key)
@@ -412,13 +413,21 @@ class CacheEngine:
         self.stats.stored += 1
         return True
 
+    def _store_ttl(self, response: StoredResponse) -> float:
+        """How long the store keeps ``response`` from now: to its expiry, and never past
+        ``max_ttl`` after it was made. ``created`` is when its request began, before its
+        key was worked out, so an entry a tag invalidation overtook (it is stored under the
+        old generation) is gone before that generation's record expires and its key
+        could be reached again."""
+        return min(response.expires, response.created + self.max_ttl) - self.clock.time()
+
     def put_now(self, key: str, response: StoredResponse) -> bool | None:
         """:meth:`put` without waiting, when the store holds :attr:`objects` (no store lock
         is ever held then); ``None``: it does not, :meth:`put`."""
         objects = self.objects
         if objects is None:
             return None
-        ttl = min(response.expires - response.created, self.max_ttl)
+        ttl = self._store_ttl(response)
         if ttl <= 0:
             return False
         objects.set_object(self.entry_name(key), response, ttl=ttl, size=response.held_bytes)

@@ -306,6 +306,7 @@ class CacheMiddleware(GeminiMiddleware):
         """Not answered from the store: forward (a miss joins the key's single flight),
         recording the answer, and store it when cacheable (a leader's flight releases its
         lock with the write)."""
+        started = self.clock.time()  # the entry's age counts from here (_store_ttl)
         stats = self.engine.stats
         stats.misses += 1
         extras = x.context.extras
@@ -341,7 +342,7 @@ class CacheMiddleware(GeminiMiddleware):
                 await recorder.returned()
             if recorder.withheld is not None:
                 _report_withheld(extras, recorder.withheld)
-            stored = recorder.response(created=self.clock.time(), ttl=plan.policy.ttl)
+            stored = recorder.response(created=started, ttl=plan.policy.ttl)
             if stored is not None:
                 if self.engine.put_now(x.key, stored) is None:
                     await self.engine.put(x.key, stored, flight)

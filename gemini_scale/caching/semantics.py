@@ -130,8 +130,11 @@ def response_facts(
     content_type = b""
     control = tagged = False
     length = None
+    age = 0
     for name, value in headers:
-        if name == b"content-type":
+        if name == b"age":  # already this old (RFC 9111 §4.2.3): its max-age is shorter
+            age = int(value) if value.isdigit() and len(value) < 12 else 0
+        elif name == b"content-type":
             content_type = value
         elif name == b"content-length":
             length = value if length is None else length
@@ -145,15 +148,23 @@ def response_facts(
                     cap = 0.0
         elif name == b"cache-control":
             control = True
-            directives = parse_cache_control(value)
-            if not _NOT_STORABLE.isdisjoint(directives):
-                cap = 0.0
-            for directive in (b"s-maxage", b"max-age"):
-                seconds = _seconds(directives.get(directive))
-                if seconds is not None:
-                    cap = min(cap, seconds)
-                    break
+            cap = min(cap, _control_cap(value))
+    if age and cap != math.inf:
+        cap = max(cap - age, 0.0)
     return cap, content_type, control, tagged, length
+
+
+def _control_cap(value: bytes) -> float:
+    """The longest a response's ``Cache-Control`` lets a shared cache keep it (``0``: not
+    at all; ``inf``: it says nothing about it)."""
+    directives = parse_cache_control(value)
+    if not _NOT_STORABLE.isdisjoint(directives):
+        return 0.0
+    for directive in (b"s-maxage", b"max-age"):
+        seconds = _seconds(directives.get(directive))
+        if seconds is not None:
+            return seconds
+    return math.inf
 
 
 def private_headers(headers: Sequence[Header], value: bytes = b"private") -> list[Header]:

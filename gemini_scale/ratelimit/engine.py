@@ -244,9 +244,11 @@ class Decision:
     def retry_after(self) -> int:
         """Whole seconds (at least 1) until every violated limit would admit the request."""
         waits = [s.retry_after for s in self.violated if s.retry_after is not None]
-        finite = [w for w in waits if math.isfinite(w)]
-        longest = max(finite) if finite else max(s.limit.window for s in self.states)
-        return max(1, math.ceil(longest))
+        if waits and all(math.isfinite(w) for w in waits):
+            return max(1, math.ceil(max(waits)))
+        # A limit the request can never fit: no wait admits it; say the longest window,
+        # whatever the other limits would need (they would only make it retry sooner).
+        return max(1, math.ceil(max(s.limit.window for s in self.states)))
 
     def most_constrained(self) -> LimitState | None:
         """The limit closest to exhaustion (for the ``RateLimit`` header)."""
@@ -293,8 +295,13 @@ class _Breaker:
         self.probing = False
 
     def failed(self) -> None:
-        self.failures += 1
+        self.failed_aside()
         self.probing = False
+
+    def failed_aside(self) -> None:
+        """A failure outside the probe (a settlement): it counts, and opens the breaker at
+        the threshold, without ending a probe in flight."""
+        self.failures += 1
         if self.failures >= self.threshold:
             self.open_until = self.clock.monotonic() + self.cooldown
 
@@ -349,6 +356,7 @@ class RateLimiter:
         self._breaker = _Breaker(breaker_threshold, breaker_cooldown, clock)
         self._clock = clock
         self._last_warning = -math.inf
+        self._last_skip_warning = -math.inf
         self.refund_delay = refund_delay
         # Refunds owed to the shared store, by bucket tag: they ride on the bucket's next
         # acquire (same script, same hash slot), or a timer sends them after refund_delay.
@@ -477,7 +485,10 @@ class RateLimiter:
                 run_now(SETTLE, keys, args)
             return run_now is not None
         if self._breaker.is_open():
-            return True  # the store is known to be down: the reservation stands (logged)
+            # The store is known to be down: not sent (a timeout per answer otherwise). A
+            # refund is dropped (the reservation stands); a charge above it is lost.
+            self._skipped_settlement()
+            return True
         deferred = self.refund_delay > 0 and all(d < 0 for d in args[1::2])
         if deferred:
             try:
@@ -500,7 +511,7 @@ class RateLimiter:
         try:
             await store.run(SETTLE, keys, args)
         except StoreError as exc:
-            self._breaker.failures += 1  # counts toward opening; a probe in flight stays its own
+            self._breaker.failed_aside()  # a probe in flight stays its own
             self._warn(exc)
 
     def _defer(self, keys: Sequence[str], args: list[int]) -> None:
@@ -555,7 +566,7 @@ class RateLimiter:
                 with anyio.CancelScope(shield=True):
                     await self.store.run(SETTLE, *owed)
             except StoreError as exc:
-                self._breaker.failures += 1
+                self._breaker.failed_aside()
                 self._warn(exc)
 
     async def aclose(self) -> None:
@@ -570,6 +581,15 @@ class RateLimiter:
                 if not task.done():
                     logger.warning("a refund flush was left unfinished by an event loop that "
                                    "ended; the reservations it was refunding stand")
+
+    def _skipped_settlement(self) -> None:
+        now = time.monotonic()
+        if now - self._last_skip_warning >= 10.0:  # once per interval, not per request
+            self._last_skip_warning = now
+            logger.warning(
+                "rate-limit store is down (breaker open): settlements are not sent; "
+                "reservations stand and charges above them are lost meanwhile"
+            )
 
     def _warn(self, exc: Exception) -> None:
         record_store_error("ratelimit")

@@ -6,12 +6,13 @@ rules in front of an app without a route table)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import pytest
 
-from gemini_scale import RateLimitMiddleware, RateLimitPolicy
+from gemini_scale import MemoryStore, RateLimitMiddleware, RateLimitPolicy
 from gemini_scale.caching import CacheEngine, CacheMiddleware
 from gemini_scale.errors import ConfigurationError
 from gemini_scale.policies import CachePolicy
@@ -30,6 +31,7 @@ from tests.cache.support import (
     http_scope,
     who,
 )
+from tests.clock import FakeClock
 
 _POST: Any = frozenset({"POST"})
 
@@ -299,3 +301,90 @@ async def test_headers_sent_as_a_generator_reach_the_client_and_the_entry() -> N
         assert answer.headers["x-app"] == "yes"
     assert hit.headers["cache-status"] == "gemini-scale; hit"
     assert len(inner.calls) == 1
+
+
+async def test_an_answer_a_tag_invalidation_overtook_never_comes_back() -> None:
+    # The leader's key was worked out before the invalidation, so its answer is stored
+    # under the old generation; once that generation's record expires the old key is
+    # reachable again, and by then the entry must be gone too (its life counts from its
+    # request's start, not from the end of a long upstream call).
+    clock = FakeClock()
+    engine = CacheEngine(MemoryStore(clock=clock), clock=clock, max_ttl=2.0, lock_ttl=0.5,
+                         tag_refresh=0)
+    answers = iter([b'{"answer": "old"}', b'{"answer": "new"}', b'{"answer": "newer"}'])
+    held = asyncio.Event()
+    release = asyncio.Event()
+
+    async def upstream(scope: Scope, receive: Receive, send: Send) -> None:
+        body = next(answers)
+        if not held.is_set():
+            held.set()
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        ]})
+        await send({"type": "http.response.body", "body": body})
+
+    policy = CachePolicy(ttl=2.0, scope="shared", methods=frozenset({"GET"}))
+    app = CacheMiddleware(upstream, engine=engine,
+                          rules={"GET /v1beta/models/{model}": policy}, clock=clock)
+    leader = asyncio.create_task(call(app, "GET", "/v1beta/models/m1"))
+    await held.wait()
+    clock.advance(0.2)
+    await engine.invalidate(tags=[CacheEngine.model_tag("m1")])  # the data changed
+    clock.advance(1.0)  # an upstream call longer than lock_ttl
+    release.set()
+    assert json.loads((await leader).body) == {"answer": "old"}
+    assert json.loads((await call(app, "GET", "/v1beta/models/m1")).body) == {"answer": "new"}
+    clock.advance(1.6)  # the invalidation's generation record has expired
+    again = await call(app, "GET", "/v1beta/models/m1")
+    assert json.loads(again.body) != {"answer": "old"}
+
+
+async def test_an_answer_that_is_already_old_is_kept_only_for_the_rest_of_its_max_age() -> None:
+    # RFC 9111 §4.2.3: an upstream answer with "Age: 8" and "max-age=10" is fresh for 2 s.
+    clock = FakeClock()
+    inner = _models_app(lambda n: [
+        (b"content-type", b"application/json"), (b"cache-control", b"max-age=10"),
+        (b"age", b"8"),
+    ])
+    app = FakeAuth(CacheMiddleware(inner, rules=_SHARED_LIST, clock=clock))
+    await call(app, "GET", "/v1beta/models", headers=who("alice"))
+    clock.advance(1)
+    assert (await call(app, "GET", "/v1beta/models", headers=who("bob"))).headers[
+        "cache-status"
+    ] == "gemini-scale; hit"
+    clock.advance(2)
+    assert (await call(app, "GET", "/v1beta/models", headers=who("bob"))).headers[
+        "cache-status"
+    ].startswith("gemini-scale; fwd=miss")
+    assert len(inner.calls) == 2
+
+
+async def test_key_for_does_not_remember_a_key_an_invalidation_overtook() -> None:
+    """``CacheEngine.key_for`` reading a tag's generation from the store while another of
+    its tags is invalidated: the key it returns may be the old one, but it must not keep
+    giving it once the invalidation returned."""
+    reading = asyncio.Event()
+    go_on = asyncio.Event()
+
+    class SlowStore(MemoryStore):  # a store with a round trip, held by the test
+        async def get(self, key: str) -> bytes | None:
+            if key.endswith(held_name):
+                reading.set()
+                await go_on.wait()
+            return await super().get(key)
+
+    engine = CacheEngine(SlowStore(), tag_refresh=60.0)
+    held_name = engine._generation_name("b")  # tag b's generation is read slowly
+    await engine.generations(["a"])
+    material = b"request-material"
+    task = asyncio.create_task(engine.key_for(material, ["a", "b"]))
+    await reading.wait()
+    await engine.invalidate(tags=["a"])
+    go_on.set()
+    await task
+    suffix, _ = await engine.generations(["a", "b"])
+    assert await engine.key_for(material, ["a", "b"]) == CacheEngine.key(
+        material, suffix[1:].decode().split(",")
+    )

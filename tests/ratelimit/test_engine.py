@@ -340,6 +340,48 @@ async def test_a_failed_settlement_is_logged_never_raised() -> None:
     await limiter.settle(decision.reservation, [-100])  # no exception: the charge stands
 
 
+async def test_failed_settlements_open_the_breaker_as_failed_acquires_do() -> None:
+    clock = FakeClock(WINDOW_START)
+    limiter, store = flaky_limiter("local", clock)
+    store.down = False
+    decisions = [await limiter.acquire("p", [TOKENS], [100]) for _ in range(3)]
+    store.down = True
+    for decision in decisions:  # charges above the reservation: sent at once, and fail
+        await limiter.settle(decision.reservation, [50])
+    calls = store.calls
+    assert (await limiter.acquire("p", [TOKENS], [1])).degraded
+    assert store.calls == calls  # the breaker is open: the store is not called
+
+
+async def test_a_settlement_skipped_while_the_breaker_is_open_is_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    clock = FakeClock(WINDOW_START)
+    limiter, store = flaky_limiter("local", clock)
+    store.down = False
+    decision = await limiter.acquire("p", [TOKENS], [100])
+    store.down = True
+    for _ in range(3):
+        await limiter.acquire("q", [TOKENS], [1])  # the breaker opens
+    calls = store.calls
+    with caplog.at_level("WARNING", logger="gemini_scale.ratelimit"):
+        await limiter.settle(decision.reservation, [400])
+    assert store.calls == calls
+    assert any("settlements are not sent" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_request_that_can_never_fit_is_told_the_longest_window() -> None:
+    # Even when another of its limits is exceeded too: waiting that one out would only
+    # bring the same refusal (docs/ratelimit.md, "The 429").
+    clock = FakeClock(WINDOW_START)
+    limiter = RateLimiter(MemoryStore(clock=clock), clock=clock)
+    limits = [Limit("requests", 1, 60), Limit("tokens", 100, 3600)]
+    assert (await limiter.acquire("p", limits, [1, 10])).allowed
+    refused = await limiter.acquire("p", limits, [1, 500])
+    assert not refused.allowed
+    assert refused.retry_after == 3600
+
+
 async def test_a_dead_redis_costs_almost_nothing_per_request_once_the_breaker_opens() -> None:
     """A Redis that accepts connections but never answers: each of the first calls waits
     for the socket timeout; once the breaker is open, requests no longer touch it."""
