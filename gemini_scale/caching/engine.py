@@ -101,6 +101,8 @@ class Flight:
     response: StoredResponse | None = None
     token: bytes | None = None
     """The store lock's value while this process's leader holds it."""
+    deleted: bool = False
+    """Its key was deleted (``invalidate(keys=...)``) during the call: not stored."""
 
 
 def _generations_suffix(generations: Sequence[str]) -> bytes:
@@ -334,6 +336,11 @@ class CacheEngine:
             self._remember_generation(tag, (generation, self.clock.monotonic() + self.tag_refresh))
             self.epoch += 1
             count += 1
+        keys = list(keys)
+        for key in keys:  # an answer being recorded here for the key is not stored
+            flight = self._flights.get(key)
+            if flight is not None:
+                flight.deleted = True
         names = [self.entry_name(key) for key in keys]
         if names:
             count += await self.store.delete(*names)
@@ -391,8 +398,9 @@ class CacheEngine:
     ) -> bool:
         """Store ``response`` under ``key`` until it expires (at most ``max_ttl``); whether
         it was stored (a store failure is logged, never raised). A leader passes its
-        ``flight``: the store lock is released in the same round trip."""
-        held = self.put_now(key, response)
+        ``flight``: the store lock is released in the same round trip, and nothing is
+        stored when the key was deleted during the call (the answer may be stale)."""
+        held = self.put_now(key, response, flight)
         if held is not None:
             return held
         ttl = self._store_ttl(response)
@@ -421,9 +429,13 @@ class CacheEngine:
         could be reached again."""
         return min(response.expires, response.created + self.max_ttl) - self.clock.time()
 
-    def put_now(self, key: str, response: StoredResponse) -> bool | None:
+    def put_now(
+        self, key: str, response: StoredResponse, flight: Flight | None = None
+    ) -> bool | None:
         """:meth:`put` without waiting, when the store holds :attr:`objects` (no store lock
         is ever held then); ``None``: it does not, :meth:`put`."""
+        if flight is not None and flight.deleted:
+            return False
         objects = self.objects
         if objects is None:
             return None

@@ -344,7 +344,7 @@ class CacheMiddleware(GeminiMiddleware):
                 _report_withheld(extras, recorder.withheld)
             stored = recorder.response(created=started, ttl=plan.policy.ttl)
             if stored is not None:
-                if self.engine.put_now(x.key, stored) is None:
+                if self.engine.put_now(x.key, stored, flight) is None:
                     await self.engine.put(x.key, stored, flight)
                 extras[CACHE_OUTCOME_KEY] = "stored"
         finally:

@@ -303,6 +303,27 @@ async def test_headers_sent_as_a_generator_reach_the_client_and_the_entry() -> N
     assert len(inner.calls) == 1
 
 
+class HeldUpstream:
+    """Answers ``old``, ``new``, ``newer`` in turn; the first call is held (after noting
+    its entry key) until ``release``: a long upstream call."""
+
+    def __init__(self) -> None:
+        self.answers = iter([b'{"answer": "old"}', b'{"answer": "new"}', b'{"answer": "newer"}'])
+        self.held, self.release = asyncio.Event(), asyncio.Event()
+        self.keys: list[str] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = next(self.answers)
+        if not self.held.is_set():
+            self.keys.append(scope["gemini_scale"].extras["cache_key"])
+            self.held.set()
+            await self.release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+        ]})
+        await send({"type": "http.response.body", "body": body})
+
+
 async def test_an_answer_a_tag_invalidation_overtook_never_comes_back() -> None:
     # The leader's key was worked out before the invalidation, so its answer is stored
     # under the old generation; once that generation's record expires the old key is
@@ -311,29 +332,16 @@ async def test_an_answer_a_tag_invalidation_overtook_never_comes_back() -> None:
     clock = FakeClock()
     engine = CacheEngine(MemoryStore(clock=clock), clock=clock, max_ttl=2.0, lock_ttl=0.5,
                          tag_refresh=0)
-    answers = iter([b'{"answer": "old"}', b'{"answer": "new"}', b'{"answer": "newer"}'])
-    held = asyncio.Event()
-    release = asyncio.Event()
-
-    async def upstream(scope: Scope, receive: Receive, send: Send) -> None:
-        body = next(answers)
-        if not held.is_set():
-            held.set()
-            await release.wait()
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        ]})
-        await send({"type": "http.response.body", "body": body})
-
+    upstream = HeldUpstream()
     policy = CachePolicy(ttl=2.0, scope="shared", methods=frozenset({"GET"}))
     app = CacheMiddleware(upstream, engine=engine,
                           rules={"GET /v1beta/models/{model}": policy}, clock=clock)
     leader = asyncio.create_task(call(app, "GET", "/v1beta/models/m1"))
-    await held.wait()
+    await upstream.held.wait()
     clock.advance(0.2)
     await engine.invalidate(tags=[CacheEngine.model_tag("m1")])  # the data changed
     clock.advance(1.0)  # an upstream call longer than lock_ttl
-    release.set()
+    upstream.release.set()
     assert json.loads((await leader).body) == {"answer": "old"}
     assert json.loads((await call(app, "GET", "/v1beta/models/m1")).body) == {"answer": "new"}
     clock.advance(1.6)  # the invalidation's generation record has expired
@@ -388,3 +396,16 @@ async def test_key_for_does_not_remember_a_key_an_invalidation_overtook() -> Non
     assert await engine.key_for(material, ["a", "b"]) == CacheEngine.key(
         material, suffix[1:].decode().split(",")
     )
+
+
+async def test_an_answer_whose_key_is_deleted_during_its_call_is_not_stored() -> None:
+    upstream = HeldUpstream()
+    policy = CachePolicy(ttl=60, scope="shared", methods=frozenset({"GET"}))
+    app = CacheMiddleware(upstream, rules={"GET /v1beta/models/{model}": policy})
+    leader = asyncio.create_task(call(app, "GET", "/v1beta/models/m1"))
+    await upstream.held.wait()
+    await app.engine.invalidate(keys=upstream.keys)  # the data changed meanwhile
+    upstream.release.set()
+    assert json.loads((await leader).body) == {"answer": "old"}  # what it got, sent on
+    after = await call(app, "GET", "/v1beta/models/m1")
+    assert json.loads(after.body) == {"answer": "new"}
