@@ -259,10 +259,20 @@ def client_bucket(scope: Scope, trusted: TrustedProxies) -> str:
     client = _client(scope, trusted)
     prefix = trusted.ipv6_prefix
     if isinstance(client, ipaddress.IPv6Address) and prefix < 128:
+        if client in _NAT64:  # an IPv4 client through a NAT64 gateway: that address
+            return str(ipaddress.IPv4Address(int(client) & 0xFFFF_FFFF))
+        if client in _TEREDO:  # the low bits name the client (behind its NAT)
+            return str(client)
         host_bits = 128 - prefix
         network = ipaddress.IPv6Address(int(client) >> host_bits << host_bits)
         return f"{network}/{prefix}"
     return str(client)
+
+
+#: IPv6 ranges whose low 64 bits, not their /64, tell clients apart: NAT64 (RFC 6052's
+#: well-known prefix) embeds an IPv4 client, Teredo (RFC 4380) a client behind its NAT.
+_NAT64: Final = ipaddress.IPv6Network("64:ff9b::/96")
+_TEREDO: Final = ipaddress.IPv6Network("2001::/32")
 
 
 def _client(scope: Scope, trusted: TrustedProxies) -> IPAddress | str:

@@ -337,8 +337,8 @@ class CacheEngine:
             self.epoch += 1
             count += 1
         keys = list(keys)
-        for key in keys:  # an answer being recorded here for the key is not stored
-            flight = self._flights.get(key)
+        for key in keys:  # an answer being recorded here for the key is not stored,
+            flight = self._flights.pop(key, None)  # and later misses do not join its call
             if flight is not None:
                 flight.deleted = True
         names = [self.entry_name(key) for key in keys]

@@ -344,9 +344,9 @@ class CacheMiddleware(GeminiMiddleware):
                 _report_withheld(extras, recorder.withheld)
             stored = recorder.response(created=started, ttl=plan.policy.ttl)
             if stored is not None:
-                if self.engine.put_now(x.key, stored, flight) is None:
-                    await self.engine.put(x.key, stored, flight)
-                extras[CACHE_OUTCOME_KEY] = "stored"
+                kept = self.engine.put_now(x.key, stored, flight)  # None: a round trip
+                if kept if kept is not None else await self.engine.put(x.key, stored, flight):
+                    extras[CACHE_OUTCOME_KEY] = "stored"
         finally:
             if flight is not None:
                 if flight.token is None:  # no store lock to release: no round trip

@@ -9,6 +9,7 @@ principals; values a client chooses (a model id in the path, a tenant) go throug
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -413,7 +414,8 @@ def forget_dead_workers(directory: str) -> list[int]:
     pids = {int(m.group(1)) for m in map(_LIVE_GAUGE_FILE.fullmatch, names) if m is not None}
     dead = sorted(pid for pid in pids if pid != os.getpid() and not _running(pid))
     for pid in dead:
-        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+        with contextlib.suppress(FileNotFoundError):  # another scrape forgot it first
+            multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
     return dead
 
 

@@ -25,7 +25,7 @@ from urllib.parse import quote, unquote_plus, urlencode
 from starlette.datastructures import MutableHeaders
 
 from gemini_scale import fastjson
-from gemini_scale.body import BODY_KEY, JSON_KEY
+from gemini_scale.body import BODY_KEY, JSON_KEY, is_json_content_type
 from gemini_scale.errors import (
     ConfigurationError,
     HTTPError,
@@ -359,12 +359,13 @@ class VersionMiddleware(GeminiMiddleware):
             if not isinstance(selected, _Selection):
                 await self._unversioned(scope, receive, send, selected)
                 return
-        if selected.rewrites or selected.tag_suffix or (
+        if selected.rewrites or (
             selected.request_hooks
             and scope.get("query_string")
             and _triggered(selected.query_triggers, scope)
         ):
             scope = self._rewrite(scope, selected, path)
+        versioned_tags = _unversion_validators(scope, selected.tag_suffix)
         scope[API_VERSION_KEY] = selected.version.name
         context = scope.get(CONTEXT_KEY)
         if context is not None:  # an outer layer (the metrics layer) reads it there
@@ -386,7 +387,7 @@ class VersionMiddleware(GeminiMiddleware):
                 await send_error(send, 404, lifecycle.refusal)
                 return
         if selected.wraps_send or lifecycle.headers:
-            downgrade = _Downgrade(send, selected, lifecycle.headers)
+            downgrade = _Downgrade(send, selected, lifecycle.headers, versioned_tags)
             await self._call(scope, receive, downgrade, selected)
             await downgrade.flush()
         else:
@@ -400,17 +401,17 @@ class VersionMiddleware(GeminiMiddleware):
 
     def _migratable(self, scope: Scope) -> bool:
         """Whether the body is read whole (when the app first reads) to migrate it: a JSON
-        body, the only kind the changes read, not declared longer than ``max_body_bytes``.
+        body (or one without a ``Content-Type``), the only kind the changes read, not
+        declared longer than ``max_body_bytes``.
         Any other body passes as it comes: an inner layer may refuse the request after
         reading a little of it (authentication, a form body) and must not find it buffered."""
-        json_body = False
+        json_body = True  # no Content-Type: JSON by Gemini's convention
         for name, value in scope["headers"]:
             if name == b"content-length":
                 if value.isdigit() and int(value) > self.max_body_bytes:
                     return False
             elif name == b"content-type":
-                media = value.split(b";", 1)[0].strip().lower()
-                json_body = media == b"application/json" or media.endswith(b"+json")
+                json_body = is_json_content_type(value)
         return json_body
 
     async def _call_migrating(
@@ -533,8 +534,6 @@ class VersionMiddleware(GeminiMiddleware):
                 change.upgrade_request(info)
             if info.query != original:
                 scope["query_string"] = _query_string(info.query, original, parts)
-        if selected.tag_suffix is not None:
-            _unversion_validators(scope, selected.tag_suffix)
         context = scope.get(CONTEXT_KEY)
         if context is not None and selected.head_path is not None:
             # An outer layer matched the client's path: every layer now sees the head's.
@@ -721,13 +720,16 @@ class _Downgrade:
 
     __slots__ = (
         "_decoder", "_held", "_length", "_migrator", "_original", "_prefix", "_response",
-        "extra", "selected", "send", "started",
+        "extra", "selected", "send", "started", "versioned_tags",
     )
 
-    def __init__(self, send: Send, selected: _Selection, extra: Headers) -> None:
+    def __init__(
+        self, send: Send, selected: _Selection, extra: Headers, versioned_tags: bool = False
+    ) -> None:
         self.send = send
         self.selected = selected
         self.extra = extra
+        self.versioned_tags = versioned_tags  # the client's If-None-Match named this version
         self.started = False
         self._held: Message | None = None  # the start, held until the body's length is known
         self._original: Message | None = None  # that start as it would go unmigrated
@@ -824,7 +826,8 @@ class _Downgrade:
         message = {**message, "status": status, "headers": headers}
         if not self._migrates(status, headers):
             if selected.tag_suffix is not None and (
-                status == 304 or (selected.is_head and _json_answer(status, headers))
+                (status == 304 and self.versioned_tags)
+                or (selected.is_head and _json_answer(status, headers))
             ):
                 # The tag names this version's representation, as the GET's does (a 304:
                 # the client's validator named it).
@@ -883,27 +886,27 @@ class _Downgrade:
         return value
 
 
-def _unversion_validators(scope: Scope, suffix: bytes) -> None:
+def _unversion_validators(scope: Scope, suffix: bytes | None) -> bool:
     """``If-None-Match`` tags of a version's representations (``"abc.v<version>"``, ending
     in ``suffix``) back to the head's (``"abc"``), which the layers inside compare with: an
-    older version's client gets its 304 too. Tags without it name another representation
-    (the head's, say) and are dropped: they must not match this version's answer."""
+    older version's client gets its 304 too. Whether there were any (``suffix`` None: the
+    version's answers are not migrated). Other tags are kept: an answer that is not
+    migrated (not JSON) keeps its unversioned tag."""
+    if suffix is None:
+        return False
     headers = scope["headers"]
-    if not any(name == b"if-none-match" for name, _ in headers):
-        return
-    kept: list[tuple[bytes, bytes]] = []
-    for name, value in headers:
-        if name != b"if-none-match":
-            kept.append((name, value))
-            continue
-        members = [
-            b"*" if m == b"*" else m[: -len(suffix)] + b'"'
-            for m in (part.strip() for part in value.split(b","))
-            if m == b"*" or m.endswith(suffix)
-        ]
-        if members:
-            kept.append((name, b", ".join(members)))
-    scope["headers"] = kept
+    found = False
+    for index, (name, value) in enumerate(headers):
+        if name == b"if-none-match" and suffix in value:
+            members = [
+                m[: -len(suffix)] + b'"' if m.endswith(suffix) else m
+                for m in (part.strip() for part in value.split(b","))
+            ]
+            if not found:
+                headers = scope["headers"] = list(headers)
+                found = True
+            headers[index] = (name, b", ".join(members))
+    return found
 
 
 def _json_answer(status: int, headers: list[tuple[bytes, bytes]]) -> bool:

@@ -405,7 +405,10 @@ async def test_an_answer_whose_key_is_deleted_during_its_call_is_not_stored() ->
     leader = asyncio.create_task(call(app, "GET", "/v1beta/models/m1"))
     await upstream.held.wait()
     await app.engine.invalidate(keys=upstream.keys)  # the data changed meanwhile
+    later = await call(app, "GET", "/v1beta/models/m1")  # does not join the old call
+    assert json.loads(later.body) == {"answer": "new"}
     upstream.release.set()
     assert json.loads((await leader).body) == {"answer": "old"}  # what it got, sent on
     after = await call(app, "GET", "/v1beta/models/m1")
     assert json.loads(after.body) == {"answer": "new"}
+    assert after.headers["cache-status"] == "gemini-scale; hit"  # the later answer's entry

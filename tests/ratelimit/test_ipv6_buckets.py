@@ -182,6 +182,11 @@ async def test_a_flood_from_one_64_keeps_one_counter(backend: Backend) -> None:
         (PROXY, "[2001:db8:0:1::abcd]:443", "2001:db8:0:1::/64"),
         (PROXY, "::ffff:203.0.113.5", "203.0.113.5"),
         ("unix:/run/gw.sock", None, "unix:/run/gw.sock"),
+        # The low bits tell these clients apart: NAT64 embeds an IPv4 client, Teredo a
+        # client behind its NAT.
+        ("64:ff9b::c000:201", None, "192.0.2.1"),
+        ("64:ff9b::cb00:7101", None, "203.0.113.1"),
+        ("2001:0:4136:e378:8000:63bf:3fff:fdd2", None, "2001:0:4136:e378:8000:63bf:3fff:fdd2"),
     ],
 )
 def test_the_client_ip_dimension_groups_ipv6_by_64(
