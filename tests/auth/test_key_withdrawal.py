@@ -18,17 +18,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
 
-import httpx
 import pytest
 
 from gemini_scale.auth.errors import InvalidTokenError
 from gemini_scale.auth.jwks import RETRY_AFTER_FAILURE
-from gemini_scale.auth.jwt import Issuer, JWTValidator
-from tests.auth.fake_idp import FakeIdP, FakeNetwork
-from tests.auth.tokens import AUDIENCE, ISSUER, TokenFactory, jwks, rsa_signer
+from gemini_scale.auth.jwt import JWTValidator
+from tests.auth.conftest import FETCH_TIMEOUT, Build
+from tests.auth.fake_idp import FakeIdP
+from tests.auth.tokens import ISSUER, TokenFactory, jwks, rsa_signer
 from tests.auth_e2e.authorization_server import AuthorizationServer, request_token
 from tests.auth_e2e.test_key_rotation import AUDIENCE as E2E_AUDIENCE
 from tests.auth_e2e.test_key_rotation import (
@@ -45,49 +44,7 @@ from tests.gateway import running
 RS = rsa_signer("kid1")
 RS2 = rsa_signer("kid2", slot=2)
 NO_KEY = "No signing key of the issuer matches the access token."
-FETCH_TIMEOUT = 0.2
 TTL = 600.0  # Issuer.jwks_ttl's default: the fake IdP sends no Cache-Control
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def idp() -> FakeIdP:
-    return FakeIdP(signers=(RS,))
-
-
-@pytest.fixture
-async def client(idp: FakeIdP) -> AsyncIterator[httpx.AsyncClient]:
-    async with FakeNetwork(idp).client() as client:
-        yield client
-
-
-Build = Callable[..., JWTValidator]
-
-
-@pytest.fixture
-async def build(client: httpx.AsyncClient, idp: FakeIdP,
-                clock: FakeClock) -> AsyncIterator[Build]:
-    made: list[JWTValidator] = []
-
-    def make(**issuer: Any) -> JWTValidator:
-        settings: dict[str, Any] = {"issuer": ISSUER, "audience": AUDIENCE,
-                                    "jwks_url": idp.jwks_url, **issuer}
-        made.append(JWTValidator([Issuer(**settings)], http_client=client, clock=clock,
-                                 fetch_timeout=FETCH_TIMEOUT))
-        return made[-1]
-
-    yield make
-    for validator in made:
-        await validator.aclose()
-
-
-@pytest.fixture
-def validator(build: Build) -> JWTValidator:
-    return build()
 
 
 @pytest.fixture
