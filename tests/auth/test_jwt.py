@@ -75,18 +75,8 @@ LEEWAY = 60
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
 def idp() -> FakeIdP:
     return FakeIdP(signers=(RS, EC, ED))
-
-
-@pytest.fixture
-def network(idp: FakeIdP) -> FakeNetwork:
-    return FakeNetwork(idp)
 
 
 Build = Callable[..., JWTValidator]
