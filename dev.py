@@ -7,6 +7,10 @@
 
 Each creates ``.venv`` and installs the project into it on first use (and again whenever
 ``pyproject.toml`` changes).
+
+``test`` runs the suite on the pure-Python sources; with ``GEMINI_SCALE_COMPILED=1`` it first
+compiles the hot modules with mypyc, in place, as the release wheels ship them (the build hook
+in ``pyproject.toml``), and runs the suite on that build; under ``CI=true`` it runs both.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import os
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.error
 import urllib.request
 import venv
@@ -27,6 +32,7 @@ VENV = ROOT / ".venv"
 BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
 PYTHON = BIN / "python"
 STAMP = VENV / ".gemini-scale-installed"
+COMPILED_STAMP = VENV / ".gemini-scale-compiled"
 
 
 def ensure_venv() -> None:
@@ -122,9 +128,67 @@ Press Ctrl+C to stop.
 """
 
 
+def compiled_sources() -> list[Path]:
+    """The modules the mypyc build hook compiles (its ``include`` list in pyproject.toml)."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    hook = config["tool"]["hatch"]["build"]["targets"]["wheel"]["hooks"]["mypyc"]
+    return [ROOT / pattern.lstrip("/") for pattern in hook["include"]]
+
+
+def remove_compiled() -> None:
+    """Delete in-place mypyc artefacts, so that imports load the sources as they are now."""
+    for source in compiled_sources():
+        for artefact in source.parent.glob(f"{source.stem}.*.so"):
+            artefact.unlink()
+    for artefact in ROOT.glob("*__mypyc.*.so"):
+        artefact.unlink()
+
+
+def compile_in_place() -> None:
+    """Compile the hot modules with mypyc next to their sources: the editable install with the
+    build hook enabled (the same hook, and the same module list, as the release wheels).
+    Skipped when the package's sources have not changed since the last build."""
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "gemini_scale").rglob("*.py")):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    sources = compiled_sources()
+    built = all(any(s.parent.glob(f"{s.stem}.*.so")) for s in sources)
+    if built and COMPILED_STAMP.exists() and COMPILED_STAMP.read_text() == digest.hexdigest():
+        return
+    remove_compiled()
+    print("compiling the hot modules with mypyc (a few minutes) ...", flush=True)
+    env = {**os.environ, "HATCH_BUILD_HOOK_ENABLE_MYPYC": "true"}
+    subprocess.run(
+        [str(PYTHON), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         "--no-deps", "--no-build-isolation", "-e", str(ROOT)],
+        cwd=ROOT, env=env, check=True,
+    )
+    missing = [s for s in sources if not any(s.parent.glob(f"{s.stem}.*.so"))]
+    if missing:
+        sys.exit(f"mypyc built no extension for: {', '.join(map(str, missing))}")
+    COMPILED_STAMP.write_text(digest.hexdigest())
+
+
 def test(args: list[str]) -> int:
-    """Run the whole test suite."""
-    return subprocess.run([str(PYTHON), "-m", "pytest", *args], cwd=ROOT, check=False).returncode
+    """Run the whole test suite: on the sources, on the compiled build, or (CI) on both."""
+    compiled = os.environ.get("GEMINI_SCALE_COMPILED") == "1"
+    both = os.environ.get("CI") == "true"
+    failed = 0
+    if both or not compiled:
+        remove_compiled()
+        print("== tests on the pure-Python sources", flush=True)
+        failed |= _pytest(args, expect_compiled=False)
+    if both or compiled:
+        compile_in_place()
+        print("== tests on the mypyc-compiled build", flush=True)
+        failed |= _pytest(args, expect_compiled=True)
+    return failed
+
+
+def _pytest(args: list[str], *, expect_compiled: bool) -> int:
+    env = {**os.environ, "GEMINI_SCALE_EXPECT_COMPILED": "1" if expect_compiled else "0"}
+    command = [str(PYTHON), "-m", "pytest", *args]
+    return subprocess.run(command, cwd=ROOT, env=env, check=False).returncode
 
 
 def check(args: list[str]) -> int:

@@ -2122,7 +2122,11 @@ def cleanup_redis() -> str:
 def versions() -> dict[str, str]:
     import importlib.metadata
 
-    out = {"python": platform.python_version()}
+    import gemini_scale.ratelimit.engine
+
+    compiled = not (gemini_scale.ratelimit.engine.__file__ or "").endswith(".py")
+    out = {"python": platform.python_version(), "gemini-scale build": (
+        "mypyc-compiled" if compiled else "pure Python")}
     for name in ("gemini-scale", "starlette", "fastapi", "uvicorn", "uvloop", "httptools",
                  "httpx", "anyio", "pydantic", "redis", "hiredis", "limits", "slowapi"):
         try:

@@ -94,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(f"unknown variants: {', '.join(unknown)}", file=sys.stderr)
         return 2
+    print(f"gemini-scale build: {bench.versions()['gemini-scale build']}")
     print(f"{'variant':24s} {'call':22s} {'instr/request':>14s} {'bare':>10s} {'added':>10s}")
     for index in (int(c) for c in args.calls.split(",")):
         bare = per_request("bare", index, args.requests)

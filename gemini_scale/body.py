@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from gemini_scale import fastjson
 from gemini_scale.errors import send_error
 from gemini_scale.routing import GeminiMiddleware, RequestContext, route_path
@@ -37,6 +39,7 @@ def is_json_content_type(content_type: bytes | None) -> bool:
     )
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class JSONBodyMiddleware(GeminiMiddleware):
     """Refuse bad request bodies before anything expensive runs, in Google's envelope.
 

@@ -15,6 +15,7 @@ services that already limit with slowapi.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import ipaddress
 import json
@@ -164,7 +165,7 @@ class TrustedProxies:
         self,
         networks: Iterable[str | IPNetwork | IPAddress] = (),
         *,
-        ipv6_prefix: int | None = None,
+        ipv6_prefix: object = None,  # an int or None; anything else is refused below
     ) -> None:
         if ipv6_prefix is None:  # a copy keeps the original's grouping
             ipv6_prefix = (
@@ -534,7 +535,7 @@ def route_key(request: Request) -> str:
     return _slowapi_key(request, "route")
 
 
-def client_ip_key(*, trusted: TrustedProxies) -> Callable[[Request], str]:
+def client_ip_key(*, trusted: object) -> Callable[[Request], str]:
     """A slowapi ``key_func`` keyed on :func:`client_bucket` behind ``trusted``.
 
     ``Limiter(key_func=client_ip_key(trusted=TrustedProxies(["10.0.0.0/8"])))``; unlike
@@ -543,13 +544,15 @@ def client_ip_key(*, trusted: TrustedProxies) -> Callable[[Request], str]:
     """
     if not isinstance(trusted, TrustedProxies):
         raise ConfigurationError("client_ip_key(trusted=...) takes a TrustedProxies")
+    # slowapi passes the request only to a parameter named ``request``, found by
+    # inspect.signature: a partial of a module-level function keeps one when compiled with
+    # mypyc (a compiled closure has none, nor has a function with a default of an object).
+    return functools.partial(_client_ip_key, trusted=trusted)
 
-    # slowapi passes the request only to a parameter named ``request``.
-    def client_ip(request: Request) -> str:
-        """slowapi ``key_func``: one bucket per client address (``client_ip:<tag>``)."""
-        return _slowapi_key(request, "client_ip", trusted)
 
-    return client_ip
+def _client_ip_key(request: Request, *, trusted: TrustedProxies) -> str:
+    """slowapi ``key_func``: one bucket per client address (``client_ip:<tag>``)."""
+    return _slowapi_key(request, "client_ip", trusted)
 
 
 __all__ = [

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
+from mypy_extensions import mypyc_attr
 from starlette.routing import Host, Mount, Route, compile_path
 
 from gemini_scale.errors import ConfigurationError, PolicyNotEnforcedError, send_error
@@ -391,6 +392,7 @@ async def misconfigured_app(scope: Scope, receive: Any, send: Any) -> None:
     await send_error(send, 500, "The service is misconfigured; see its logs.")
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class GeminiMiddleware:
     """Base of every gemini-scale middleware: pass-through of non-HTTP scopes, the shared
     per-request context, route resolution and the enforcement audit.

@@ -59,6 +59,7 @@ from gemini_scale.caching.scripts import FOUND, GONE, LOCK, LOCKED, POLL, STORE
 from gemini_scale.errors import ConfigurationError, StoreError, StoreUnavailableError
 from gemini_scale.memo import remember
 from gemini_scale.observability.metrics import record_store_error
+from gemini_scale.principal import Principal
 from gemini_scale.stores.base import Store, ttl_ms
 from gemini_scale.stores.memory import MemoryStore
 from gemini_scale.stores.scripts import COMPARE_AND_DELETE
@@ -109,7 +110,7 @@ def _generations_suffix(generations: Sequence[str]) -> bytes:
     return b"\x00" + ",".join(generations).encode("ascii")
 
 
-def _positive(name: str, value: float, *, zero: bool = False) -> float:
+def _positive(name: str, value: float | int, *, zero: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ConfigurationError(f"{name} must be a finite number of seconds, got {value!r}")
     if value < 0 or (value == 0 and not zero):
@@ -142,19 +143,21 @@ class CacheEngine:
     def __init__(
         self,
         store: Store,
+        # ``float | int``, not ``float``: mypyc would turn an int (a bool too) into a float
+        # before _positive sees it; the union keeps the value as passed, as Python does.
         *,
         clock: Clock = SYSTEM_CLOCK,
         namespace: str = "cache",
-        lock_ttl: float = 30.0,
-        wait_timeout: float = 10.0,
-        poll_interval: float = 0.005,
-        max_poll_interval: float = 0.1,
+        lock_ttl: float | int = 30.0,
+        wait_timeout: float | int = 10.0,
+        poll_interval: float | int = 0.005,
+        max_poll_interval: float | int = 0.1,
         distributed_lock: bool | None = None,
-        tag_refresh: float = 1.0,
-        max_ttl: float = 86_400.0,
+        tag_refresh: float | int = 1.0,
+        max_ttl: float | int = 86_400.0,
         store_timeout: float | None = None,
-        retry_after: float = 1.0,
-        log_interval: float = 60.0,
+        retry_after: float | int = 1.0,
+        log_interval: float | int = 60.0,
     ) -> None:
         if not namespace or any(c in namespace for c in "{}:"):
             raise ConfigurationError(f"namespace must be non-empty without '{{}}:': {namespace!r}")
@@ -201,9 +204,22 @@ class CacheEngine:
 
     ALL: Final = ALL_TAG
     """The tag every entry carries: ``invalidate(tags=[CacheEngine.ALL])`` empties the cache."""
-    model_tag = staticmethod(model_tag)
-    principal_tag = staticmethod(principal_tag)
-    tenant_tag = staticmethod(tenant_tag)
+    # Methods, not ``staticmethod(model_tag)`` attributes: mypyc compiles a class attribute
+    # into a data descriptor, which is not callable.
+    @staticmethod
+    def model_tag(model: str) -> str:
+        """:func:`gemini_scale.caching.keys.model_tag`."""
+        return model_tag(model)
+
+    @staticmethod
+    def principal_tag(principal: Principal) -> str:
+        """:func:`gemini_scale.caching.keys.principal_tag`."""
+        return principal_tag(principal)
+
+    @staticmethod
+    def tenant_tag(issuer: str, tenant: str) -> str:
+        """:func:`gemini_scale.caching.keys.tenant_tag`."""
+        return tenant_tag(issuer, tenant)
 
     # -- names
 

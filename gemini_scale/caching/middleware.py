@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Final, Literal
 
+from mypy_extensions import mypyc_attr
+
 from gemini_scale.auth.middleware import principal_of
 from gemini_scale.body import BODY_KEY, JSON_KEY, is_json_content_type
 from gemini_scale.caching.engine import CacheEngine, Flight
@@ -93,6 +95,7 @@ class _Exchange:
         return {"type": "http.request", "body": body, "more_body": False}
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class CacheMiddleware(GeminiMiddleware):
     """Answer repeated requests from cache, per caller, with one upstream call per key.
 
@@ -143,15 +146,16 @@ class CacheMiddleware(GeminiMiddleware):
         rules: Mapping[str, Policy | Sequence[Policy]] | None = None,
         generation: GenerationMode = "deterministic",
         streams: bool = False,
-        max_entry_bytes: int = 1024 * 1024,
-        max_body_bytes: int = 1024 * 1024,
+        # ``| bool``: mypyc would turn a bool into 0 or 1 before the check below refuses it
+        max_entry_bytes: int | bool = 1024 * 1024,
+        max_body_bytes: int | bool = 1024 * 1024,
         query_params: Collection[str] | None = DEFAULT_QUERY_PARAMS,
         vary: Collection[str] = DEFAULT_VARY,
         private: str | None = "private",
         age: bool = True,
         expose_key: bool = False,
-        lock_ttl: float = 30.0,
-        wait_timeout: float = 10.0,
+        lock_ttl: float | int = 30.0,
+        wait_timeout: float | int = 10.0,
         clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         super().__init__(app)
@@ -177,8 +181,8 @@ class CacheMiddleware(GeminiMiddleware):
         self._rules = Rules(rules)
         self.generation: GenerationMode = generation
         self.streams = streams
-        self.max_entry_bytes = max_entry_bytes
-        self.max_body_bytes = max_body_bytes
+        self.max_entry_bytes: int = max_entry_bytes
+        self.max_body_bytes: int = max_body_bytes
         self.query_params = (
             None if query_params is None else frozenset(q.encode("latin-1") for q in query_params)
         )
@@ -329,6 +333,8 @@ class CacheMiddleware(GeminiMiddleware):
             extras[CACHE_OUTCOME_KEY] = "miss"
             label, keep = MISS, True
         stored = None
+        # Not ``try``/``finally``: mypyc miscompiles an ``await`` in a ``finally`` clause (see
+        # RateLimitMiddleware._call_and_settle).
         try:
             plan = x.plan
             scope = x.scope
@@ -347,12 +353,18 @@ class CacheMiddleware(GeminiMiddleware):
                 kept = self.engine.put_now(x.key, stored, flight)  # None: a round trip
                 if kept if kept is not None else await self.engine.put(x.key, stored, flight):
                     extras[CACHE_OUTCOME_KEY] = "stored"
-        finally:
-            if flight is not None:
-                if flight.token is None:  # no store lock to release: no round trip
-                    self.engine.settle(flight, stored)
-                else:
-                    await self.engine.land(flight, stored)
+        except BaseException:
+            await self._release(flight, stored)
+            raise
+        await self._release(flight, stored)
+
+    async def _release(self, flight: Flight | None, stored: StoredResponse | None) -> None:
+        """End a miss's single flight (if it led or joined one) with what it stored."""
+        if flight is not None:
+            if flight.token is None:  # no store lock to release: no round trip
+                self.engine.settle(flight, stored)
+            else:
+                await self.engine.land(flight, stored)
 
     def _detail(self, key: str) -> bytes:
         """The debug ``key`` parameter of ``Cache-Status`` (when ``expose_key``)."""

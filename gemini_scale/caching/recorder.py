@@ -34,6 +34,13 @@ from gemini_scale.ratelimit.usage import UsageObserver
 from gemini_scale.types import Message, Send
 
 
+def _body_bytes(message: Message) -> bytes:
+    """A body message's body as ``bytes``: an app may send a ``bytearray`` or a
+    ``memoryview`` (Starlette's streamed chunks), which compiled code refuses as ``bytes``."""
+    body = message.get("body", b"")
+    return body if type(body) is bytes else bytes(body)
+
+
 class Recorder:
     """A ``send`` wrapper for one forwarded request (see the module docstring).
 
@@ -109,7 +116,7 @@ class Recorder:
             if self._pending is None:
                 await self._body(message)
                 return
-            body: bytes = message.get("body", b"")
+            body = _body_bytes(message)
             if message.get("more_body", False) or self._held is not None:
                 whole = await self._hold(body, message.get("more_body", False))
                 if whole is None:
@@ -187,7 +194,7 @@ class Recorder:
         return b"".join([*held, body])
 
     async def _body(self, message: Message) -> None:
-        body: bytes = message.get("body", b"")
+        body = _body_bytes(message)
         more = message.get("more_body", False)
         chunks = self._chunks
         if chunks is not None:

@@ -69,7 +69,10 @@ class BoundedLabel:
 
 
 #: Prometheus' default buckets for seconds.
-SECONDS: Final = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+#: Not ``Final``: mypyc leaves a final name unset for the default of a nested function.
+SECONDS: tuple[float, ...] = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0
+)
 
 
 class _HistogramChild:

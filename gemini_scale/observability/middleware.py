@@ -18,6 +18,8 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any, Final
 
+from mypy_extensions import mypyc_attr
+
 from gemini_scale.keys import TrustedProxies
 from gemini_scale.memo import remember
 from gemini_scale.observability import tracing
@@ -118,6 +120,7 @@ async def _send_crash(x: _Exchange) -> None:
         x.gone = True
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class MetricsMiddleware(GeminiMiddleware):
     """Request ids, timing, Prometheus metrics and access logs for every HTTP request.
 
@@ -496,7 +499,7 @@ class _Exchange:
         self.reading = True
         self.headers = headers
 
-    def _read(self, body: bytes, more: bool) -> None:
+    def _read(self, body: bytes | bytearray | memoryview, more: bool) -> None:
         """Read the answer's usage from one body message: the usual answer, whole in one
         message, at once; anything else through an :class:`AnswerUsage`."""
         answer = self.answer

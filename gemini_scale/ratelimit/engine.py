@@ -142,9 +142,7 @@ class Decision:
     ) -> Decision:
         """From the acquire script's reply: ``[allowed, now_ms, (index, current, previous)
         per limit]``."""
-        decision = cls.__new__(cls)
-        decision.allowed = raw[0] == 1
-        decision.degraded = degraded
+        decision = cls(raw[0] == 1, degraded=degraded)
         decision._raw = raw
         decision._limits = limits
         decision._keys = keys

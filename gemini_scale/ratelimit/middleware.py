@@ -5,9 +5,10 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Collection, Coroutine, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import anyio
+from mypy_extensions import mypyc_attr
 
 from gemini_scale.auth.middleware import principal_of
 from gemini_scale.body import JSON_KEY, BodyRefusedError, load_json_body
@@ -68,6 +69,7 @@ class _Plan(NamedTuple):
     request_costs: tuple[int, ...]
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class RateLimitMiddleware(GeminiMiddleware):
     """Limit requests and Gemini tokens per principal (or tenant, API key, model, route,
     client address), exactly across replicas sharing a store.
@@ -102,11 +104,12 @@ class RateLimitMiddleware(GeminiMiddleware):
 
     enforces = frozenset({RateLimitPolicy})
     #: Whether route marks and rules apply (the per-address limiter uses only its default).
-    route_policies = True
+    route_policies: ClassVar[bool] = True
     #: Prefix of this limiter's names in the RateLimit headers.
-    name_prefix = ""
+    name_prefix: ClassVar[str] = ""
     #: Store namespace of this limiter's counters: limiters never share a counter.
-    namespace = "rl"
+    #: (These three are ClassVars so that mypyc keeps a subclass's values.)
+    namespace: ClassVar[str] = "rl"
 
     def __init__(
         self,
@@ -406,13 +409,21 @@ class RateLimitMiddleware(GeminiMiddleware):
                     _add_rate_limit_headers(message, headed)
             await send(message)
 
+        # Not ``try``/``finally``: mypyc miscompiles an ``await`` in a ``finally`` clause (an
+        # exception thrown into the app and handled there, as anyio handles a cancellation,
+        # is raised again by the coroutine that awaits this one).
         try:
             await self.app(scope, receive, observing_send)
-        finally:
+        except BaseException:
             if not settled:
                 later = self._settle(decision, limits, costs, answer, context)
                 if later is not None:
                     await later
+            raise
+        if not settled:
+            later = self._settle(decision, limits, costs, answer, context)
+            if later is not None:
+                await later
 
     def _settle(
         self,
@@ -431,6 +442,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         return _settle_shielded(self.limiter, reservation, deltas)
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class IPRateLimitMiddleware(RateLimitMiddleware):
     """A cheap per-client-address limit that runs *before* authentication (DESIGN.md §3).
 

@@ -36,6 +36,7 @@ from itertools import islice
 from typing import Any, Final, Literal
 
 import orjson
+from mypy_extensions import mypyc_attr
 
 __all__ = [
     "CHARS_PER_TOKEN",
@@ -370,7 +371,7 @@ def estimate_request_tokens(
 # -- usage from responses -----------------------------------------------------------------
 
 
-def _loads(raw: bytes | bytearray) -> Any:
+def _orjson_loads(raw: bytes | bytearray) -> Any:
     """:func:`json.loads` of an answer, through orjson unless it refuses (``NaN``, lone
     surrogates, deep nesting). Unlike :func:`gemini_scale.fastjson.loads`, integers past 64
     bits may come back as floats: every count read here is clamped to ``2**53 - 1`` either
@@ -379,6 +380,11 @@ def _loads(raw: bytes | bytearray) -> Any:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
         return json.loads(raw)
+
+
+#: What reads an answer's JSON: a module global looked up on each call, so that a test can
+#: count the parses (a call to a function by its name is bound when compiled).
+_loads: Callable[[bytes | bytearray], Any] = _orjson_loads
 
 
 _USAGE_FIELDS: Final = (
@@ -484,7 +490,7 @@ class AnswerUsage:
         self.status = status
         self._headers = headers
 
-    def feed(self, body: bytes, more: bool) -> None:
+    def feed(self, body: bytes | bytearray | memoryview, more: bool) -> None:
         """Look at one ``http.response.body`` message's body (never raises)."""
         observer = self._observer
         if observer is None:
@@ -521,7 +527,7 @@ class AnswerUsage:
 IN_PIECES: Final[Any] = object()
 
 
-def whole_answer_usage(body: bytes) -> Any:
+def whole_answer_usage(body: bytes | bytearray | memoryview) -> Any:
     """The ``usageMetadata`` value of an answer that came in one message (``None``: it has
     none), or :data:`IN_PIECES` when it must go through a :class:`UsageObserver` (not a
     JSON object, too big or too deep). What :class:`AnswerUsage` does with such a body,
@@ -798,6 +804,7 @@ _DATA: Final = 2  # in a data value
 _SKIP: Final = 3  # another field or a comment
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class UsageObserver:
     """Reads Gemini's ``usageMetadata`` from a response body as its chunks pass by.
 

@@ -7,6 +7,8 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+from mypy_extensions import mypyc_attr
+
 from gemini_scale.errors import ConfigurationError, StoreError
 from gemini_scale.memo import remember
 from gemini_scale.stores.base import (
@@ -118,6 +120,7 @@ def _size_of(value: Any) -> int:
     return _ENTRY_OVERHEAD + 64  # small fixed-size values: counters, rate-limit windows
 
 
+@mypyc_attr(allow_interpreted_subclasses=True)
 class MemoryStore(ScriptedOperations):
     """A :class:`~gemini_scale.stores.Store` in one process's memory.
 
@@ -230,7 +233,9 @@ class MemoryStore(ScriptedOperations):
             return value
         raise StoreError(_WRONGTYPE)
 
-    async def set(self, key: str, value: bytes, *, ttl: float) -> None:
+    async def set(
+        self, key: str, value: bytes | bytearray | memoryview, *, ttl: float
+    ) -> None:
         """Store ``value`` under ``key`` for ``ttl`` seconds."""
         data, ms = value_bytes(value), ttl_ms(ttl)
         state = self._begin()
@@ -254,7 +259,9 @@ class MemoryStore(ScriptedOperations):
         state.put(self._head + key, value, state.now + ttl, size)
         self._end(state)
 
-    async def set_if_absent(self, key: str, value: bytes, *, ttl: float) -> bool:
+    async def set_if_absent(
+        self, key: str, value: bytes | bytearray | memoryview, *, ttl: float
+    ) -> bool:
         """Store ``value`` only if ``key`` is absent; whether it was stored."""
         data, ms = value_bytes(value), ttl_ms(ttl)
         state = self._begin()
