@@ -559,6 +559,20 @@ def raw_asgi_app() -> Any:
     return app
 
 
+#: The ``state`` of apps that cannot carry one (mypyc-compiled middlewares), by ``id``.
+_DETACHED_STATES: dict[int, tuple[Any, Any]] = {}
+
+
+def app_state(app: Any) -> Any:
+    """``app.state``: what the benchmark keeps for a variant (tokens, stores, request state)."""
+    state = getattr(app, "state", None)
+    if state is None:
+        held = _DETACHED_STATES.get(id(app))
+        if held is not None and held[0] is app:
+            state = held[1]
+    return state
+
+
 def cache_asgi_app() -> ASGIApp:
     """``CacheMiddleware`` (memory, hits) in front of a raw ASGI app: the hit's own cost."""
     from gemini_scale import CacheMiddleware, MemoryStore
@@ -568,7 +582,7 @@ def cache_asgi_app() -> ASGIApp:
     holder = type("State", (), {})()
     holder.request_state = {"principal": bench_principal()}  # type: ignore[attr-defined]
     holder.bench_store = store  # type: ignore[attr-defined]
-    app.state = holder  # type: ignore[attr-defined]
+    _DETACHED_STATES[id(app)] = (app, holder)  # a compiled middleware takes no new attribute
     return app
 
 
@@ -1042,7 +1056,7 @@ async def paired(
 
 
 def dev_token(app: Any) -> str | None:
-    issuer = getattr(getattr(app, "state", None), "dev_issuer", None)
+    issuer = getattr(app_state(app), "dev_issuer", None)
     if issuer is None:
         return None
     token: str = issuer.mint(lifetime=3600)
@@ -1078,7 +1092,7 @@ class RedisFacts:
 
 def redis_client_of(app: Any) -> Any:
     """The redis-py client a Redis variant talks through (``None`` for memory variants)."""
-    state = getattr(app, "state", None)
+    state = app_state(app)
     store = getattr(state, "bench_store", None)
     client = getattr(store, "client", None)
     if client is not None:
@@ -1222,7 +1236,7 @@ async def inprocess_main(
                 states[name] = lifespan.state
             else:
                 # What uvicorn would copy into every request from the lifespan state.
-                states[name] = dict(getattr(getattr(app, "state", None), "request_state", {}))
+                states[name] = dict(getattr(app_state(app), "request_state", {}))
         tokens = {name: dev_token(app) or FALLBACK_TOKEN for name, app in apps.items()}
         tokens["bare"] = FALLBACK_TOKEN
         # Check each app answers each call before timing anything.
@@ -1265,7 +1279,7 @@ async def inprocess_main(
             except Exception as exc:
                 notes.append(f"in-process: lifespan shutdown: {short_error(exc)}")
         for app in apps.values():
-            store = getattr(getattr(app, "state", None), "bench_store", None)
+            store = getattr(app_state(app), "bench_store", None)
             if store is not None and hasattr(store, "aclose"):
                 await store.aclose()
     return results, facts

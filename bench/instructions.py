@@ -37,7 +37,7 @@ def run_requests(variant: str, call_index: int, requests: int) -> None:
 
     app = bench.FACTORIES[variant]()
     call = bench.CALLS[call_index]
-    state = getattr(getattr(app, "state", None), "request_state", None) or {}
+    state = getattr(bench.app_state(app), "request_state", None) or {}
     token = bench.dev_token(app) or bench.FALLBACK_TOKEN  # the stack verifies it
     template = bench.make_scope(call, token, {})
 
