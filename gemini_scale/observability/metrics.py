@@ -129,17 +129,20 @@ class _FastTokenSink(TokenSink):
     __slots__ = ()
 
     def add(self, tokens_in: int, tokens_out: int) -> None:
-        # _HistogramChild.observe and _CounterChild.inc, inlined: four calls fewer.
+        # _HistogramChild.observe and _CounterChild.inc, inlined: four calls fewer. The
+        # typed names let compiled code (mypyc) reach the slots directly.
+        hist: _HistogramChild
+        count: _CounterChild
         if tokens_in:
-            hist = self.in_hist
+            hist, count = self.in_hist, self.in_count
             hist.counts[bisect_left(hist.bounds, tokens_in)] += 1
             hist.total += tokens_in
-            self.in_count.value += tokens_in
+            count.value += tokens_in
         if tokens_out:
-            hist = self.out_hist
+            hist, count = self.out_hist, self.out_count
             hist.counts[bisect_left(hist.bounds, tokens_out)] += 1
             hist.total += tokens_out
-            self.out_count.value += tokens_out
+            count.value += tokens_out
 
 
 class FastHistogram:
