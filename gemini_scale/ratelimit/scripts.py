@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
@@ -22,7 +23,9 @@ def _load(name: str) -> str:
     )
 
 
-def _acquire(state: LocalState, keys: list[str], args: list[Any], now: float) -> list[int]:
+# The arguments are typed ``Sequence[int]`` (they are ints, from RateLimiter): compiled with
+# mypyc, the arithmetic below runs on machine integers instead of Python objects.
+def _acquire(state: LocalState, keys: list[str], args: Sequence[int], now: float) -> list[int]:
     n = len(args) - 2 * len(keys)  # limit keys; the rest are settlements (rl_refunds.lua)
     if n < len(keys):
         _apply_settlements(state, keys, args, n)
@@ -57,7 +60,7 @@ def _acquire(state: LocalState, keys: list[str], args: list[Any], now: float) ->
 
 
 def _charge(
-    state: LocalState, keys: list[str], args: list[Any], out: list[int],
+    state: LocalState, keys: list[str], args: Sequence[int], out: list[int],
     found: list[_Window | None],
 ) -> None:
     """Add each limit's cost to its window (and to ``out``, the reply)."""
@@ -74,7 +77,9 @@ def _charge(
                 state.put(keys[i], [index, charged, prev], (index + 2) * window / 1000)
 
 
-def _apply_settlements(state: LocalState, keys: list[str], args: list[Any], n: int) -> None:
+def _apply_settlements(
+    state: LocalState, keys: list[str], args: Sequence[int], n: int
+) -> None:
     """Move the reservations named after the first ``n`` keys (see rl_refunds.lua)."""
     get = state.get
     for j in range(n, len(keys)):
@@ -89,7 +94,7 @@ def _apply_settlements(state: LocalState, keys: list[str], args: list[Any], n: i
             stored[2] = max(0, stored[2] + args[at + 1])
 
 
-def _settle(state: LocalState, keys: list[str], args: list[Any], now: float) -> int:
+def _settle(state: LocalState, keys: list[str], args: Sequence[int], now: float) -> int:
     n = len(args) - 2 * len(keys)
     _apply_settlements(state, keys, args, n)
     return len(keys) - n
