@@ -8,9 +8,10 @@
 Each creates ``.venv`` and installs the project into it on first use (and again whenever
 ``pyproject.toml`` changes).
 
-``test`` runs the suite on the pure-Python sources; with ``GEMINI_SCALE_COMPILED=1`` it first
-compiles the hot modules with mypyc, in place, as the release wheels ship them (the build hook
-in ``pyproject.toml``), and runs the suite on that build; under ``CI=true`` it runs both.
+``test`` runs the suite on the pure-Python sources (it deletes an earlier in-place build, so
+that what runs is what you edited); with ``GEMINI_SCALE_COMPILED=1`` it first compiles the
+hot modules with mypyc, in place, as the release wheels ship them (the build hook in
+``pyproject.toml``), and runs the suite on that build; under ``CI=true`` it runs both.
 """
 
 from __future__ import annotations
@@ -136,12 +137,12 @@ def compiled_sources() -> list[Path]:
 
 
 def remove_compiled() -> None:
-    """Delete in-place mypyc artefacts, so that imports load the sources as they are now."""
-    for source in compiled_sources():
-        for artefact in source.parent.glob(f"{source.stem}.*.so"):
+    """Delete in-place mypyc artefacts (the package has no other extension modules), so that
+    imports load the sources as they are now, whatever module list built them."""
+    for suffix in (".so", ".pyd"):
+        package = (ROOT / "gemini_scale").rglob(f"*{suffix}")
+        for artefact in [*package, *ROOT.glob(f"*__mypyc*{suffix}")]:
             artefact.unlink()
-    for artefact in ROOT.glob("*__mypyc.*.so"):
-        artefact.unlink()
 
 
 def compile_in_place() -> None:

@@ -46,7 +46,6 @@ def test_all_listed_modules_are_compiled_or_none_is() -> None:
         assert len(set(compiled.values())) == 1, compiled
 
 
-
 def test_no_listed_module_awaits_in_a_finally_clause() -> None:
     # mypyc miscompiles an ``await`` in a ``finally`` clause: an exception thrown into the
     # awaited coroutine and handled there (anyio's cancellation of a task group) is raised
