@@ -11,17 +11,13 @@ from __future__ import annotations
 import ast
 import importlib
 import os
-import tomllib
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from dev import ROOT, compiled_sources
 
 
 def _listed_modules() -> list[str]:
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
-    hook = config["tool"]["hatch"]["build"]["targets"]["wheel"]["hooks"]["mypyc"]
     return [
-        pattern.strip("/").removesuffix(".py").replace("/", ".") for pattern in hook["include"]
+        ".".join(path.relative_to(ROOT).with_suffix("").parts) for path in compiled_sources()
     ]
 
 
