@@ -56,6 +56,7 @@ import httpx
 from gemini_scale.auth.errors import IdentityProviderUnavailableError, InvalidTokenError
 from gemini_scale.auth.token_cache import BoundedLRU
 from gemini_scale.errors import ConfigurationError
+from gemini_scale.header_values import bounded_decimal
 from gemini_scale.principal import Principal
 from gemini_scale.types import SYSTEM_CLOCK, Clock
 
@@ -426,7 +427,7 @@ class IntrospectionValidator:
         """The (decoded) body, refused past ``max_response_bytes`` without reading it all."""
         limit = self._max_response_bytes
         declared = response.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        if (bounded_decimal(declared, limit + 1) or 0) > limit:
             self._too_large()
         chunks: list[bytes] = []
         size = 0

@@ -36,6 +36,7 @@ from joserfc.jwk import ECKey, OKPKey, RSAKey
 
 from gemini_scale.auth.errors import IdentityProviderUnavailableError, InvalidTokenError
 from gemini_scale.errors import ConfigurationError, GeminiScaleError
+from gemini_scale.header_values import bounded_decimal
 from gemini_scale.types import Clock
 
 if TYPE_CHECKING:
@@ -487,7 +488,7 @@ async def fetch_json(
                 if not _is_json(response.headers.get("content-type")):
                     raise DocumentError("the response is not JSON")
                 declared = response.headers.get("content-length", "")
-                if declared.isdigit() and int(declared) > max_bytes:
+                if (bounded_decimal(declared, max_bytes + 1) or 0) > max_bytes:
                     raise DocumentError("the response is too large")
                 async for chunk in response.aiter_bytes():
                     body += chunk

@@ -30,6 +30,7 @@ from gemini_scale.caching.semantics import (
 )
 from gemini_scale.caching.signature import Plan
 from gemini_scale.header_names import lowercased
+from gemini_scale.header_values import bounded_decimal
 from gemini_scale.ratelimit.usage import UsageObserver
 from gemini_scale.types import Message, Send
 
@@ -169,9 +170,13 @@ class Recorder:
             elif stream:
                 self._observer = UsageObserver("auto")
                 self._observer.start(200, content_type.decode("latin-1"))
-            elif length is not None and length.isdigit() and int(length) <= plan.max_bytes:
+            elif (
+                length is not None
+                and (declared := bounded_decimal(length, plan.max_bytes + 1)) is not None
+                and declared <= plan.max_bytes
+            ):
                 self._pending = message  # until the body is complete: ETag, 304
-                self._declared = int(length)
+                self._declared = declared
                 return False
             elif self._tagged:  # not held: the app's own tag went out, so the entry keeps it
                 self._etag = next(bytes(v) for k, v in headers if k.lower() == b"etag")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Final
 
+from gemini_scale.header_values import bounded_decimal
 from gemini_scale.policies import GenerationMode
 from gemini_scale.types import Message, Receive
 
@@ -38,10 +39,14 @@ def replay_messages(messages: list[Message], receive: Receive) -> Receive:
     return replay
 
 
+#: A declared length past any body cap: a longer one reads as this.
+_LONGEST: Final = 2**63
+
+
 def content_length(fields: Mapping[bytes, bytes]) -> int | None:
     """The declared body length; ``None`` when absent or not one non-negative integer."""
     value = fields.get(b"content-length")
-    return int(value) if value is not None and value.isdigit() else None
+    return None if value is None else bounded_decimal(value, _LONGEST)
 
 
 def _is_map(value: Any) -> bool:

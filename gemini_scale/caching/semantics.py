@@ -15,6 +15,8 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from hashlib import blake2b as _blake2b
 
+from gemini_scale.header_values import bounded_decimal
+
 Header = tuple[bytes, bytes]
 
 #: The cache's name in ``Cache-Status`` (RFC 9211 §2).
@@ -80,11 +82,13 @@ def parse_cache_control(value: bytes) -> dict[bytes, bytes | None]:
     return directives
 
 
+#: RFC 9111 §1.2.2: a delta-seconds greater than this is taken as this.
+_MAX_DELTA_SECONDS = 2**31
+
+
 def _seconds(value: bytes | None) -> int | None:
     """A delta-seconds argument (RFC 9111 §1.2.2), or ``None`` when it is not one."""
-    if value is None or not value.isdigit():
-        return None
-    return int(value)
+    return None if value is None else bounded_decimal(value, _MAX_DELTA_SECONDS)
 
 
 @dataclass(frozen=True, slots=True)

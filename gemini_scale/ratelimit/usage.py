@@ -31,7 +31,7 @@ import json
 import logging
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import islice
 from typing import Any, Final, Literal
 
@@ -480,10 +480,11 @@ class AnswerUsage:
         self.status: int | None = None
         self.tokens: int | None = None
         self.usage: Mapping[str, Any] | None = None
-        self._headers: Iterable[tuple[bytes, bytes]] = ()
+        # Pairs as ASGI sends them: tuples, or 2-item lists (which ASGI allows too).
+        self._headers: Iterable[Sequence[bytes]] = ()
         self._observer: UsageObserver | None = None
 
-    def start(self, status: int, headers: Iterable[tuple[bytes, bytes]]) -> None:
+    def start(self, status: int, headers: Iterable[Sequence[bytes]]) -> None:
         """Note the ``http.response.start``. Its ``Content-Type`` is read from ``headers``
         later, only if the body needs it: pass headers nobody changes afterwards (ASGI
         layers replace a start message's header list; none edits it in place)."""

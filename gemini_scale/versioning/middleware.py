@@ -34,6 +34,7 @@ from gemini_scale.errors import (
 )
 from gemini_scale.gemini_json import dump_json
 from gemini_scale.header_names import lowercased
+from gemini_scale.header_values import bounded_decimal
 from gemini_scale.memo import remember
 from gemini_scale.policies import Policy, VersionPolicy
 from gemini_scale.routing import (
@@ -408,7 +409,8 @@ class VersionMiddleware(GeminiMiddleware):
         json_body = True  # no Content-Type: JSON by Gemini's convention
         for name, value in scope["headers"]:
             if name == b"content-length":
-                if value.isdigit() and int(value) > self.max_body_bytes:
+                declared = bounded_decimal(value, self.max_body_bytes + 1)
+                if declared is not None and declared > self.max_body_bytes:
                     return False
             elif name == b"content-type":
                 json_body = is_json_content_type(value)

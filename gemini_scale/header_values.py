@@ -1,0 +1,26 @@
+"""Numbers in header fields (``Content-Length``, delta-seconds), read without surprises.
+
+``int()`` refuses more than 4,300 digits (``ValueError``) and compiled code cannot turn an
+integer past a float's range into a float (``OverflowError``): a client or an upstream that
+sends a field of hundreds of digits must get the same answer as for a large number.
+"""
+
+from __future__ import annotations
+
+__all__ = ["bounded_decimal"]
+
+
+def bounded_decimal(value: bytes | str, ceiling: int) -> int | None:
+    """A field that is one non-negative decimal number (ASCII digits only), at most
+    ``ceiling``: a larger number, however long, reads as ``ceiling``; ``None`` when the
+    field is not such a number."""
+    if isinstance(value, str):  # httpx's decoded headers
+        if not value.isascii():
+            return None
+        value = value.encode("ascii")
+    if not value.isdigit():  # bytes.isdigit: ASCII digits only, False when empty
+        return None
+    digits = value.lstrip(b"0")
+    if len(digits) > len(str(ceiling)):
+        return ceiling
+    return min(int(digits or b"0"), ceiling)
