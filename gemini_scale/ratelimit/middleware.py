@@ -416,14 +416,10 @@ class RateLimitMiddleware(GeminiMiddleware):
             await self.app(scope, receive, observing_send)
         except BaseException:
             if not settled:
-                later = self._settle(decision, limits, costs, answer, context)
-                if later is not None:
-                    await later
+                await _completed(self._settle(decision, limits, costs, answer, context))
             raise
         if not settled:
-            later = self._settle(decision, limits, costs, answer, context)
-            if later is not None:
-                await later
+            await _completed(self._settle(decision, limits, costs, answer, context))
 
     def _settle(
         self,
@@ -481,6 +477,12 @@ class IPRateLimitMiddleware(RateLimitMiddleware):
             exempt=exempt,
             clock=clock,
         )
+
+
+async def _completed(later: Coroutine[Any, Any, None] | None) -> None:
+    """Await a settlement's round trip, if :meth:`RateLimitMiddleware._settle` returned one."""
+    if later is not None:
+        await later
 
 
 async def _settle_shielded(
