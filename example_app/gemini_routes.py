@@ -7,7 +7,7 @@ import re
 from fastapi import APIRouter, Request, Security
 from starlette.responses import Response
 
-from gemini_scale import InvalidArgumentError, NotFoundError, requires_scopes
+from gemini_scale import InvalidArgumentError, NotFoundError, requires_scopes, route_path
 from gemini_scale.auth.dependencies import bearer_scheme
 from gemini_scale.upstream import GeminiUpstream
 
@@ -27,7 +27,8 @@ def _upstream(request: Request) -> GeminiUpstream:
 
 
 def _version(request: Request) -> str:
-    return request.url.path.split("/", 2)[1]
+    """The version segment the app routed on (a ``root_path`` is not part of it)."""
+    return route_path(request.scope).split("/", 2)[1]
 
 
 def _model_path(request: Request, model: str, method: str | None = None) -> str:
@@ -42,6 +43,7 @@ async def _call(request: Request, model: str, method: str) -> Response:
 
 
 @router.get("/models")
+@router.head("/models", include_in_schema=False)
 @requires_scopes(READ)
 async def list_models(request: Request) -> Response:
     """``models.list``: the upstream's model list, paged."""
@@ -49,11 +51,12 @@ async def list_models(request: Request) -> Response:
 
 
 @router.get("/models/{model}")
+@router.head("/models/{model}", include_in_schema=False)
 @requires_scopes(READ)
 async def get_model(request: Request, model: str) -> Response:
     """``models.get``."""
     if ":" in model:
-        raise NotFoundError(f"Method not found: GET {request.url.path[:200]}.")
+        raise NotFoundError(f"Method not found: {request.method} {request.url.path[:200]}.")
     return await _upstream(request).forward(request, path=_model_path(request, model))
 
 

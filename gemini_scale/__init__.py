@@ -95,6 +95,7 @@ if _typing.TYPE_CHECKING:
         RouteTable,
         Rules,
         policy_for,
+        route_path,
         route_table,
     )
     from gemini_scale.settings import GeminiScaleSettings, load_settings
@@ -227,6 +228,7 @@ _LAZY: dict[str, str] = {
     "rate_limit": "gemini_scale.policies",
     "requires_scopes": "gemini_scale.policies",
     "route_key": "gemini_scale.keys",
+    "route_path": "gemini_scale.routing",
     "route_table": "gemini_scale.routing",
     "send_error": "gemini_scale.errors",
     "store_from_url": "gemini_scale.stores.factory",
@@ -353,6 +355,7 @@ __all__ = [
     "rate_limit",
     "requires_scopes",
     "route_key",
+    "route_path",
     "route_table",
     "send_error",
     "store_from_url",

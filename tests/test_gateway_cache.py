@@ -83,6 +83,28 @@ async def test_the_model_list_is_shared_by_every_caller() -> None:
         assert standin.count("/models") == 1
 
 
+async def test_head_on_the_model_routes_answers_alike_cold_and_cached() -> None:
+    """HEAD is a GET without its body, whether the cache holds the GET's answer or not (it
+    goes upstream as a GET)."""
+    async with gateway() as (client, standin):
+        for path in ("/v1beta/models", f"/v1beta/models/{MODEL}"):
+            cold = await client.head(path)
+            assert cold.status_code == 200, (path, cold.text)
+            assert cold.content == b""
+            assert cold.headers["cache-status"] == "gemini-scale; fwd=miss"
+            filled = await client.get(path)
+            assert filled.headers["cache-status"].endswith("stored")
+            cached = await client.head(path)
+            assert cached.status_code == 200
+            assert cached.content == b""
+            assert cached.headers["cache-status"].startswith("gemini-scale; hit")
+            assert cached.headers["content-type"] == cold.headers["content-type"]
+        assert standin.calls == [
+            "/v1beta/models", "/v1beta/models", f"/v1beta/models/{MODEL}",
+            f"/v1beta/models/{MODEL}",
+        ]
+
+
 async def test_token_counts_are_cached_per_caller() -> None:
     async with gateway() as (client, standin):
         body = prompt("count me")

@@ -36,6 +36,7 @@ import math
 import re
 import time
 from collections.abc import Mapping, Sequence
+from email.utils import parsedate_to_datetime
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Final
 
@@ -65,6 +66,7 @@ from gemini_scale.routing import (
     route_path,
 )
 from gemini_scale.types import Message, Receive, Scope, Send
+from gemini_scale.urls import http_url_problem
 
 __all__ = ["DEFAULT_BASE_URL", "FORWARDED_QUERY_PARAMS", "GeminiUpstream", "UpstreamResponse"]
 
@@ -89,7 +91,7 @@ _MANAGED_REQUEST_HEADERS = frozenset({
 })
 
 #: Upstream response headers relayed to the client (no hop-by-hop, no cookies).
-_RELAYED_RESPONSE_HEADERS = ("content-type", "content-disposition", "vary", "retry-after")
+_RELAYED_RESPONSE_HEADERS = (b"content-type", b"content-disposition", b"vary", b"retry-after")
 
 #: Upstream error bodies are read whole to check their envelope; larger ones are wrapped.
 _MAX_ERROR_BODY = 1 << 20
@@ -363,11 +365,13 @@ class GeminiUpstream:
     ) -> None:
         if isinstance(api_keys, str):
             raise ConfigurationError("api_keys must be a sequence of keys, not one string")
-        url = httpx.URL(base_url)
-        if url.scheme not in ("http", "https") or not url.host:
-            raise ConfigurationError(f"base_url must be an http(s) URL, got {base_url!r}")
-        if url.query or url.fragment:
-            raise ConfigurationError("base_url must not carry a query or a fragment")
+        problem = http_url_problem(base_url, base=True)
+        try:
+            url = httpx.URL(base_url)
+        except httpx.InvalidURL:
+            problem = problem or "must be a valid URL"
+        if problem is not None:
+            raise ConfigurationError(f"base_url {problem}")
         if timeout <= 0 or connect_timeout <= 0:
             raise ConfigurationError("timeout and connect_timeout must be positive")
         if max_connections < 1:
@@ -445,7 +449,8 @@ class GeminiUpstream:
         ``alt``, ``pageSize`` and ``pageToken`` from its query, ``body`` (or the request's
         own body; snake_case member names spelled camelCase) and no caller header except
         ``x-request-id``. The request's own body is read even when ``body`` is given, so
-        that a client that leaves before the upstream answers cancels the upstream call.
+        that a client that leaves before the upstream answers cancels the upstream call. A
+        ``HEAD`` goes upstream as a ``GET`` (the server sends the headers only).
         """
         target = path if path is not None else _routed_path(request.scope)
         query = [
@@ -467,10 +472,11 @@ class GeminiUpstream:
         request_id = request.headers.get("x-request-id")
         if request_id and len(request_id) <= _REQUEST_ID_MAX and request_id.isprintable():
             extra["x-request-id"] = request_id
-        content = body if body or request.method not in ("GET", "HEAD", "DELETE") else None
-        return await self._exchange(
-            request.method, target, query, content, extra, receive=request.receive
-        )
+        method = request.method
+        if method == "HEAD":  # the server sends no body; the upstream need not know HEAD
+            method = "GET"
+        content = body if body or method not in ("GET", "DELETE") else None
+        return await self._exchange(method, target, query, content, extra, receive=request.receive)
 
     def _pick_key(self) -> str | None:
         if not self._keys:
@@ -557,7 +563,11 @@ class GeminiUpstream:
         if 200 <= status < 300:
             label = _model_label(model, True)
             _record(label, status, elapsed, None)
-            return self._relay_response(upstream, label)
+            try:
+                return self._relay_response(upstream, label)
+            except BaseException:  # the answer is not relayed: its connection goes back
+                await upstream.aclose()
+                raise
         error = "status_4xx" if status < 500 else "status_5xx"
         _record(_model_label(model, False), status, elapsed, error)
         return await self._error_response(upstream, method, path)
@@ -597,12 +607,15 @@ class GeminiUpstream:
     def _relay_response(upstream: httpx.Response, model: str) -> UpstreamResponse:
         content_type = upstream.headers.get("content-type", "")
         event_stream = content_type.split(";")[0].strip().lower() == "text/event-stream"
-        raw: list[tuple[bytes, bytes]] = []
-        for name in _RELAYED_RESPONSE_HEADERS:
-            raw.extend(
-                (name.encode(), value.encode("latin-1"))
-                for value in upstream.headers.get_list(name)
-            )
+        # The bytes as they came (httpx decodes values as UTF-8 when they are: not every
+        # such value encodes back to Latin-1, which ASGI headers are).
+        received = upstream.headers.raw
+        raw = [
+            (name, value)
+            for name in _RELAYED_RESPONSE_HEADERS
+            for found, value in received
+            if found.lower() == name
+        ]
         encoding = upstream.headers.get("content-encoding", "identity").strip().lower()
         length = upstream.headers.get("content-length")
         # aiter_bytes() undoes any content-encoding the upstream applied despite our
@@ -626,7 +639,7 @@ class GeminiUpstream:
             return _failure_response(exc)
         finally:
             await upstream.aclose()
-        retry_after = upstream.headers.get("retry-after")
+        retry_after = _retry_after_value(upstream.headers.get("retry-after"))
         extra = {"retry-after": retry_after} if retry_after else {}
         if status < 400:
             logger.warning("upstream %s %s answered an unexpected %d", method, path, status)
@@ -654,6 +667,23 @@ class GeminiUpstream:
         for name, value in extra.items():
             response.headers[name] = value
         return response
+
+
+def _retry_after_value(value: str | None) -> str | None:
+    """An upstream ``Retry-After`` worth relaying: delay-seconds or an HTTP-date (RFC 9110
+    §10.2.3); anything else is dropped (then ``RetryInfo`` may say when)."""
+    if value is None:
+        return None
+    value = value.strip()
+    if 0 < len(value) <= 10 and value.isascii() and value.isdigit():
+        return value
+    if len(value) <= 64 and value.isascii() and value.isprintable():
+        try:
+            parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError, OverflowError):
+            return None
+        return value
+    return None
 
 
 _MODEL_IN_PATH: Final = re.compile(r"/models/([^/:]+)")
