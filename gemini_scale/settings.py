@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gemini_scale.errors import ConfigurationError
 from gemini_scale.policies import parse_limits
+from gemini_scale.urls import http_url_problem
 
 ENV_PREFIX = "GEMINI_SCALE_"
 GOOGLE_BASE_URL = "https://generativelanguage.googleapis.com"
@@ -165,9 +166,11 @@ class GeminiScaleSettings(BaseSettings):
 
     @field_validator("upstream_url", "oauth_issuer", "oauth_jwks_url")
     @classmethod
-    def _valid_url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL")
+    def _valid_url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None:
+            problem = http_url_problem(value, base=info.field_name == "upstream_url")
+            if problem is not None:
+                raise ValueError(problem)
         return value
 
     @field_validator("upstream_url")
@@ -205,8 +208,12 @@ class GeminiScaleSettings(BaseSettings):
         return GOOGLE_BASE_URL if self.api_keys else None
 
 
+#: Variables read without the ``GEMINI_SCALE_`` prefix (not ours), and only so.
+_UNPREFIXED = frozenset({"GEMINI_API_KEY", "OTEL_EXPORTER_OTLP_ENDPOINT"})
+
+
 def _variable(field: str) -> str:
-    if field.lower() in ("gemini_api_key", "otel_exporter_otlp_endpoint"):  # not ours
+    if field.upper() in _UNPREFIXED:
         return field.upper()
     return ENV_PREFIX + field.upper()
 
@@ -246,9 +253,9 @@ def _from_mapping(environ: Mapping[str, str]) -> GeminiScaleSettings:
     values: dict[str, str] = {}
     for name, value in environ.items():
         upper = name.upper()
-        if upper == "GEMINI_API_KEY":
-            values["GEMINI_API_KEY"] = value
-        elif upper.startswith(ENV_PREFIX):
+        if upper in _UNPREFIXED:
+            values[upper] = value
+        elif upper.startswith(ENV_PREFIX) and upper[len(ENV_PREFIX) :] not in _UNPREFIXED:
             values[upper[len(ENV_PREFIX) :].lower()] = value
     # Validate the mapping alone: the process environment must not leak in.
     return GeminiScaleSettings.model_validate(values)

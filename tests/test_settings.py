@@ -59,6 +59,13 @@ def test_key_pool_and_upstream_choice() -> None:
         ("GEMINI_SCALE_UPSTREAM_TIMEOUT", "inf"),  # no timeout at all
         ("GEMINI_SCALE_ANOMALY_FACTOR", "inf"),  # a detector that never flags
         ("GEMINI_SCALE_RATE_LIMIT", "60/0 minute"),  # was read as 60 per minute
+        # URLs that passed here and failed start-up with a traceback:
+        ("GEMINI_SCALE_UPSTREAM_URL", "http://"),
+        ("GEMINI_SCALE_UPSTREAM_URL", "http://user:pw@/v1"),
+        ("GEMINI_SCALE_UPSTREAM_URL", "https://gemini.example/?x=1"),
+        ("GEMINI_SCALE_UPSTREAM_URL", "https://gemini.example/v1#top"),
+        ("GEMINI_SCALE_UPSTREAM_URL", "https://gemini.example:port/"),
+        ("GEMINI_SCALE_OAUTH_JWKS_URL", "https:///keys"),
     ],
 )
 def test_a_bad_value_names_its_variable(variable: str, value: str) -> None:
@@ -72,6 +79,35 @@ def test_secrets_are_never_echoed() -> None:
     with pytest.raises(ConfigurationError) as caught:
         load_settings({**DEV, "GEMINI_SCALE_REDIS_URL": secret, "GEMINI_SCALE_CACHE_TTL": "x"})
     assert "s3cr3t" not in str(caught.value)
+
+
+def test_a_url_password_is_never_echoed() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings({**DEV, "GEMINI_SCALE_UPSTREAM_URL": "http://user:s3cr3t@/v1"})
+    assert "s3cr3t" not in str(caught.value)
+
+
+def test_a_mapping_is_read_as_the_environment_is() -> None:
+    """The two variables that are not ours are read by their own names only, from a
+    mapping as from the process environment."""
+    settings = load_settings({
+        **DEV,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+        "GEMINI_SCALE_GEMINI_API_KEY": "not-the-key-variable",
+        "GEMINI_SCALE_OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
+    })
+    assert settings.otel_exporter_otlp_endpoint == "http://127.0.0.1:4318"
+    assert settings.api_keys == ()
+    assert settings.uses_standin
+    environment = subprocess.run(
+        [sys.executable, "-c", "from gemini_scale import load_settings; s = load_settings(); "
+         "print(s.otel_exporter_otlp_endpoint, s.api_keys)"],
+        env={"PATH": "", "GEMINI_SCALE_DEV_ISSUER": "1",
+             "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4318",
+             "GEMINI_SCALE_GEMINI_API_KEY": "not-the-key-variable"},
+        capture_output=True, text=True, timeout=60, check=True, cwd=ROOT,
+    )
+    assert environment.stdout.split() == ["http://127.0.0.1:4318", "()"]
 
 
 def test_an_issuer_or_the_dev_issuer_is_required() -> None:
