@@ -73,6 +73,7 @@ class RedisProcess:
     port: int
     process: subprocess.Popen[bytes]
     workdir: Path
+    command: list[str] = field(default_factory=list)
 
     @property
     def url(self) -> str:
@@ -105,6 +106,15 @@ class RedisProcess:
         if self.process.poll() is None:
             self.process.kill()
             self.process.wait(5.0)
+
+    def restart(self, timeout: float = 5.0) -> None:
+        """Kill the server and start it again, empty, on the same port."""
+        self.kill()
+        self.process = subprocess.Popen(
+            self.command, cwd=self.workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        if not _wait_for_ping(self, time.monotonic() + timeout):
+            raise RuntimeError("redis-server did not restart:\n" + self.log[-500:])
 
 
 def _wait_for_ping(proc: RedisProcess, deadline: float) -> bool:
@@ -148,7 +158,7 @@ def start_redis(
         process = subprocess.Popen(
             command, cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        proc = RedisProcess(port, process, directory)
+        proc = RedisProcess(port, process, directory, command)
         if _wait_for_ping(proc, time.monotonic() + timeout):
             return proc
         failures.append(proc.log[-500:])

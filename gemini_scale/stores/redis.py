@@ -9,6 +9,7 @@ followed; they are refusals, not executions, so following them never applies a w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import urllib.parse
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -271,13 +272,35 @@ class RedisStore(ScriptedOperations):
         return _from_reply(result)
 
     async def ping(self) -> None:
-        """Round-trip to Redis; raises ``StoreUnavailableError`` on any failure."""
+        """Round-trip to Redis; raises ``StoreUnavailableError`` on any failure.
+
+        A connection the server closed while it sat in the pool (Redis restarted) is not a
+        failure of the store: on a connection error (not a timeout), the pool's idle
+        connections are dropped and ``PING`` is sent once more, on a new connection.
+        """
+        try:
+            await self._ping_once()
+        except StoreUnavailableError as exc:
+            if not isinstance(exc.__cause__, redis_errors.ConnectionError):
+                raise
+            await self._drop_idle_connections()
+            await self._ping_once()
+
+    async def _ping_once(self) -> None:
         try:
             await self._do(self.client.ping)
         except StoreUnavailableError:
             raise
         except StoreError as exc:
             raise StoreUnavailableError(str(exc)) from exc
+
+    async def _drop_idle_connections(self) -> None:
+        """Disconnect the connections idle in the pool (a cluster's pools re-point
+        themselves); the next use of each connects afresh."""
+        client = self.client
+        if isinstance(client, Redis):
+            with contextlib.suppress(Exception):
+                await client.connection_pool.disconnect(inuse_connections=False)
 
     async def aclose(self) -> None:
         """Close the client if :meth:`from_url` created it; an injected client stays open."""

@@ -257,6 +257,26 @@ async def test_killed_server(redis_servers: RedisProcesses, closing: list[RedisS
 
 @pytest.mark.redis
 @pytest.mark.slow
+async def test_ping_after_a_restart_needs_no_second_probe(
+    redis_servers: RedisProcesses, closing: list[RedisStore]
+) -> None:
+    """Connections pooled before Redis restarted are closed by it; the first probe after the
+    restart (the gateway's /readyz) finds Redis up all the same."""
+    server = redis_servers.server()
+    store = from_url(closing, server.url)
+    await asyncio.gather(*(store.ping() for _ in range(4)))  # four pooled connections
+    server.restart()
+    for _ in range(3):
+        await store.ping()
+    await store.set("after", b"restart", ttl=30)
+    assert await store.get("after") == b"restart"
+    server.kill()
+    with pytest.raises(StoreUnavailableError):
+        await store.ping()  # a server that is gone is still reported
+
+
+@pytest.mark.redis
+@pytest.mark.slow
 async def test_timed_out_incr_is_not_retried(
     redis_servers: RedisProcesses, closing: list[RedisStore]
 ) -> None:
