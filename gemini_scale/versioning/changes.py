@@ -385,8 +385,13 @@ class ModelRenamed(VersionChange):
         return body
 
     def downgrade_body(self, body: Any, response: ResponseInfo) -> Any:
-        if type(body) is not dict:
-            return body
+        # A streamed array with a Content-Length (a cached replay) comes whole, as a list.
+        for answer in body if type(body) is list else (body,):
+            if type(answer) is dict:
+                self._downgrade(answer)
+        return body
+
+    def _downgrade(self, body: dict[str, Any]) -> None:
         old, new = self.old, self.new
         for item in (body, *(m for m in body.get("models", ()) if type(m) is dict)):
             if item.get("name") == f"models/{new}":
@@ -395,7 +400,6 @@ class ModelRenamed(VersionChange):
                 item["baseModelId"] = old
         if body.get("modelVersion") == new:
             body["modelVersion"] = old
-        return body
 
 
 def rename_model_members(body: Any, names: dict[str, str]) -> bool:

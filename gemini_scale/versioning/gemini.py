@@ -255,11 +255,13 @@ class StrictV1(VersionChange):
                     out.extend(self._violation(n, where) for n in _spelled(part, _V1BETA_ONLY_PART))
 
     def downgrade_body(self, body: Any, response: ResponseInfo) -> Any:
-        if type(body) is dict:
-            body.pop("cachedContentTokenCount", None)
-            usage = body.get("usageMetadata")
-            if type(usage) is dict:
-                usage.pop("cachedContentTokenCount", None)
+        # A streamed array with a Content-Length (a cached replay) comes whole, as a list.
+        for answer in body if type(body) is list else (body,):
+            if type(answer) is dict:
+                answer.pop("cachedContentTokenCount", None)
+                usage = answer.get("usageMetadata")
+                if type(usage) is dict:
+                    usage.pop("cachedContentTokenCount", None)
         return body
 
 

@@ -19,6 +19,7 @@ from starlette.routing import Route
 from gemini_scale import (
     CacheMiddleware,
     FieldRenamed,
+    ModelRenamed,
     Version,
     VersionBundle,
     VersionChange,
@@ -171,6 +172,19 @@ async def test_a_json_array_document_is_migrated_whole() -> None:
     ), "GET", "/x", headers=OLD_CLIENT)
     assert json.loads(recorded.body) == [{"name": "a"}, {"name": "b"}]
     assert recorded.headers["content-length"] == str(len(recorded.body))
+
+
+async def test_a_renamed_models_version_goes_back_in_every_array_element() -> None:
+    """A replayed stream (an array with a length, a document) is renamed as the live one
+    (streamed element by element) is."""
+    bundle = VersionBundle(Version(HEAD, ModelRenamed("old-model", "new-model")), Version(OLD))
+    document = b'[{"modelVersion":"new-model"},{"modelVersion":"new-model"}]'
+    for framing in ([], [(b"content-length", str(len(document)).encode())]):
+        recorded = await call(
+            scripted(start(200, *framing), body(document), bundle=bundle),
+            "POST", "/models/old-model:streamGenerateContent", headers=OLD_CLIENT,
+        )
+        assert json.loads(recorded.body) == [{"modelVersion": "old-model"}] * 2, framing
 
 
 async def test_head_204_and_a_start_without_body_keep_their_framing() -> None:

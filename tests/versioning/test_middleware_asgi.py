@@ -212,6 +212,50 @@ async def test_strict_v1_answers_lose_v1beta_members_even_streamed() -> None:
         assert all("cachedContentTokenCount" not in e["usageMetadata"] for e in elements)
 
 
+async def test_strict_v1_array_documents_lose_v1beta_members_in_every_element() -> None:
+    """A JSON array with a ``Content-Length`` (a replayed ``streamGenerateContent``) is one
+    document: strict v1 takes ``cachedContentTokenCount`` out of each of its elements."""
+    raw = json.dumps([_answer("a"), _answer("b")]).encode()
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode()),
+        ]})
+        await send({"type": "http.response.body", "body": raw})
+
+    middleware = VersionMiddleware(app, versions=gemini_versions(strict_v1=True))
+    transport = httpx.ASGITransport(middleware)
+    path = "models/gemini-2.5-flash:streamGenerateContent"
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        v1 = await client.post(f"/v1/{path}", json={"contents": []})
+        beta = await client.post(f"/v1beta/{path}", json={"contents": []})
+    assert [e["usageMetadata"] for e in v1.json()] == [
+        {"promptTokenCount": 3, "totalTokenCount": 5}
+    ] * 2
+    assert int(v1.headers["content-length"]) == len(v1.content)
+    assert beta.json() == [_answer("a"), _answer("b")]
+
+
+async def test_strict_v1_cached_stream_replays_lose_v1beta_members() -> None:
+    """The cache replays a stored ``streamGenerateContent`` array whole, with its length:
+    the hit is as strict as the miss."""
+    app = build({"GEMINI_SCALE_STRICT_V1": "1", "GEMINI_SCALE_CACHE_GENERATION": "all"},
+                standin=_upstream())
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+    async with running(app) as client:
+        answers = [
+            await client.post("/v1/models/gemini-2.5-flash:streamGenerateContent", json=body)
+            for _ in range(2)
+        ]
+    assert "hit" in answers[1].headers["cache-status"]
+    for answer in answers:
+        elements = json.loads(answer.content)
+        assert [e["candidates"][0]["content"]["parts"][0]["text"] for e in elements] == [
+            "part 0", "part 1", "part 2"
+        ]
+        assert all("cachedContentTokenCount" not in e["usageMetadata"] for e in elements)
+
+
 async def test_an_outer_layers_route_match_moves_to_the_head_route() -> None:
     """A gemini-scale layer outside VersionMiddleware matched the client's path; after the
     rewrite every layer sees the head route (its template and policies)."""
