@@ -121,8 +121,8 @@ class _Selection:
     is_head: bool
     """A ``HEAD`` request: its answer has no body to migrate."""
     tag_suffix: bytes | None
-    """How this version's migrated answers' entity tags end (``.v<version>"``), taken off
-    the client's ``If-None-Match`` tags (``None``: its answers are not migrated)."""
+    """How the entity tags of this version's answers end (``.v<version>"``), taken off the
+    client's ``If-None-Match`` tags (``None``: its answers are the head's, tags and all)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,7 +366,7 @@ class VersionMiddleware(GeminiMiddleware):
             and _triggered(selected.query_triggers, scope)
         ):
             scope = self._rewrite(scope, selected, path)
-        versioned_tags = _unversion_validators(scope, selected.tag_suffix)
+        _unversion_validators(scope, selected.tag_suffix)
         scope[API_VERSION_KEY] = selected.version.name
         context = scope.get(CONTEXT_KEY)
         if context is not None:  # an outer layer (the metrics layer) reads it there
@@ -388,7 +388,7 @@ class VersionMiddleware(GeminiMiddleware):
                 await send_error(send, 404, lifecycle.refusal)
                 return
         if selected.wraps_send or lifecycle.headers:
-            downgrade = _Downgrade(send, selected, lifecycle.headers, versioned_tags)
+            downgrade = _Downgrade(send, selected, lifecycle.headers)
             await self._call(scope, receive, downgrade, selected)
             await downgrade.flush()
         else:
@@ -722,16 +722,13 @@ class _Downgrade:
 
     __slots__ = (
         "_decoder", "_held", "_length", "_migrator", "_original", "_prefix", "_response",
-        "extra", "selected", "send", "started", "versioned_tags",
+        "extra", "selected", "send", "started",
     )
 
-    def __init__(
-        self, send: Send, selected: _Selection, extra: Headers, versioned_tags: bool = False
-    ) -> None:
+    def __init__(self, send: Send, selected: _Selection, extra: Headers) -> None:
         self.send = send
         self.selected = selected
         self.extra = extra
-        self.versioned_tags = versioned_tags  # the client's If-None-Match named this version
         self.started = False
         self._held: Message | None = None  # the start, held until the body's length is known
         self._original: Message | None = None  # that start as it would go unmigrated
@@ -825,31 +822,24 @@ class _Downgrade:
         headers += selected.headers
         if self.extra:
             headers = list(merge_deprecations((*headers, *self.extra)))
+        if selected.tag_suffix is not None:
+            # Every answer's tag names the version, migrated or not (text, a 304, a HEAD):
+            # untagged validators are dropped on the way in, so only such tags revalidate.
+            version = selected.version.name.encode("latin-1")
+            headers = [
+                (name, _versioned_etag(value, version) if name == b"etag" else value)
+                for name, value in headers
+            ]
         message = {**message, "status": status, "headers": headers}
         if not self._migrates(status, headers):
-            if selected.tag_suffix is not None and (
-                (status == 304 and self.versioned_tags)
-                or (selected.is_head and _json_answer(status, headers))
-            ):
-                # The tag names this version's representation, as the GET's does (a 304:
-                # the client's validator named it).
-                version = selected.version.name.encode("latin-1")
-                message["headers"] = [
-                    (name, _versioned_etag(value, version) if name == b"etag" else value)
-                    for name, value in headers
-                ]
             await self.send(message)
             return
         # The migrated body is another representation: uncompressed (when an inner layer
-        # compressed it), its validator naming the version, its length known only once it
-        # is migrated (never, for a stream).
-        version = selected.version.name.encode("latin-1")
+        # compressed it), its length known only once it is migrated (never, for a stream).
         kept = []
         for name, value in headers:
             if name == b"content-length":
                 self._length.append((name, value))
-            elif name == b"etag":
-                kept.append((name, _versioned_etag(value, version)))
             elif name != b"content-encoding":
                 kept.append((name, value))
         self._original = message
@@ -888,38 +878,35 @@ class _Downgrade:
         return value
 
 
-def _unversion_validators(scope: Scope, suffix: bytes | None) -> bool:
+def _unversion_validators(scope: Scope, suffix: bytes | None) -> None:
     """``If-None-Match`` tags of a version's representations (``"abc.v<version>"``, ending
     in ``suffix``) back to the head's (``"abc"``), which the layers inside compare with: an
-    older version's client gets its 304 too. Whether there were any (``suffix`` None: the
-    version's answers are not migrated). Other tags are kept: an answer that is not
-    migrated (not JSON) keeps its unversioned tag."""
+    older version's client gets its 304 too. Other tags name another representation (the
+    head's) and are dropped, and a header left with none goes; ``*`` stays (``suffix``
+    None: the version's answers are the head's, tags and all)."""
     if suffix is None:
-        return False
+        return
     headers = scope["headers"]
-    found = False
-    for index, (name, value) in enumerate(headers):
-        if name == b"if-none-match" and suffix in value:
-            members = [
-                m[: -len(suffix)] + b'"' if m.endswith(suffix) else m
-                for m in (part.strip() for part in value.split(b","))
-            ]
-            if not found:
-                headers = scope["headers"] = list(headers)
-                found = True
-            headers[index] = (name, b", ".join(members))
-    return found
+    if not any(name == b"if-none-match" for name, _ in headers):
+        return
+    kept: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        if name != b"if-none-match":
+            kept.append((name, value))
+        elif tags := _head_tags(value, suffix):
+            kept.append((name, tags))
+    scope["headers"] = kept
 
 
-def _json_answer(status: int, headers: list[tuple[bytes, bytes]]) -> bool:
-    """Whether a GET answered like this would be migrated (and its tag versioned)."""
-    if not 200 <= status < 300 or status == 204:
-        return False
-    media = _media_type(headers)
-    if media not in (b"text/event-stream", b"application/json") and not media.endswith(b"+json"):
-        return False
-    encoding = _content_encoding(headers)
-    return encoding == b"identity" or encoding in _DECODERS
+def _head_tags(value: bytes, suffix: bytes) -> bytes:
+    """The members of an ``If-None-Match`` value that end in ``suffix``, as the head's
+    tags, and ``*``; the others dropped."""
+    members = (member.strip(b" \t") for member in value.split(b","))
+    return b", ".join(
+        member if member == b"*" else member[: -len(suffix)] + b'"'
+        for member in members
+        if member == b"*" or member.endswith(suffix)
+    )
 
 
 def _versioned_etag(value: bytes, version: bytes) -> bytes:

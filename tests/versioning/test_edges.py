@@ -426,12 +426,70 @@ async def test_an_older_versions_client_revalidates_with_the_tag_it_was_given() 
             assert head.headers["etag"] == tag
             revalidated = await client.head("/people/1", headers={**headers, "if-none-match": tag})
             assert revalidated.status_code == 304
-        # An answer that is not migrated (not JSON) keeps its own tag, and revalidates.
+        # An answer that is not migrated (not JSON) names the version too, and revalidates.
         old = {"x-api-version": OLD}
         text = await client.get("/notes/1", headers=old)
-        assert not text.headers["etag"].endswith(f'.v{OLD}"')
+        assert text.headers["etag"].endswith(f'.v{OLD}"')
         again = await client.get("/notes/1", headers={**old, "if-none-match": text.headers["etag"]})
         assert again.status_code == 304
+        assert again.headers["etag"] == text.headers["etag"]
+
+
+async def test_the_heads_tag_never_matches_an_older_versions_answer() -> None:
+    """A tag without the version's suffix names another representation (the head's): it is
+    dropped, so the older version's client gets its own answer, not a 304; ``*`` matches."""
+
+    async def person(request: Request) -> Response:
+        return JSONResponse({"fullName": "Ada"})
+
+    async def note(request: Request) -> Response:
+        return Response("plain text", media_type="text/plain")
+
+    app = Starlette(routes=[Route("/people/{id}", cache(ttl=300, scope="shared")(person)),
+                            Route("/notes/{id}", cache(ttl=300, scope="shared")(note))])
+    stack = VersionMiddleware(CacheMiddleware(app), versions=None, dated=RENAMED)
+    transport = httpx.ASGITransport(stack)
+    old = {"x-api-version": OLD}
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        for path in ("/people/1", "/notes/1"):
+            head_tag = (await client.get(path, headers={"x-api-version": HEAD})).headers["etag"]
+            other = await client.get(path, headers={**old, "if-none-match": head_tag})
+            assert other.status_code == 200, path
+            assert other.headers["etag"] == head_tag[:-1] + f'.v{OLD}"'
+            listed = f'{head_tag}, {other.headers["etag"]}'
+            assert (await client.get(
+                path, headers={**old, "if-none-match": listed}
+            )).status_code == 304
+            star = await client.get(path, headers={**old, "if-none-match": "*"})
+            assert star.status_code == 304
+            assert star.headers["etag"] == other.headers["etag"]
+        assert other.text == "plain text"
+        person_answer = await client.get(
+            "/people/1", headers={**old, "if-none-match": '"abc"'}
+        )
+        assert person_answer.json() == {"name": "Ada"}
+
+
+async def test_if_none_match_keeps_only_the_versions_own_tags() -> None:
+    """The layers inside see the version's tags as the head's, ``*``, and nothing else."""
+
+    async def validators(request: Request) -> Response:
+        return JSONResponse({"fullName": request.headers.getlist("if-none-match")})
+
+    app = VersionMiddleware(Starlette(routes=[Route("/v", validators)]),
+                            versions=None, dated=RENAMED)
+    cases = [
+        (['"abc"'], []),  # no tag left: no header, so the answer is a 200
+        ([f'"abc", W/"def.v{OLD}"'], ['W/"def"']),
+        (['"abc"', f'"def.v{OLD}"'], ['"def"']),  # one header line each
+        (["*"], ["*"]),
+    ]
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
+        for sent, seen in cases:
+            headers = [("x-api-version", OLD), *(("if-none-match", value) for value in sent)]
+            assert (await c.get("/v", headers=headers)).json() == {"name": seen}, sent
+        head = await c.get("/v", headers=[("if-none-match", f'"abc.v{OLD}"')])
+        assert head.json() == {"fullName": [f'"abc.v{OLD}"']}  # the head's: as sent
 
 
 @pytest.mark.parametrize(("content_type", "migrated"), [

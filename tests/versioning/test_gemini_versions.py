@@ -197,6 +197,26 @@ async def test_one_cache_entry_serves_every_version() -> None:
         assert len(gateway.received) == 1
 
 
+async def test_strict_v1_clients_revalidate_only_with_the_v1_tag() -> None:
+    """Strict v1 answers are another representation (``"<tag>.vv1"``): the v1beta tag names
+    the head's, so a ``/v1`` client sending it gets the v1 answer, not a 304."""
+    path = "models/gemini-2.5-flash:countTokens"
+    async for gateway in _gateway({"GEMINI_SCALE_STRICT_V1": "1", "GEMINI_SCALE_CACHE_TTL": "60"}):
+        client = gateway.client
+        beta_tag = (await client.post(f"/v1beta/{path}", json=GENERATE)).headers["etag"]
+        v1 = await client.post(f"/v1/{path}", json=GENERATE, headers={"if-none-match": beta_tag})
+        assert v1.status_code == 200
+        assert v1.json()["totalTokens"] > 0
+        assert v1.headers["etag"] == beta_tag[:-1] + '.vv1"'
+        for validator in (v1.headers["etag"], f'{beta_tag}, {v1.headers["etag"]}', "*"):
+            again = await client.post(
+                f"/v1/{path}", json=GENERATE, headers={"if-none-match": validator}
+            )
+            assert again.status_code == 304, validator
+            assert again.headers["etag"] == v1.headers["etag"]
+        assert len(gateway.received) == 1
+
+
 async def test_unknown_and_conflicting_versions(gateway: Gateway) -> None:
     """D13: an unknown version is 404, an empty segment 404; on a path-versioned route the
     path decides and ``X-API-Version`` is not consulted (the documented precedence)."""
