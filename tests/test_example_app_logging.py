@@ -28,9 +28,10 @@ uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[1]), lifespan="on")
 """
 
 
-def _serve(command: list[str], paths: list[str]) -> str:
+def _serve(command: list[str], paths: list[str], authorized: tuple[str, ...] = ()) -> str:
     """Start the gateway with ``command`` (a port is appended), request ``paths`` once it
-    answers, stop it with SIGINT and return everything it printed."""
+    answers (and ``authorized`` with a dev token), stop it with SIGINT and return everything
+    it printed."""
     port = free_port()
     env = {
         **os.environ,
@@ -59,6 +60,11 @@ def _serve(command: list[str], paths: list[str]) -> str:
         with httpx.Client(base_url=base, timeout=5) as client:
             for path in paths:
                 client.get(path)
+            if authorized:
+                token = client.post("/dev/token", json={"scope": "gemini.read"})
+                bearer = {"authorization": f"Bearer {token.json()['access_token']}"}
+                for path in authorized:
+                    client.get(path, headers=bearer)
     finally:
         server.send_signal(signal.SIGINT)  # uvicorn shuts down cleanly, flushing its output
         try:
@@ -74,6 +80,14 @@ def test_uvicorn_run_after_import_logs_no_query_string_key() -> None:
                   [f"/healthz?key={SECRET}", f"/v1beta/models?key={SECRET}"])
     assert "Application startup complete" in text  # uvicorn's own logging is on
     assert '"GET /healthz 200"' in text  # and so is the gateway's access record
+    assert SECRET not in text
+
+
+def test_the_upstream_call_is_not_logged_with_its_query() -> None:
+    """httpx logs each request it sends, URL and query included, at INFO."""
+    text = _serve([sys.executable, "-c", SERVER], [],
+                  authorized=(f"/v1beta/models?pageToken={SECRET}",))
+    assert '"GET /v1beta/models 400"' in text  # the stand-in refused the page token
     assert SECRET not in text
 
 

@@ -180,9 +180,15 @@ def _expiry(data: Mapping[str, Any]) -> float | None:
     exp = data.get("exp")
     if exp is None:
         return None
-    if isinstance(exp, bool) or not isinstance(exp, int | float) or not math.isfinite(exp):
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
         raise InvalidTokenError(_MALFORMED_ANSWER)
-    return float(exp)
+    try:
+        expiry = float(exp)  # an int past a float's range overflows: not a time either
+    except OverflowError:
+        raise InvalidTokenError(_MALFORMED_ANSWER) from None
+    if not math.isfinite(expiry):
+        raise InvalidTokenError(_MALFORMED_ANSWER)
+    return expiry
 
 
 def _token_hash(token: str) -> str:
@@ -352,6 +358,11 @@ class IntrospectionValidator:
         except (InvalidTokenError, IdentityProviderUnavailableError) as exc:
             flight.error = exc
             raise
+        except Exception:
+            # Never a 500, and never one call per waiter: they share this answer too.
+            logger.exception("Token introspection failed unexpectedly.")
+            flight.error = IdentityProviderUnavailableError(_UNAVAILABLE, retry_after=_RETRY_AFTER)
+            raise _fresh(flight.error) from None
         finally:
             del self._flights[key]
             flight.done.set()

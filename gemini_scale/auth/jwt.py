@@ -125,7 +125,7 @@ class Issuer:
     """Claim copied into :attr:`Principal.tenant` when it is a string."""
     scope_claims: tuple[str, ...] = ("scope",)
     """Where scopes are read: ``scope`` (space-delimited string, RFC 9068 §2.2.3) and/or
-    ``scp`` (list of strings)."""
+    ``scp`` (list of strings, or a space-delimited string as Azure AD sends it)."""
     jwks_ttl: float = 600.0
     """Key set lifetime when the response has no ``Cache-Control: max-age``."""
     jwks_cooldown: float = 30.0

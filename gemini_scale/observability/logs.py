@@ -126,7 +126,10 @@ def configure_logging(
 ) -> logging.Handler:
     """Send every log record (access records included) to stderr at ``level``, as JSON or
     text, each with the ``request_id`` of the request it was emitted in (if any); returns the
-    handler installed on the root logger (replacing one installed by an earlier call)."""
+    handler installed on the root logger (replacing one installed by an earlier call).
+
+    httpx's own records are kept to warnings: it logs every request it sends, URL and query
+    included, at INFO."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JSONFormatter() if fmt == "json" else KeyValueFormatter())
     handler.addFilter(RequestIdFilter())
@@ -136,4 +139,5 @@ def configure_logging(
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper() if isinstance(level, str) else level)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     return handler

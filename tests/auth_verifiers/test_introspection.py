@@ -645,6 +645,16 @@ async def _settle() -> None:
         pytest.param(active, None, id="active"),
         pytest.param(lambda c: {"active": False}, InvalidTokenError, id="inactive"),
         pytest.param(lambda c: status(500), IdentityProviderUnavailableError, id="500"),
+        # An exp past a float's range (was a 500, and one call per waiter):
+        pytest.param(
+            lambda c: status(200, content=b'{"active": true, "sub": "u", "exp": 1' + b"0" * 400
+                             + b"}"),
+            InvalidTokenError,
+            id="exp-past-a-float",
+        ),
+        # Anything unforeseen while asking is the endpoint's failure, shared by all:
+        pytest.param(lambda c: raises(RuntimeError("transport bug")),
+                     IdentityProviderUnavailableError, id="unexpected-error"),
     ],
 )
 async def test_single_flight(
