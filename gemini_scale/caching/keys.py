@@ -11,7 +11,9 @@ boundary), stable across processes and restarts:
    (after the version layer rewrote it to the head version: DESIGN.md §3);
 4. the query parameters that matter, sorted (see :func:`canonical_query`);
 5. a digest of the canonical JSON body (see :func:`canonical_json`);
-6. the values of the allow-listed ``Vary`` request headers;
+6. the authority (the ``Host`` header as received, in lower case; none: empty), so
+   virtual hosts never share entries (RFC 9111 §2), and the values of the allow-listed
+   ``Vary`` request headers;
 7. the request's tags (``*``, the owner, the model, the policy's tags) and the current
    generation of each (appended by the engine): bumping a tag's generation makes every key
    that included it unreachable (O(1) invalidation).
@@ -33,7 +35,7 @@ from gemini_scale.memo import remember
 from gemini_scale.policies import CacheScope
 from gemini_scale.principal import Principal
 
-KEY_SCHEMA: Final = b"gemini-scale:cache:v2"
+KEY_SCHEMA: Final = b"gemini-scale:cache:v3"
 
 #: Query parameters that are part of the key by default: those the Gemini surface reads
 #: (``alt`` switches SSE and JSON; paging). A request with any other parameter, apart

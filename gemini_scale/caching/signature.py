@@ -1,13 +1,13 @@
 """Per-policy plans, and request signatures mapped to entry keys.
 
 A hit must cost hashing only. A request's *signature* (its plan, principal by identity,
-method, path, raw query, ``Vary`` values and body digest) is a tuple of values the request
-already carries; :class:`Signatures` remembers what each one means (the entry key and its
-store name, valid while the engine's tag generations hold), so a repeated request costs
-one dictionary lookup. Its *context* (plan, principal, method, path, query: owner,
+method, path, raw query, ``Host`` and ``Vary`` values and body digest) is a tuple of values
+the request already carries; :class:`Signatures` remembers what each one means (the entry
+key and its store name, valid while the engine's tag generations hold), so a repeated
+request costs one dictionary lookup. Its *context* (plan, principal, method, path, query: owner,
 canonical query, tags and their generations, see :mod:`gemini_scale.caching.keys`) is
 remembered apart, so a new request on a known route costs one frame and one SHA-256
-(a miss with a new body or new ``Vary`` values). Memos are bounded and cleared when full.
+(a miss with a new body, host or ``Vary`` values). Memos are bounded and cleared when full.
 """
 
 from __future__ import annotations
@@ -59,17 +59,20 @@ class Plan:
             methods.add("HEAD")  # served from the GET entry
         self.policy = policy
         self.methods = frozenset(methods)
-        self.vary = tuple(h.encode("latin-1") for h in sorted({*vary, *policy.vary}))
+        keyed = sorted({*vary, *policy.vary} - {"host"})
+        self.vary = (b"host", *(h.encode("latin-1") for h in keyed))
+        """The request headers keyed: ``Host`` (the authority, RFC 9111 §2), then ``Vary``."""
         self.vary_set = frozenset(self.vary)
         self.lengths = struct.Struct(f"!{1 + len(self.vary)}I")
-        """The frame of a key's request parts: the body digest and the ``Vary`` values."""
+        """The frame of a key's request parts: the body digest, the host, the ``Vary`` values."""
         self.generation: GenerationMode = policy.generation or generation
         self.streams = streams if policy.streams is None else policy.streams
         self.max_bytes = policy.max_bytes or max_bytes
         self.private = private if policy.scope != "shared" else None
 
 
-#: Plan, principal (by identity), method, path, raw query, ``Vary`` values, body digest.
+#: Plan, principal (by identity), method, path, raw query, the values of the plan's keyed
+#: headers (``Host``, then ``Vary``), body digest.
 Signature = tuple[Plan, int, bytes, str, bytes, tuple[bytes | None, ...], bytes]
 #: What a signature means: its principal (kept, so its identity stays unique), the entry
 #: key and its store name (``None``: the request is not cacheable), and the engine's
@@ -88,10 +91,10 @@ class Signatures:
     """Request signatures -> entry keys, remembered (see the module docstring).
 
     A key is the SHA-256 of: the digest of the framed *context* parts (schema, owner,
-    method, query, path, tags: what the route and the caller fix), the framed body digest
-    and ``Vary`` values, a NUL and the tags' generations. Contexts are remembered apart,
-    so a request that differs from a known one only in its body or ``Vary`` values costs
-    one frame and one hash."""
+    method, query, path, tags: what the route and the caller fix), the framed body digest,
+    host and ``Vary`` values, a NUL and the tags' generations. Contexts are remembered
+    apart, so a request that differs from a known one only in its body, host or ``Vary``
+    values costs one frame and one hash."""
 
     __slots__ = ("_contexts", "_known", "_owners", "engine", "query_params")
 
@@ -104,7 +107,7 @@ class Signatures:
 
     def get(self, signature: Signature, principal: Principal | None) -> Known | None:
         """What ``signature`` means, when that is known without the store: remembered and
-        still valid, or worked out from its remembered context (a new body or new ``Vary``
+        still valid, or worked out from its remembered context (a new body, host or ``Vary``
         values on a known route and caller: one frame and one SHA-256). ``None``:
         :meth:`describe`."""
         engine = self.engine
@@ -150,11 +153,13 @@ class Signatures:
     def _key(self, signature: Signature, principal: Principal | None, context: _Context) -> Known:
         """The entry key of ``signature`` in its (cacheable, current) ``context``, remembered.
 
-        The SHA-256 of the context's digest, the framed body digest and ``Vary`` values
-        (:func:`~gemini_scale.caching.keys.frame`, written out: the plan knows how many
-        parts there are), and the tags' generations."""
+        The SHA-256 of the context's digest, the framed body digest, host (lower case; none:
+        empty) and ``Vary`` values (:func:`~gemini_scale.caching.keys.frame`, written out:
+        the plan knows how many parts there are), and the tags' generations."""
         plan, body = signature[0], signature[6]
-        values = [b"-" if value is None else b"+" + value.strip(b" \t") for value in signature[5]]
+        host, *vary = signature[5]
+        values = [b"" if host is None else host.lower()]
+        values += [b"-" if value is None else b"+" + value.strip(b" \t") for value in vary]
         material = b"".join((
             context[1],  # type: ignore[arg-type]
             plan.lengths.pack(len(body), *map(len, values)), body, *values, context[3],

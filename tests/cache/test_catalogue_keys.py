@@ -11,8 +11,8 @@ import httpx
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Host, Route, Router
 
 from gemini_scale import GeminiUpstream, ScopePolicy
 from gemini_scale.caching import CacheMiddleware
@@ -243,6 +243,29 @@ async def test_C10_a_routed_variant_is_keyed_as_routed_and_per_principal(
         assert bob.headers["cache-status"] == "gemini-scale; fwd=miss; stored"
         assert canonical.headers["cache-status"] == "gemini-scale; fwd=miss; stored"
         assert json.loads(bob.body)["principal"] == "bob"
+
+
+async def test_C10_each_virtual_host_has_its_own_entries(backend: Backend) -> None:
+    """The key holds the authority (RFC 9111 §2): two hosts serving one path never share an
+    entry; the host's case does not matter; ``Vary: Host`` is satisfied by the key."""
+
+    def site(name: str) -> Router:
+        async def models(request: Request) -> Response:
+            return JSONResponse({"site": name}, headers={"vary": "Host"})
+        return Router(routes=[Route(MODELS, models)])
+
+    app = Starlette(routes=[Host("a.example", site("a")), Host("b.example", site("b"))])
+    rules = {f"GET {MODELS}": CachePolicy(ttl=60, scope="shared")}
+    cache = CacheMiddleware(app, rules=rules, store=backend.store(), clock=backend.clock)
+    transport = httpx.ASGITransport(app=cache)
+    async with httpx.AsyncClient(transport=transport) as client:
+        seen = []
+        for url in ("http://a.example", "http://b.example", "http://a.example",
+                    "http://b.example", "http://A.EXAMPLE"):
+            answer = await client.get(url + MODELS)
+            seen.append((answer.json()["site"], status_of(answer)))
+        stored, hit = "gemini-scale; fwd=miss; stored", "gemini-scale; hit"
+        assert seen == [("a", stored), ("b", stored), ("a", hit), ("b", hit), ("a", hit)]
 
 
 # -- C11: query parameters -----------------------------------------------------------------

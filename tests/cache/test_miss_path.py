@@ -177,8 +177,8 @@ async def test_a_miss_matching_if_none_match_is_304_and_still_stored() -> None:
 
 
 async def test_keys_made_from_a_remembered_route_and_caller_are_the_documented_ones() -> None:
-    """The first request describes its route and caller; the next ones (new ``Vary``
-    values) reuse that: both give the key the documented construction gives."""
+    """The first request describes its route and caller; the next ones (new ``Vary`` or
+    ``Host`` values) reuse that: both give the key the documented construction gives."""
     client, _ = stack(Answer([JSON, length()]))
     principal = Principal(issuer=ISSUER, subject="alice")
     owner = owner_tag("principal", principal)
@@ -192,7 +192,10 @@ async def test_keys_made_from_a_remembered_route_and_caller_are_the_documented_o
     vary = sorted(["accept-encoding", "origin", "referer", "x-origin", "x-v"])
     for v in ("1", "2", " 3\t"):
         values = [b"+" + v.strip(" \t").encode() if name == "x-v" else b"-" for name in vary]
-        material = base + frame([digest[0], *values]) + b"\x00" + b"0,0"
-        assert key_of(await ask(client, v=v)) == entry_key(material)
+        for host in (None, "Api.Example:8443"):
+            authority = b"" if host is None else host.lower().encode()
+            material = base + frame([digest[0], authority, *values]) + b"\x00" + b"0,0"
+            extra = {} if host is None else {"host": host}
+            assert key_of(await ask(client, v=v, **extra)) == entry_key(material)
     # Pinned: keys survive restarts and upgrades (no salted hash(), no reordering).
-    assert key_of(await ask(client, v="1")) == "5496f6f58d045353b47d82c6a3ed2ffd"
+    assert key_of(await ask(client, v="1")) == "23749c5a8ded6f3bea33d294706e2cb1"

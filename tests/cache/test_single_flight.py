@@ -109,8 +109,11 @@ def replicas(url: str, prefix: str, calls: list[str], *, fail_first: bool) -> It
 
 @asynccontextmanager
 async def clients(servers: list[LiveServer]) -> AsyncIterator[list[httpx.AsyncClient]]:
-    async with httpx.AsyncClient(base_url=servers[0].url, timeout=20) as one, \
-            httpx.AsyncClient(base_url=servers[1].url, timeout=20) as two:
+    # One Host for both, as a load balancer in front of them passes the client's on: the
+    # host is part of the key.
+    host = {"host": "gemini.example"}
+    async with httpx.AsyncClient(base_url=servers[0].url, headers=host, timeout=20) as one, \
+            httpx.AsyncClient(base_url=servers[1].url, headers=host, timeout=20) as two:
         yield [one, two]
 
 
