@@ -10,7 +10,8 @@ boundary), stable across processes and restarts:
 3. the method (``HEAD`` looks up the ``GET`` entry), and the path the router matched
    (after the version layer rewrote it to the head version: DESIGN.md §3);
 4. the query parameters that matter, sorted (see :func:`canonical_query`);
-5. a digest of the canonical JSON body (see :func:`canonical_json`);
+5. a digest of the canonical JSON body (see :func:`canonical_json`); a body that repeats
+   a member name is not keyed (see :func:`_repeats_member`);
 6. the authority (the ``Host`` header as received, in lower case; none: empty), so
    virtual hosts never share entries (RFC 9111 §2), and the values of the allow-listed
    ``Vary`` request headers;
@@ -197,6 +198,32 @@ def canonical_json(body: Any) -> bytes:
     return domain + _SORTED_JSON.encode(value).encode()
 
 
+def _pairs_unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """An ``object_pairs_hook``: the object, unless it repeats a member name."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise ValueError("a repeated member name")
+    return value
+
+
+def _repeats_member(raw: bytes, canonical: bytes) -> bool:
+    """Whether the JSON text ``raw`` repeats a member name in some object. ``canonical``:
+    :func:`canonical_json` of its value (which keeps one of each name).
+
+    Parsers disagree on such a body (Python keeps the last, protobuf refuses it), so the
+    upstream may read another request than the key holds. Unless ``raw`` may escape a
+    colon (``\\u003a``) or is UTF-16/32 (has a NUL byte), each of its ``:`` bytes is a
+    member or a colon in a string, and ``canonical`` has the same colons in strings and one
+    per member kept: equal counts rule repeats out without a second parse."""
+    if b"\x00" not in raw and b"\\u003" not in raw:
+        return raw.count(b":") != canonical.count(b":")
+    try:
+        json.loads(raw, object_pairs_hook=_pairs_unique)
+    except ValueError:
+        return True
+    return False
+
+
 #: A JSON body's canonical digest and whether it asks for a deterministic generation.
 BodyFacts = tuple[bytes, bool]
 _EMPTY_BODY: Final[BodyFacts] = (b"", False)
@@ -219,20 +246,15 @@ class BodyDigests:
         """The canonical digest of the JSON body ``raw`` and whether it is deterministic
         (:func:`~gemini_scale.caching.request.is_deterministic`). ``parsed``: the JSON of
         ``raw`` if the caller has it; else ``raw`` is parsed here, and ``None`` is returned
-        when it is not a JSON object. ``None`` too when it is nested too deep."""
+        when it is not a JSON object. ``None`` too when it is nested too deep, or repeats a
+        member name in an object (:func:`_repeats_member`)."""
         if not raw:
             return _EMPTY_BODY
         fingerprint = hashlib.sha256(raw).digest()
         found = self._memo.get(fingerprint)
         if found is None:
-            try:
-                if parsed is UNPARSED:
-                    parsed = fastjson.loads(raw)
-                    if type(parsed) is not dict:
-                        return None
-                found = (hashlib.sha256(canonical_json(parsed)).digest(),
-                         is_deterministic(parsed))
-            except (ValueError, RecursionError):  # not JSON (or not UTF-8), or too deep
+            found = _body_facts(raw, parsed)
+            if found is None:
                 return None
             remember(self._memo, fingerprint, found, self._size)
         return found
@@ -241,6 +263,21 @@ class BodyDigests:
         """The digest of ``parsed`` (the JSON of ``raw``); ``None`` if it is too deep."""
         found = self.facts(raw, parsed)
         return None if found is None else found[0]
+
+
+def _body_facts(raw: bytes, parsed: Any) -> BodyFacts | None:
+    """:meth:`BodyDigests.facts` of a body not yet remembered."""
+    try:
+        if parsed is UNPARSED:
+            parsed = fastjson.loads(raw)
+            if type(parsed) is not dict:
+                return None
+        canonical = canonical_json(parsed)
+        if _repeats_member(raw, canonical):
+            return None
+        return hashlib.sha256(canonical).digest(), is_deterministic(parsed)
+    except (ValueError, RecursionError):  # not JSON (or not UTF-8), or too deep
+        return None
 
 
 def entry_key(material: bytes) -> str:

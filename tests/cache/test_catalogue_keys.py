@@ -208,6 +208,25 @@ async def test_C09_a_body_the_cache_cannot_key_reaches_the_app_untouched(
             assert stack.upstream.calls[-1]["body"] == content
 
 
+async def test_C09_a_body_that_repeats_a_member_is_never_answered_from_cache(
+    backend: Backend,
+) -> None:
+    """The upstream reads the bytes as sent (a proto3 reader refuses a repeated member);
+    the cache must not answer them with the entry of the body keeping the last one."""
+    async with cached(store=backend.store(), clock=backend.clock) as stack:
+        alice = {**who("alice"), "content-type": "application/json"}
+        single = json.dumps(generate_body("benign")).encode()
+        repeated = b'{"contents": [{"parts": [{"text": "other"}]}], ' + single[1:]
+        first = await stack.client.post(GENERATE, content=single, headers=alice)
+        assert status_of(first) == "gemini-scale; fwd=miss; stored"
+        for _ in range(2):
+            answer = await stack.client.post(GENERATE, content=repeated, headers=alice)
+            assert status_of(answer) == "gemini-scale; fwd=bypass"
+            assert stack.upstream.calls[-1]["body"] == repeated
+        again = await stack.client.post(GENERATE, content=single, headers=alice)
+        assert status_of(again) == "gemini-scale; hit"
+
+
 # -- C10: path confusion -------------------------------------------------------------------
 
 CONFUSING = [

@@ -80,6 +80,36 @@ def test_a_body_with_both_spellings_is_keyed_as_written() -> None:
     assert canonical_json(both) != canonical_json({"generationConfig": {"temperature": 0}})
 
 
+REPEATS = [  # a body repeating a member name, and one without the repeat
+    (b'{"contents": [{"parts": [{"text": "x"}]}], "contents": [{"parts": [{"text": "a"}]}]}',
+     b'{"contents": [{"parts": [{"text": "a"}]}]}'),
+    (b'{"generationConfig": {"temperature": 1, "temperature": 0}}',
+     b'{"generationConfig": {"temperature": 0}}'),
+    (b'{"contents": [{"parts": [{"functionCall": {"args": {"x": 1, "x": 2}}}]}]}',
+     b'{"contents": [{"parts": [{"functionCall": {"args": {"x": 2}}}]}]}'),
+    (b'{"a": {"a": 1}, "b": [{"a": 1}, {"a": 1, "a": 1}]}',  # even with the same value
+     b'{"a": {"a": 1}, "b": [{"a": 1}, {"a": 1}]}'),
+    (b'{"t": "a: b", "x:y": ":", "t": "c"}', b'{"x:y": ":", "t": "c"}'),
+    # An escaped colon balances the repeat in a count of colons: parsed again.
+    (b'{"s": "\\u003a", "a": 1, "a": 2}', b'{"s": "\\u003a", "a": 2}'),
+    (b'{"s": "\\u003A", "s": "\\\\u003a:"}', b'{"s": "\\\\u003a:"}'),
+    ('{"s": "\\u003a", "a": 1, "a": 2}'.encode("utf-16"),
+     '{"s": "\\u003a", "a": 2}'.encode("utf-16")),
+]
+
+
+@pytest.mark.parametrize(("repeated", "single"), REPEATS)
+def test_a_body_that_repeats_a_member_name_is_not_keyed(repeated: bytes, single: bytes) -> None:
+    """Python keeps the last of repeated members, a proto3 reader refuses the body: it
+    must never share the key of the body without the repeat (security.md C09)."""
+    for raw in (repeated, single):
+        parsed = json.loads(raw)
+        assert json.loads(single) == parsed
+        found = BodyDigests().facts(raw)
+        assert BodyDigests().facts(raw, parsed) == found  # an outer layer's reading too
+        assert (found is None) is (raw is repeated)
+
+
 def test_too_deep_bodies_are_not_keyed() -> None:
     deep: Any = []
     for _ in range(5000):
