@@ -65,6 +65,8 @@ _MEMO_SIZE: Final = 4096
 _MEMO_NAME_MAX: Final = 64
 _INT_LIMIT: Final = 2**53
 _camel_memo: dict[str, str] = {}
+#: A proto field name with ``_``: what proto3 JSON reads beside its lowerCamelCase json_name.
+_FIELD_NAME: Final = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)+")
 
 
 class AmbiguousSpellingError(ValueError):
@@ -72,14 +74,18 @@ class AmbiguousSpellingError(ValueError):
 
 
 def camel_name(name: str) -> str:
-    """``generation_config`` -> ``generationConfig`` (names without ``_`` are returned as is;
-    a leading ``_`` marks a private member, kept as written)."""
-    if "_" not in name or name[0] == "_":
+    """``generation_config`` -> ``generationConfig``: the json_name proto3 JSON reads beside
+    it. Only a proto field name is respelled (lower-case letters and digits, words joined by
+    single ``_``); any other name (``generation__config``, ``generation_Config``, a leading
+    or trailing ``_``) is not one, and is returned as written, as is a name without ``_``."""
+    if "_" not in name:
         return name
     found = _camel_memo.get(name)
     if found is None:
-        head, *rest = name.split("_")
-        found = head + "".join(part[:1].upper() + part[1:] for part in rest)
+        found = name
+        if _FIELD_NAME.fullmatch(name) is not None:
+            head, *rest = name.split("_")
+            found = head + "".join(part[0].upper() + part[1:] for part in rest)
         if len(name) <= _MEMO_NAME_MAX:  # hostile bodies must not fill the memo with megabytes
             remember(_camel_memo, name, found, _MEMO_SIZE)
     return found

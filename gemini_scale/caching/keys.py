@@ -186,8 +186,9 @@ def _canonical(value: Any, opaque: bool) -> Any:
 
 
 def canonical_json(body: Any) -> bytes:
-    """A JSON body in canonical form: members sorted, compact, ASCII; snake_case member
-    names spelled camelCase (proto3 JSON accepts both, DESIGN.md §4) except below
+    """A JSON body in canonical form: members sorted, compact, ASCII; snake_case proto field
+    names spelled camelCase (proto3 JSON accepts both, DESIGN.md §4; other names with ``_``
+    are kept: see :func:`~gemini_scale.gemini_json.camel_name`) except below
     :data:`OPAQUE_MEMBERS`; integral numbers as integers. A body that spells one member
     both ways is kept as written, under another domain, so it cannot collide."""
     domain = b"c"

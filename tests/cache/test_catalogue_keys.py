@@ -227,6 +227,26 @@ async def test_C09_a_body_that_repeats_a_member_is_never_answered_from_cache(
         assert status_of(again) == "gemini-scale; hit"
 
 
+@pytest.mark.parametrize("name", ["generation__config", "generation_config_", "generation_Config"])
+async def test_C09_a_spelling_that_is_no_proto_field_name_is_not_the_field(
+    backend: Backend, name: str
+) -> None:
+    """Only ``generation_config`` is ``generationConfig`` to proto3 JSON: another spelling is
+    an unknown member (Gemini refuses it), never answered with the field's entry."""
+    async with cached(store=backend.store(), clock=backend.clock, generation="all") as stack:
+        alice = {**who("alice"), "content-type": "application/json"}
+        valid = json.dumps(generate_body("hi")).encode()
+        snake = valid.replace(b"generationConfig", b"generation_config")
+        odd = valid.replace(b"generationConfig", name.encode())
+        first = await stack.client.post(GENERATE, content=valid, headers=alice)
+        assert status_of(first) == "gemini-scale; fwd=miss; stored"
+        respelled = await stack.client.post(GENERATE, content=snake, headers=alice)
+        assert status_of(respelled) == "gemini-scale; hit"
+        answer = await stack.client.post(GENERATE, content=odd, headers=alice)
+        assert status_of(answer) == "gemini-scale; fwd=miss; stored"
+        assert stack.upstream.calls[-1]["body"] == odd
+
+
 # -- C10: path confusion -------------------------------------------------------------------
 
 CONFUSING = [

@@ -110,6 +110,16 @@ def test_a_body_that_repeats_a_member_name_is_not_keyed(repeated: bytes, single:
         assert (found is None) is (raw is repeated)
 
 
+@pytest.mark.parametrize("name", ["generation__config", "generation_config_", "generation_Config"])
+def test_a_spelling_proto3_json_does_not_read_as_the_field_has_its_own_key(name: str) -> None:
+    contents = [{"parts": [{"text": "hi"}]}]
+    camel = {"contents": contents, "generationConfig": {"temperature": 0}}
+    snake = {"contents": contents, "generation_config": {"temperature": 0}}
+    odd = {"contents": contents, name: {"temperature": 0}}
+    assert digest(snake) == digest(camel)
+    assert digest(odd) != digest(camel)
+
+
 def test_too_deep_bodies_are_not_keyed() -> None:
     deep: Any = []
     for _ in range(5000):

@@ -199,6 +199,31 @@ async def test_forward_to_another_path_with_another_body() -> None:
     assert received[0].path == "/v1/models/gemini-2.5-flash:countTokens"
 
 
+@pytest.mark.parametrize("name", ["generation__config", "generation_config_", "generation_Config"])
+async def test_forward_respells_only_proto_field_names(name: str) -> None:
+    """A name proto3 JSON does not read as a field goes upstream as sent (Gemini refuses
+    it): respelling it into the field would answer a request the client did not send."""
+    received: list[ReceivedRequest] = []
+    app = create_standin(received=received)
+    async with GeminiUpstream(
+        base_url=STANDIN_URL, transport=StreamingASGITransport(app)
+    ) as upstream:
+
+        async def endpoint(request: Request) -> Response:
+            return await upstream.forward(request, path=GENERATE_PATH)
+
+        service = Starlette(routes=[Route("/generate", endpoint, methods=["POST"])])
+        async with httpx.AsyncClient(
+            transport=StreamingASGITransport(service), base_url="http://svc"
+        ) as client:
+            body = {**PROMPT, "system_instruction": {"parts": [{"text": "be brief"}]},
+                    name: {"temperature": 0}}
+            await client.post("/generate", json=body)
+    sent = json.loads(received[0].body)
+    assert sent == {**PROMPT, "systemInstruction": {"parts": [{"text": "be brief"}]},
+                    name: {"temperature": 0}}
+
+
 # -- what comes back ------------------------------------------------------------------------
 
 

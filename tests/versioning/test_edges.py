@@ -109,9 +109,22 @@ async def test_a_body_too_deep_to_respell_is_a_400_not_a_500() -> None:
     assert len(reached) == 1
 
 
+@pytest.mark.parametrize("name", [
+    "generation__config", "generation_config_", "generation_Config", "Generation_config",
+    "generation_c\u00f6nfig", "2_d",
+])
+def test_only_proto_field_names_are_respelled(name: str) -> None:
+    """proto3 JSON reads a field by its json_name or its proto name (lower-case words joined
+    by single ``_``): no other spelling is that field, so none is respelled into it."""
+    assert camel_name(name) == name
+    raw = json.dumps({name: {"top_k": 1}, "safety_settings": [], "tool_config_2d": {}}).encode()
+    sent = json.loads(respelled(raw))
+    assert sent == {name: {"topK": 1}, "safetySettings": [], "toolConfig2d": {}}
+
+
 def test_long_member_names_are_not_remembered() -> None:
     before = len(_camel_memo)
-    name = "a_" * 5000
+    name = "a_" * 5000 + "a"
     assert camel_name(name).startswith("aA")
     assert len(_camel_memo) == before
 
