@@ -505,6 +505,7 @@ async def test_sdk_through_forward(version: str) -> None:
 
 async def test_logs_hold_no_key_token_or_prompt(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
+    caplog.set_level(logging.DEBUG, logger="httpx")  # configure_logging keeps it to warnings
     async with stack(api_keys=("server-secret-key",)) as s:
         await s.client.post(
             SSE_PATH, params={"alt": "sse", "key": "caller-query-key"}, json=PROMPT,
