@@ -301,10 +301,7 @@ class CacheMiddleware(GeminiMiddleware):
 
     def _fresh_enough(self, found: StoredResponse, directives: RequestDirectives) -> bool:
         """Whether ``found`` is young enough for the request's ``max-age``."""
-        return (
-            directives.max_age is None
-            or self.clock.time() - found.created <= directives.max_age
-        )
+        return directives.max_age is None or found.age(self.clock.time()) <= directives.max_age
 
     async def _miss(self, x: _Exchange, directives: RequestDirectives) -> None:
         """Not answered from the store: forward (a miss joins the key's single flight),
@@ -383,7 +380,7 @@ class CacheMiddleware(GeminiMiddleware):
         else:
             headers = [*found.headers, (b"cache-status", self._label(label, x.key))]
         if self.age:
-            age = max(0, int(self.clock.time() - found.created))
+            age = int(found.age(self.clock.time()))
             headers.append((b"age", _AGES[age] if age < len(_AGES) else str(age).encode()))
         send = x.send
         match = x.fields.get(b"if-none-match")

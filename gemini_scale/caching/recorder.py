@@ -49,6 +49,7 @@ class Recorder:
     """
 
     __slots__ = (
+        "_age",
         "_chunks",
         "_complete",
         "_declared",
@@ -99,6 +100,8 @@ class Recorder:
         self._complete = False
         self.max_age = 0.0
         """The answer's own cap on its lifetime (``0``: it must not be stored)."""
+        self._age = 0
+        """How old the answer was when it arrived (its ``Age``)."""
         self._headers: list[Header] = []
         self._tagged = False
         self._observer: UsageObserver | None = None
@@ -153,7 +156,7 @@ class Recorder:
         """Note the answer's facts; whether its start goes on now (else it is held)."""
         plan = self._plan
         headers = lowercased(message.get("headers") or ())
-        self.max_age, content_type, control, self._tagged, length = response_facts(
+        self.max_age, content_type, control, self._tagged, length, self._age = response_facts(
             message["status"], headers, plan.vary_set
         )
         private = plan.private
@@ -274,10 +277,13 @@ class Recorder:
         kept = self._kept
         if kept is not None:  # recorded in one step
             assert self._etag is not None
-            return StoredResponse(kept, self._whole, self._etag, created, created + ttl)
+            return StoredResponse(
+                kept, self._whole, self._etag, created, created + ttl, initial_age=self._age
+            )
         observer = self._observer
         if observer is not None and (observer.error_seen or not observer.complete):
             return None
         return StoredResponse.build(
-            self._headers, b"".join(chunks), created=created, ttl=ttl, etag=self._etag
+            self._headers, b"".join(chunks), created=created, ttl=ttl, etag=self._etag,
+            initial_age=self._age,
         )

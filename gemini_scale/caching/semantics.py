@@ -125,19 +125,19 @@ NO_DIRECTIVES = RequestDirectives()
 
 def response_facts(
     status: int, headers: Sequence[Header], vary_allowed: Collection[bytes]
-) -> tuple[float, bytes, bool, bool, bytes | None]:
+) -> tuple[float, bytes, bool, bool, bytes | None, int]:
     """One pass over a response's fields: how long it may be stored (``0``: it must not
     be; else the cap of its own ``s-maxage`` / ``max-age``, ``inf`` when it sets none),
-    its ``Content-Type``, whether it has a ``Cache-Control`` and whether an ``ETag``, and
-    its (first) ``Content-Length``."""
+    its ``Content-Type``, whether it has a ``Cache-Control`` and whether an ``ETag``, its
+    (first) ``Content-Length``, and its age when received (its ``Age``, else ``0``)."""
     cap = math.inf if status == 200 else 0.0
     content_type = b""
     control = tagged = False
     length = None
-    age = 0
+    age: int | None = None
     for name, value in headers:
-        if name == b"age":  # already this old (RFC 9111 §4.2.3): its max-age is shorter
-            age = int(value) if value.isdigit() and len(value) < 12 else 0
+        if name == b"age":
+            age = _age(value) if age is None else age
         elif name == b"content-type":
             content_type = value
         elif name == b"content-length":
@@ -153,9 +153,16 @@ def response_facts(
         elif name == b"cache-control":
             control = True
             cap = min(cap, _control_cap(value))
-    if age and cap != math.inf:
+    age = age or 0
+    if age and cap != math.inf:  # already this old (RFC 9111 §4.2.3): fresh for less
         cap = max(cap - age, 0.0)
-    return cap, content_type, control, tagged, length
+    return cap, content_type, control, tagged, length, age
+
+
+def _age(value: bytes) -> int:
+    """An ``Age`` field's seconds (RFC 9111 §5.1: the first member of a list; an invalid
+    value is ignored, ``0``)."""
+    return _seconds(value.partition(b",")[0].strip(b" \t")) or 0
 
 
 def _control_cap(value: bytes) -> float:

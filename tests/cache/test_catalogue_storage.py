@@ -173,6 +173,27 @@ async def test_C19_freshness_and_request_directives(backend: Backend) -> None:
         assert len(stack.upstream.calls) == calls
 
 
+async def test_C19_age_counts_the_age_the_answer_arrived_with(backend: Backend) -> None:
+    # RFC 9111 §4.2.3: an answer that is already 100 s old stays that old on every hit.
+    upstream = Upstream(headers={"age": "100", "cache-control": "max-age=200"})
+    async with cached(upstream=upstream, store=backend.store(), clock=backend.clock) as stack:
+        alice = who("alice")
+        miss = await stack.client.get(MODEL_GET, headers=alice)
+        assert (status_of(miss), miss.headers["age"]) == ("gemini-scale; fwd=miss; stored", "100")
+        backend.clock.advance(5)
+        hit = await stack.client.get(MODEL_GET, headers=alice)
+        assert (status_of(hit), hit.headers["age"]) == ("gemini-scale; hit", "105")
+        # A request's max-age compares with the whole age, not the time in this cache.
+        young = await stack.client.get(
+            MODEL_GET, headers={**alice, "cache-control": "max-age=104"})
+        assert status_of(young) == "gemini-scale; fwd=miss; stored"
+        assert len(upstream.calls) == 2
+        backend.clock.advance(1)
+        again = await stack.client.get(
+            MODEL_GET, headers={**alice, "cache-control": "max-age=104"})
+        assert (status_of(again), again.headers["age"]) == ("gemini-scale; hit", "101")
+
+
 async def test_C20_stored_headers_are_sanitised(backend: Backend) -> None:
     upstream = Upstream(raw_headers=[
         (b"connection", b"x-foo"), (b"x-foo", b"1"), (b"keep-alive", b"timeout=5"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from typing import Any
 
 import pytest
@@ -206,6 +207,34 @@ def test_entries_round_trip() -> None:
     assert decoded.hit_headers[-1] == (b"cache-status", b"gemini-scale; hit")
 
 
+def test_an_entry_keeps_the_age_its_answer_arrived_with() -> None:
+    entry = StoredResponse.build([(b"a", b"b")], b"body", created=10.0, ttl=60, initial_age=100)
+    raw = entry.encode()
+    assert raw[:4] == b"GSC2"
+    assert len(raw) == entry.size
+    decoded = StoredResponse.decode(raw)
+    assert decoded == entry
+    assert (decoded.initial_age, decoded.age(15.0), decoded.age(5.0)) == (100, 105, 100)
+
+
+def test_an_entry_without_an_initial_age_keeps_the_first_layout() -> None:
+    # What releases before the initial age wrote (and still read): GSC1, no age.
+    entry = StoredResponse.build([(b"a", b"b")], b"body", created=10.0, ttl=60)
+    raw = entry.encode()
+    assert raw[:4] == b"GSC1"
+    assert len(raw) == entry.size
+    assert StoredResponse.decode(raw).initial_age == 0
+    assert StoredResponse.decode(raw).age(12.5) == 2.5
+
+
+@pytest.mark.parametrize("age", [-1.0, math.nan])
+def test_an_entry_with_an_impossible_age_is_refused(age: float) -> None:
+    raw = StoredResponse.build([(b"a", b"b")], b"body", created=1, ttl=1, initial_age=5).encode()
+    mangled = raw[:20] + struct.pack("!d", age) + raw[28:]
+    with pytest.raises(CorruptEntryError):
+        StoredResponse.decode(mangled)
+
+
 @pytest.mark.parametrize("mangle", [lambda raw: raw[:-1], lambda raw: raw + b"x",
                                     lambda raw: b"GSC0" + raw[4:], lambda raw: raw[:20],
                                     lambda raw: b""])
@@ -255,6 +284,24 @@ def test_what_may_be_stored(
     status: int, headers: list[tuple[bytes, bytes]], storable: float
 ) -> None:
     assert response_facts(status, headers, VARY)[0] == storable
+
+
+@pytest.mark.parametrize(
+    ("headers", "age", "storable"),
+    [
+        ([(b"age", b"8"), (b"cache-control", b"max-age=10")], 8, 2),
+        ([(b"age", b"12"), (b"cache-control", b"max-age=10")], 12, 0),
+        ([(b"age", b"8, 3")], 8, math.inf),  # RFC 9111 §5.1: the first member
+        ([(b"age", b"8"), (b"age", b"3")], 8, math.inf),
+        ([(b"age", b"x")], 0, math.inf),  # invalid: ignored
+        ([(b"age", b"9" * 40), (b"cache-control", b"max-age=600")], 2**31, 0),
+    ],
+)
+def test_the_age_an_answer_arrived_with(
+    headers: list[tuple[bytes, bytes]], age: int, storable: float
+) -> None:
+    facts = response_facts(200, headers, VARY)
+    assert (facts[0], facts[5]) == (storable, age)
 
 
 @pytest.mark.parametrize(
