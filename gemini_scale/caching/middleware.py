@@ -337,7 +337,7 @@ class CacheMiddleware(GeminiMiddleware):
             scope = x.scope
             recorder = Recorder(
                 x.send, plan, label, detail=self._detail(x.key) if self.expose_key else b"",
-                store=keep, stream=scope["path"].endswith(STREAM_METHOD),
+                store=keep, now=started, stream=scope["path"].endswith(STREAM_METHOD),
                 if_none_match=x.fields.get(b"if-none-match"),
             )
             await self.app(scope, x.app_receive(), recorder)
@@ -396,7 +396,7 @@ class CacheMiddleware(GeminiMiddleware):
     async def _bypass(self, x: _Exchange) -> None:
         self.engine.stats.bypassed += 1
         x.context.extras[CACHE_OUTCOME_KEY] = "bypass"
-        recorder = Recorder(x.send, x.plan, BYPASS, store=False)
+        recorder = Recorder(x.send, x.plan, BYPASS, store=False, now=self.clock.time())
         await self.app(x.scope, x.app_receive(), recorder)
 
     async def _body(self, x: _Exchange, extras: dict[str, Any]) -> BodyFacts | None:

@@ -58,6 +58,7 @@ class Recorder:
         "_held",
         "_if_none_match",
         "_kept",
+        "_now",
         "_observer",
         "_pending",
         "_plan",
@@ -80,6 +81,7 @@ class Recorder:
         *,
         detail: bytes = b"",
         store: bool,
+        now: float,
         stream: bool = False,
         if_none_match: bytes | None = None,
     ) -> None:
@@ -88,6 +90,9 @@ class Recorder:
         self.label = label
         self.detail = detail
         """Parameters that follow ``stored`` in ``Cache-Status`` (the debug ``key``)."""
+        self._now = now
+        """When the answer is received (its request's start): its ``Expires`` counts from
+        here when it has no ``Date``."""
         self._stream = stream
         self._if_none_match = if_none_match
         self._chunks: list[bytes] | None = [] if store else None
@@ -157,7 +162,7 @@ class Recorder:
         plan = self._plan
         headers = lowercased(message.get("headers") or ())
         self.max_age, content_type, control, self._tagged, length, self._age = response_facts(
-            message["status"], headers, plan.vary_set
+            message["status"], headers, plan.vary_set, self._now
         )
         private = plan.private
         if private is not None:

@@ -5,14 +5,16 @@
 What is never stored (RFC 9111 §3, research/security.md C04-C07, C12): a status other than
 200; ``no-store``, ``private`` or ``no-cache`` in the response's ``Cache-Control``;
 ``Set-Cookie``; ``Vary: *`` or a ``Vary`` naming a request header outside the allow-list;
-``max-age=0`` / ``s-maxage=0``.
+``max-age=0`` / ``s-maxage=0``; without either, an ``Expires`` that is past or invalid.
 """
 
 from __future__ import annotations
 
 import math
+from calendar import timegm
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
+from email.utils import parsedate_tz
 from hashlib import blake2b as _blake2b
 
 from gemini_scale.header_values import bounded_decimal
@@ -124,17 +126,20 @@ NO_DIRECTIVES = RequestDirectives()
 
 
 def response_facts(
-    status: int, headers: Sequence[Header], vary_allowed: Collection[bytes]
+    status: int, headers: Sequence[Header], vary_allowed: Collection[bytes], now: float
 ) -> tuple[float, bytes, bool, bool, bytes | None, int]:
     """One pass over a response's fields: how long it may be stored (``0``: it must not
-    be; else the cap of its own ``s-maxage`` / ``max-age``, ``inf`` when it sets none),
-    its ``Content-Type``, whether it has a ``Cache-Control`` and whether an ``ETag``, its
-    (first) ``Content-Length``, and its age when received (its ``Age``, else ``0``)."""
+    be; else the cap of its own ``s-maxage`` / ``max-age``, or without them of its
+    ``Expires``, ``inf`` when it sets none), its ``Content-Type``, whether it has a
+    ``Cache-Control`` and whether an ``ETag``, its (first) ``Content-Length``, and its age
+    when received (its ``Age``, else ``0``). ``now``: when it was received."""
     cap = math.inf if status == 200 else 0.0
     content_type = b""
     control = tagged = False
     length = None
     age: int | None = None
+    expires: bytes | None = None
+    date: bytes | None = None
     for name, value in headers:
         if name == b"age":
             age = _age(value) if age is None else age
@@ -147,16 +152,56 @@ def response_facts(
         elif name == b"set-cookie":
             cap = 0.0
         elif name == b"vary":
-            for member in _split_list(value):
-                if member == b"*" or member.lower() not in vary_allowed:
-                    cap = 0.0
+            cap = cap if _vary_storable(value, vary_allowed) else 0.0
         elif name == b"cache-control":
             control = True
             cap = min(cap, _control_cap(value))
+        elif name == b"expires":  # fields that disagree are invalid: already expired
+            expires = value if expires is None or expires == value else b"0"
+        elif name == b"date":
+            date = value if date is None else date
     age = age or 0
-    if age and cap != math.inf:  # already this old (RFC 9111 §4.2.3): fresh for less
+    return _lifetime(cap, expires, date, age, now), content_type, control, tagged, length, age
+
+
+def _vary_storable(value: bytes, vary_allowed: Collection[bytes]) -> bool:
+    """Whether a ``Vary`` names only allowed request headers (and not ``*``)."""
+    return all(
+        member != b"*" and member.lower() in vary_allowed for member in _split_list(value)
+    )
+
+
+def _lifetime(
+    cap: float, expires: bytes | None, date: bytes | None, age: int, now: float
+) -> float:
+    """``cap``, or without an ``s-maxage`` / ``max-age`` the ``Expires`` one (RFC 9111
+    §5.3), less the age the answer already had (§4.2.3)."""
+    if expires is not None and cap == math.inf:
+        cap = _expires_cap(expires, date, now)
+    if age and cap != math.inf:
         cap = max(cap - age, 0.0)
-    return cap, content_type, control, tagged, length, age
+    return cap
+
+
+def _expires_cap(expires: bytes, date: bytes | None, now: float) -> float:
+    """The lifetime an ``Expires`` field gives (RFC 9111 §4.2.1): from the ``Date`` (else
+    ``now``) to it; ``0`` when it is past or invalid (``0`` included: already expired)."""
+    until = _http_date(expires)
+    if until is None:
+        return 0.0
+    since = None if date is None else _http_date(date)
+    return max(until - (now if since is None else since), 0.0)
+
+
+def _http_date(value: bytes) -> float | None:
+    """An HTTP-date (RFC 9110 §5.6.7, its three formats) in wall-clock seconds, or ``None``."""
+    if len(value) > 64 or not value.isascii():
+        return None
+    try:
+        parts = parsedate_tz(value.decode("ascii"))
+        return None if parts is None else float(timegm(parts[:6]) - (parts[9] or 0))
+    except (TypeError, ValueError, IndexError, OverflowError):  # a year past 9999, say
+        return None
 
 
 def _age(value: bytes) -> int:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gzip
 import json
+from datetime import UTC, datetime
+from email.utils import format_datetime
 
 import httpx
 import pytest
@@ -65,6 +67,28 @@ async def test_C06_set_cookie_answers_are_not_stored(backend: Backend) -> None:
         assert "set-cookie" not in second.headers
         await stack.client.get(MODEL_GET, headers=who("alice"))
         assert len(upstream.calls) == 2
+
+
+@pytest.mark.parametrize("expires", ["0", "Thu, 01 Jan 1970 00:00:00 GMT", "never"])
+async def test_answers_already_expired_are_not_stored(backend: Backend, expires: str) -> None:
+    # RFC 9111 §5.3: a past or invalid Expires ("0" above all) means already expired.
+    await assert_never_stored(backend, {"expires": expires})
+
+
+async def test_a_future_expires_caps_the_lifetime(backend: Backend) -> None:
+    # Without a Date, from when the answer came (the policy's ttl is 60 s).
+    expires = format_datetime(datetime.fromtimestamp(backend.clock.time() + 5, UTC), usegmt=True)
+    upstream = Upstream(headers={"expires": expires})
+    async with cached(upstream=upstream, store=backend.store(), clock=backend.clock) as stack:
+        first = await stack.client.get(MODEL_GET, headers=who("alice"))
+        assert status_of(first) == "gemini-scale; fwd=miss; stored"
+        backend.clock.advance(4)
+        assert status_of(await stack.client.get(MODEL_GET, headers=who("alice"))) == (
+            "gemini-scale; hit")
+        backend.clock.advance(2)  # expired; the same Expires is past now: not stored again
+        assert status_of(await stack.client.get(MODEL_GET, headers=who("alice"))) == (
+            "gemini-scale; fwd=miss")
+    assert len(upstream.calls) == 2
 
 
 @pytest.mark.parametrize("vary", ["*", "X-Unlisted", "accept-encoding, X-Unlisted"])

@@ -283,8 +283,46 @@ VARY = frozenset({b"accept-encoding", b"origin"})
 def test_what_may_be_stored(
     status: int, headers: list[tuple[bytes, bytes]], storable: float
 ) -> None:
-    assert response_facts(status, headers, VARY)[0] == storable
+    assert response_facts(status, headers, VARY, 0.0)[0] == storable
 
+
+
+#: Sun, 06 Nov 1994 08:49:37 GMT, and that date a minute later in RFC 9110's three formats.
+NOW = 784111777.0
+DATE = b"Sun, 06 Nov 1994 08:49:37 GMT"
+LATER = (b"Sun, 06 Nov 1994 08:50:37 GMT", b"Sunday, 06-Nov-94 08:50:37 GMT",
+         b"Sun Nov  6 08:50:37 1994")
+
+
+@pytest.mark.parametrize(
+    ("headers", "storable"),
+    [
+        # RFC 9111 §5.3: an invalid Expires ("0" above all) is already expired.
+        ([(b"expires", b"0")], 0),
+        ([(b"expires", b"-1")], 0),
+        ([(b"expires", b"soon")], 0),
+        ([(b"expires", b"Sun, 06 Nov 99999 08:50:37 GMT")], 0),
+        ([(b"expires", b"Thu, 01 Jan 1970 00:00:00 GMT")], 0),
+        ([(b"expires", DATE)], 0),
+        ([(b"expires", LATER[0]), (b"cache-control", b"public")], 60),
+        *[([(b"expires", later)], 60) for later in LATER],
+        ([(b"expires", LATER[0]), (b"expires", LATER[0])], 60),
+        ([(b"expires", LATER[0]), (b"expires", DATE)], 0),  # they disagree: invalid
+        # Its lifetime counts from the answer's Date, whatever this clock says.
+        ([(b"date", b"Sun, 06 Nov 1994 08:40:37 GMT"), (b"expires", LATER[0])], 600),
+        ([(b"date", b"yesterday"), (b"expires", LATER[0])], 60),
+        ([(b"expires", LATER[0]), (b"age", b"20")], 40),
+        ([(b"expires", LATER[0]), (b"age", b"60")], 0),
+        # A max-age or s-maxage wins over any Expires.
+        ([(b"expires", b"0"), (b"cache-control", b"max-age=600")], 600),
+        ([(b"cache-control", b"s-maxage=30"), (b"expires", DATE)], 30),
+        ([(b"expires", LATER[0]), (b"cache-control", b"max-age=600")], 600),
+        ([(b"expires", LATER[0]), (b"cache-control", b"no-store")], 0),
+        ([(b"expires", LATER[0]), (b"set-cookie", b"s=1")], 0),
+    ],
+)
+def test_what_expires_allows(headers: list[tuple[bytes, bytes]], storable: float) -> None:
+    assert response_facts(200, headers, VARY, NOW)[0] == storable
 
 @pytest.mark.parametrize(
     ("headers", "age", "storable"),
@@ -300,7 +338,7 @@ def test_what_may_be_stored(
 def test_the_age_an_answer_arrived_with(
     headers: list[tuple[bytes, bytes]], age: int, storable: float
 ) -> None:
-    facts = response_facts(200, headers, VARY)
+    facts = response_facts(200, headers, VARY, 0.0)
     assert (facts[0], facts[5]) == (storable, age)
 
 
