@@ -26,6 +26,7 @@ from gemini_scale.caching.semantics import (
     HIT,
     MISS,
     NO_DIRECTIVES,
+    ONLY_IF_CACHED,
     REQUESTED,
     RequestDirectives,
     etag_matches,
@@ -293,7 +294,7 @@ class CacheMiddleware(GeminiMiddleware):
                 await self._serve(x, found, HIT)
                 return
         if directives.only_if_cached:  # whatever else the request says: never upstream
-            label = self._label(MISS, x.key).decode()
+            label = self._label(ONLY_IF_CACHED, x.key).decode()
             await send_error(x.send, 504, "The answer is not in the cache (only-if-cached).",
                              headers={"cache-status": label})
             return

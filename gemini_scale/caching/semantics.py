@@ -29,6 +29,9 @@ COLLAPSED = CACHE_NAME + b"; fwd=miss; collapsed"
 BYPASS = CACHE_NAME + b"; fwd=bypass"
 #: Forwarded because the request said so (``Cache-Control: no-cache`` / ``no-store``).
 REQUESTED = CACHE_NAME + b"; fwd=request"
+#: Not in the cache, and not forwarded either (``only-if-cached``): no ``fwd`` parameter, which
+#: says the request went forward (RFC 9211 §2.2); ``detail`` names why (§2.8).
+ONLY_IF_CACHED = CACHE_NAME + b"; detail=only-if-cached"
 STORED = b"; stored"
 
 #: Hop-by-hop fields (RFC 9110 §7.6.1) and fields that describe one exchange, not the

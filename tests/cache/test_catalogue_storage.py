@@ -194,6 +194,7 @@ async def test_C19_freshness_and_request_directives(backend: Backend) -> None:
             headers={**alice, "cache-control": "only-if-cached"})
         assert missing.status_code == 504
         assert missing.json()["error"]["status"] == "DEADLINE_EXCEEDED"
+        assert status_of(missing) == "gemini-scale; detail=only-if-cached"
         assert len(stack.upstream.calls) == calls
 
 

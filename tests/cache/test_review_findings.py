@@ -68,6 +68,8 @@ async def test_only_if_cached_never_goes_upstream(backend: Backend, control: str
     answer = await call(app, "POST", GENERATE, headers=headers, json_body=generate_body())
     assert answer.status == 504
     assert json.loads(answer.body)["error"]["status"] == "DEADLINE_EXCEEDED"
+    # Not forwarded: no fwd parameter (RFC 9211 §2.2), the reason in detail.
+    assert answer.headers["cache-status"] == "gemini-scale; detail=only-if-cached"
     assert upstream.calls == []
 
 
