@@ -647,6 +647,7 @@ class _Scanner:
         "max_capture",
         "on_object",
         "overflow",
+        "trailing",
     )
 
     def __init__(
@@ -665,6 +666,8 @@ class _Scanner:
         self.escape = False  # the next byte of the string is escaped
         self.in_object = False
         self.ended = False
+        self.trailing = False
+        """More than blank space followed the end of the top-level value."""
         self._key: bytes | None = None
         self._key_part: bytearray | None = None
         #: The member being captured (``_capture`` is ``None`` once it outgrew the bound).
@@ -674,7 +677,10 @@ class _Scanner:
 
     def feed(self, data: bytes, pos: int, end: int) -> None:
         """Scan ``data[pos:end]``."""
-        if self.ended or pos >= end:
+        if self.ended:
+            self._after_end(data, pos, end)
+            return
+        if pos >= end:
             return
         capture_from = pos
         if self.in_string:
@@ -696,9 +702,15 @@ class _Scanner:
             elif byte in _OPENERS:
                 self._open(byte)
             elif self.depth > 0 and self._close(byte, data, capture_from, start):
+                self._after_end(data, pos, end)
                 return
         if self._capture_key is not None:
             self._keep(data, capture_from, end)
+
+    def _after_end(self, data: bytes, pos: int, end: int) -> None:
+        """Bytes after the top-level value: anything but blank space is trailing."""
+        if not self.trailing and _NOT_BLANK.search(data, pos, end) is not None:
+            self.trailing = True
 
     def _next(self, data: bytes, pos: int, end: int) -> int:
         """The position of the next byte that matters, or -1."""
@@ -834,7 +846,8 @@ class UsageObserver:
         overflow: a ``usageMetadata`` or ``error`` member was over ``max_buffer`` and was
             skipped (or the observer stopped on an internal error): usage may be missing.
         complete: :meth:`finish` was called and the body ended cleanly: SSE on an event
-            boundary, a JSON array after its ``]``, a JSON body after its object.
+            boundary, a JSON array at its ``]``, a JSON body at its object (blank space
+            may follow, nothing else).
     """
 
     def __init__(
@@ -938,7 +951,8 @@ class UsageObserver:
         if self._mode == "sse":
             return self._line_empty and self._data_lines == 0
         if self._mode == "json_array" or (self._mode == "json" and self._streaming):
-            return self._scanner is not None and self._scanner.ended
+            scanner = self._scanner
+            return scanner is not None and scanner.ended and not scanner.trailing
         if self._mode == "json":
             return self._parsed_whole
         return True  # an empty body, or one not watched

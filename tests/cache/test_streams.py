@@ -159,6 +159,28 @@ async def test_a_stream_that_ends_mid_event_is_not_stored(
         assert stack.engine.stats.stored == 0
 
 
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [*json_array(event("a"), event("b", last=True)), b"xx"],
+        [b'[{"a": 1}]', b'[{"b": 2}]'],  # a second array
+        [b'[{"a": 1}]\n', b"]"],
+    ],
+)
+async def test_a_json_array_stream_with_more_after_its_end_is_not_stored(
+    backend: Backend, chunks: list[bytes]
+) -> None:
+    upstream = Upstream(stream=chunks, media_type="application/json")
+    async with cached(upstream=upstream, store=backend.store(), clock=backend.clock,
+                      streams=True) as stack:
+        for _ in range(2):
+            answer = await call(stack.app, "POST", STREAM, headers=who("alice"), json_body=BODY)
+            assert answer.body == b"".join(chunks)  # passed on as it came
+            assert answer.headers["cache-status"] == "gemini-scale; fwd=miss"
+        assert stack.engine.stats.stored == 0
+        assert len(upstream.calls) == 2
+
+
 async def test_a_stream_that_raises_midway_is_not_stored(backend: Backend) -> None:
     upstream = Upstream(stream_error=RuntimeError("upstream reset"))
     async with cached(upstream=upstream, store=backend.store(), clock=backend.clock,

@@ -861,6 +861,29 @@ def test_json_array_truncated_at_every_offset(array_raw: bytes) -> None:
         assert observer.complete == (cut in (0, len(array_raw))), cut
 
 
+@pytest.mark.parametrize("tail", [b"xx", b'[{"usageMetadata": {"totalTokenCount": 1}}]',
+                                  b"]", b",", b" \r\n\tx"])
+def test_json_array_with_more_after_its_end_is_not_complete(array_raw: bytes, tail: bytes) -> None:
+    """Only blank space may follow the ``]``; the usage is read as before either way."""
+    elements = [element for _, element in array_expectations(array_raw)]
+    expected = (last_total(elements), len(elements))
+    for chunks in [*list(splits(array_raw + tail))[::3], [array_raw, b" \n", tail]]:
+        observer = observe(chunks, JSON_TYPE)
+        assert (observer.tokens, observer.events, observer.complete) == (*expected, False)
+    for chunks in [[array_raw + b" \r\n\t"], [array_raw, b"\n", b" "]]:
+        observer = observe(chunks, JSON_TYPE)
+        assert (observer.tokens, observer.events, observer.complete) == (*expected, True)
+
+
+def test_a_scanned_json_body_with_more_after_its_end_is_not_complete() -> None:
+    big = json.dumps({"embeddings": [{"values": [0.25] * 3072}] * 40}).encode()
+    assert len(big) > 64 * 1024  # scanned, not copied
+    for tail, complete in [(b"x", False), (b"{}", False), (b"\r\n", True)]:
+        chunks = [big[i : i + 8192] for i in range(0, len(big), 8192)]
+        observer = observe([*chunks, tail], JSON_TYPE)
+        assert (observer.tokens, observer.complete, observer.overflow) == (None, complete, False)
+
+
 def test_json_array_error_element_and_nested_traps() -> None:
     raw = json.dumps(
         [
