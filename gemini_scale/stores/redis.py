@@ -330,7 +330,10 @@ def _client_from_url(
         _db(path.lstrip("/"), shown=shown, allow_empty=True)
         try:
             client = Redis.from_url(url, max_connections=max_connections, **options)
-        except ValueError as exc:
+            # redis-py passes query options it does not know on to each connection, which
+            # refuses them only when the first command needs one: build one now (no I/O).
+            client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        except (ValueError, TypeError) as exc:
             # redis-py's message names the bad option; scrubbed in case it echoes a value.
             detail = _scrub(str(exc), password)
             raise ConfigurationError(f"Invalid Redis URL {shown!r}: {detail}") from None
