@@ -369,7 +369,7 @@ def route_path(scope: Scope) -> str:
     """The path the app routes on: ``path`` without the server's ``root_path``."""
     path: str = scope["path"]
     root: str = scope.get("root_path", "")
-    if root and path.startswith(root):
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
         return path[len(root) :] or "/"
     return path
 

@@ -11,6 +11,10 @@ def http_url_problem(value: str, *, base: bool = False) -> str | None:
 
     The message never repeats the value: a URL may hold a password.
     """
+    if not value.isprintable() or " " in value:
+        # urlsplit drops surrounding blanks and tabs or newlines anywhere: the URL would
+        # then be used otherwise than it was written (an issuer is compared exactly).
+        return "must be a URL without spaces or control characters"
     try:
         parts = urlsplit(value)
         port = parts.port  # reads it: a port that is not a number is refused here

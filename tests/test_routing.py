@@ -26,6 +26,7 @@ from gemini_scale import (
     mark,
     policy_for,
     rate_limit,
+    route_path,
 )
 from gemini_scale.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -373,3 +374,17 @@ async def test_marks_under_host_routes_fail_the_audit() -> None:
 def test_ambiguous_or_empty_limits_are_configuration_errors(limits: str) -> None:
     with pytest.raises(ConfigurationError):
         rate_limit(limits)
+
+
+@pytest.mark.parametrize(
+    ("root", "path", "routed"),
+    [
+        ("", "/v1beta/models", "/v1beta/models"),
+        ("/gw", "/gw/v1beta/models", "/v1beta/models"),
+        ("/gw", "/gw", "/"),
+        ("/gw", "/gwx/v1beta/models", "/gwx/v1beta/models"),  # another segment, not the root
+        ("/gw", "/v1beta/models", "/v1beta/models"),  # a server that left the root out
+    ],
+)
+def test_route_path_takes_off_the_root_path_only(root: str, path: str, routed: str) -> None:
+    assert route_path({"type": "http", "path": path, "root_path": root}) == routed

@@ -66,6 +66,8 @@ def test_key_pool_and_upstream_choice() -> None:
         ("GEMINI_SCALE_UPSTREAM_URL", "https://gemini.example/v1#top"),
         ("GEMINI_SCALE_UPSTREAM_URL", "https://gemini.example:port/"),
         ("GEMINI_SCALE_OAUTH_JWKS_URL", "https:///keys"),
+        ("GEMINI_SCALE_OAUTH_ISSUER", " https://issuer.example"),  # never an exact match
+        ("GEMINI_SCALE_UPSTREAM_URL", "https://x.example/v1\n"),  # a secret file's newline
     ],
 )
 def test_a_bad_value_names_its_variable(variable: str, value: str) -> None:

@@ -5,13 +5,14 @@ the lengths of the entity tag, the header block and the body (``H I I``), then t
 header block (names and values separated by NUL, which no header field may contain) and
 the body. An answer that was already old when received (an upstream ``Age``) is written as
 ``b"GSC2"``: the same with its initial age (a double) after expires; any other entry keeps
-the ``GSC1`` layout, which releases that know no ``GSC2`` still read (a rolling upgrade).
+the ``GSC1`` layout.
 Decoding is a ``struct`` unpack and one ``split``; a truncated entry, another format version
 or a malformed block is refused with :class:`CorruptEntryError`.
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 from itertools import chain
@@ -170,7 +171,7 @@ def _unpack_head(raw: bytes) -> tuple[float, float, float, int, int, int, int]:
             return created, expires, 0.0, _HEAD.size, tag, block, body
         if magic == MAGIC_AGED:
             _, created, expires, age, tag, block, body = _HEAD_AGED.unpack_from(raw)
-            if age >= 0:  # not negative, not NaN
+            if 0 <= age < math.inf:  # not negative, not NaN, not infinite
                 return created, expires, age, _HEAD_AGED.size, tag, block, body
     except struct.error:
         raise CorruptEntryError("the entry is shorter than its header") from None

@@ -216,7 +216,7 @@ def _repeats_member(raw: bytes, canonical: bytes) -> bool:
     colon (``\\u003a``) or is UTF-16/32 (has a NUL byte), each of its ``:`` bytes is a
     member or a colon in a string, and ``canonical`` has the same colons in strings and one
     per member kept: equal counts rule repeats out without a second parse."""
-    if b"\x00" not in raw and b"\\u003" not in raw:
+    if b"\x00" not in raw and b"\\u003a" not in raw and b"\\u003A" not in raw:
         return raw.count(b":") != canonical.count(b":")
     try:
         json.loads(raw, object_pairs_hook=_pairs_unique)

@@ -294,7 +294,9 @@ class VersionMiddleware(GeminiMiddleware):
             head_path = prefix + head_relative
             if version is bundle.head and head_relative == relative:
                 head_path = None
-        applying = tuple(c for c in chain if c.applies(method, head_relative))
+        # A HEAD answer is its GET's without the body: the same changes make it (its tag).
+        routed = "GET" if method == "HEAD" else method
+        applying = tuple(c for c in chain if c.applies(routed, head_relative))
         backwards = tuple(reversed(applying))
         request_hooks = tuple(c for c in applying if overrides(c, "upgrade_request"))
         response_hooks = tuple(c for c in backwards if overrides(c, "downgrade_response"))

@@ -227,7 +227,7 @@ def test_an_entry_without_an_initial_age_keeps_the_first_layout() -> None:
     assert StoredResponse.decode(raw).age(12.5) == 2.5
 
 
-@pytest.mark.parametrize("age", [-1.0, math.nan])
+@pytest.mark.parametrize("age", [-1.0, math.nan, math.inf])
 def test_an_entry_with_an_impossible_age_is_refused(age: float) -> None:
     raw = StoredResponse.build([(b"a", b"b")], b"body", created=1, ttl=1, initial_age=5).encode()
     mangled = raw[:20] + struct.pack("!d", age) + raw[28:]

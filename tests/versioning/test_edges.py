@@ -524,3 +524,22 @@ async def test_which_request_bodies_an_older_version_migrates(
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://t") as c:
         await c.post("/people", content=b'{"name": "Ada"}', headers=headers)
     assert json.loads(seen[0]) == ({"fullName": "Ada"} if migrated else {"name": "Ada"})
+
+
+async def test_a_head_answer_carries_its_gets_tag_under_a_route_limited_change() -> None:
+    async def thing(request: Request) -> Response:
+        return JSONResponse({"name": "x"}, headers={"etag": '"abc"'})
+
+    bundle = VersionBundle(
+        Version("2026-02-01", FieldRenamed("title", "name", routes=["GET /things"])),
+        Version("2026-01-01"),
+    )
+    app = VersionMiddleware(Starlette(routes=[Route("/things", thing)]), versions=None,
+                            dated=bundle)
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        old = {"x-api-version": "2026-01-01"}
+        got, headed = await client.get("/things", headers=old), await client.head("/things",
+                                                                                   headers=old)
+    assert got.json() == {"title": "x"}
+    assert headed.headers["etag"] == got.headers["etag"] == '"abc.v2026-01-01"'
