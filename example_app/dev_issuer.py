@@ -19,6 +19,7 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from gemini_scale import PayloadTooLargeError
 from gemini_scale.errors import error_response
 
 logger = logging.getLogger("example_app.dev_issuer")
@@ -27,6 +28,8 @@ DEV_ISSUER = "urn:gemini-scale:dev-issuer"
 DEFAULT_SCOPES = ("gemini.generate", "gemini.read")
 MAX_LIFETIME = 3600
 DEFAULT_LIFETIME = 900
+#: The largest ``POST /dev/token`` body read (a token request is a few hundred bytes).
+MAX_REQUEST_BYTES = 16 * 1024
 WARNING = (
     "GEMINI_SCALE_DEV_ISSUER is on: POST /dev/token mints access tokens for anyone. "
     "This is for demos only; never enable it in production."
@@ -102,7 +105,9 @@ class DevIssuer:
             )
 
     async def _token(self, request: Request) -> Response:
-        raw = await request.body()
+        raw = await _small_body(request)
+        if raw is None:  # anyone may call this: read no more than a token request needs
+            return PayloadTooLargeError(MAX_REQUEST_BYTES).response()
         try:
             params = json.loads(raw) if raw.strip() else {}
         except (ValueError, RecursionError):  # RecursionError: JSON nested too deeply
@@ -154,3 +159,17 @@ class DevIssuer:
                 "token_endpoint_auth_methods_supported": ["none"],
             }
         )
+
+
+async def _small_body(request: Request) -> bytes | None:
+    """The request body, or ``None`` once it is longer than :data:`MAX_REQUEST_BYTES`
+    (declared or sent): the rest is not read."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and len(declared) <= 20 and int(declared) > MAX_REQUEST_BYTES:
+        return None
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > MAX_REQUEST_BYTES:
+            return None
+    return bytes(body)

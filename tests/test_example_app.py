@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator
+
 import httpx
 import pytest
 from joserfc import jwt
@@ -181,6 +184,23 @@ async def test_dev_tokens_are_at_jwt_signed_by_the_published_keys() -> None:
     assert 0 < decoded.claims["exp"] - decoded.claims["iat"] <= 3600
     assert discovery["jwks_uri"].endswith("/dev/jwks.json")
     assert_envelope(refused, 400, "INVALID_ARGUMENT")
+
+
+async def test_the_dev_issuer_reads_no_more_than_a_token_request() -> None:
+    """Anyone may call it, before any authentication: a big body is refused, not read."""
+    big = json.dumps({"sub": "x" * 20_000}).encode()
+
+    async def dribble() -> AsyncIterator[bytes]:  # chunked: no Content-Length
+        for start in range(0, len(big), 1000):
+            yield big[start : start + 1000]
+
+    async with running(build(), scope=None) as client:
+        declared = await client.post("/dev/token", content=big)
+        chunked = await client.post("/dev/token", content=dribble())
+        small = await client.post("/dev/token", content=b'{"scope": "gemini.read"}')
+    assert_envelope(declared, 413, "INVALID_ARGUMENT")
+    assert_envelope(chunked, 413, "INVALID_ARGUMENT")
+    assert small.status_code == 200
 
 
 async def test_the_dev_issuer_is_off_unless_asked() -> None:

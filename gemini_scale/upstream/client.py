@@ -91,6 +91,8 @@ _MANAGED_REQUEST_HEADERS = frozenset({
 })
 
 #: Upstream response headers relayed to the client (no hop-by-hop, no cookies).
+#: Methods whose request body goes nowhere (drained, not buffered).
+_BODILESS_METHODS = frozenset({"GET", "DELETE"})
 _RELAYED_RESPONSE_HEADERS = (b"content-type", b"content-disposition", b"vary", b"retry-after")
 
 #: Upstream error bodies are read whole to check their envelope; larger ones are wrapped.
@@ -450,7 +452,8 @@ class GeminiUpstream:
         own body; snake_case member names spelled camelCase) and no caller header except
         ``x-request-id``. The request's own body is read even when ``body`` is given, so
         that a client that leaves before the upstream answers cancels the upstream call. A
-        ``HEAD`` goes upstream as a ``GET`` (the server sends the headers only).
+        ``HEAD`` goes upstream as a ``GET`` (the server sends the headers only); the body of a
+        ``GET``, ``HEAD`` or ``DELETE`` is drained, never kept nor sent upstream.
         """
         target = path if path is not None else _routed_path(request.scope)
         query = [
@@ -458,13 +461,22 @@ class GeminiUpstream:
             for name, value in request.query_params.multi_items()
             if name in FORWARDED_QUERY_PARAMS
         ]
+        method = request.method
+        if method == "HEAD":  # the server sends no body; the upstream need not know HEAD
+            method = "GET"
+        bodiless = method in _BODILESS_METHODS
         try:
-            own_body = await request.body()
+            if bodiless:  # drained, never kept (no size cap applies) nor sent upstream
+                async for _ in request.stream():
+                    pass
+                own_body = b""
+            else:
+                own_body = await request.body()
         except ClientDisconnect:
             logger.debug("client disconnected before its request body was read")
             return _ClientClosedResponse()
         except RuntimeError:  # the endpoint streamed the body itself: it was read
-            if body is None:
+            if body is None and not bodiless:
                 raise
             own_body = b""
         body = respelled(own_body if body is None else body)  # camelCase goes out (DESIGN §4)
@@ -472,10 +484,7 @@ class GeminiUpstream:
         request_id = request.headers.get("x-request-id")
         if request_id and len(request_id) <= _REQUEST_ID_MAX and request_id.isprintable():
             extra["x-request-id"] = request_id
-        method = request.method
-        if method == "HEAD":  # the server sends no body; the upstream need not know HEAD
-            method = "GET"
-        content = body if body or method not in ("GET", "DELETE") else None
+        content = None if bodiless else body
         return await self._exchange(method, target, query, content, extra, receive=request.receive)
 
     def _pick_key(self) -> str | None:

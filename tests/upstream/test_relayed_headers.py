@@ -4,8 +4,14 @@ when it is one (delay-seconds or an HTTP-date). A ``HEAD`` goes upstream as a ``
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from gemini_scale.types import Receive, Scope, Send
 from gemini_scale.upstream import GeminiUpstream
@@ -115,3 +121,31 @@ async def test_head_goes_upstream_as_get() -> None:
     assert [(request.method, request.url.path) for request in seen] == [
         ("GET", "/v1beta/models")
     ]
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD", "DELETE"])
+async def test_a_bodiless_methods_body_is_drained_not_sent(method: str) -> None:
+    """Such a body is not a Gemini request's: it is read and dropped (never kept whole,
+    whatever its size) and the upstream call carries none."""
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(100):
+            yield b"x" * 10_000
+
+    async with recorded() as (upstream, seen):
+        transport = httpx.ASGITransport(app=relay_all(upstream))
+        async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+            response = await client.request(method, "/v1beta/models", content=chunks())
+    assert response.status_code == 200
+    assert [(r.method, r.content) for r in seen] == [("DELETE" if method == "DELETE" else "GET",
+                                                      b"")]
+
+
+def relay_all(upstream: GeminiUpstream) -> Starlette:
+    """A service whose one endpoint relays every method upstream."""
+
+    async def endpoint(request: Request) -> Response:
+        return await upstream.forward(request)
+
+    return Starlette(routes=[Route("/{path:path}", endpoint,
+                                   methods=["GET", "HEAD", "POST", "DELETE"])])
