@@ -42,16 +42,17 @@ async def _call(request: Request, model: str, method: str) -> Response:
     return await _upstream(request).forward(request, path=_model_path(request, model, method))
 
 
-@router.get("/models")
+# GET first: a 405 names the first route of the path that matched (``Allow: GET``).
 @router.head("/models", include_in_schema=False)
+@router.get("/models")
 @requires_scopes(READ)
 async def list_models(request: Request) -> Response:
     """``models.list``: the upstream's model list, paged."""
     return await _upstream(request).forward(request, path=f"/{_version(request)}/models")
 
 
-@router.get("/models/{model}")
 @router.head("/models/{model}", include_in_schema=False)
+@router.get("/models/{model}")
 @requires_scopes(READ)
 async def get_model(request: Request, model: str) -> Response:
     """``models.get``."""

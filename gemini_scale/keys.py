@@ -129,7 +129,7 @@ def _network(value: object, position: int) -> IPNetwork:
             network = ipaddress.IPv4Network((mapped, network.prefixlen - 96))
     if network.prefixlen == 0:
         raise ConfigurationError(
-            f"trusted proxy #{position} ({network}) covers every address, which is the same as "
+            f"trusted proxy #{position} covers every address, which is the same as "
             "'*': the client would choose its own address. Name your proxies' networks."
         )
     return network

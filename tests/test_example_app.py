@@ -203,6 +203,14 @@ async def test_the_dev_issuer_reads_no_more_than_a_token_request() -> None:
     assert small.status_code == 200
 
 
+async def test_a_405_on_the_model_routes_allows_get() -> None:
+    async with running(build()) as client:
+        for path in ("/v1beta/models", "/v1beta/models/gemini-2.5-flash"):
+            refused = await client.put(path, json={})
+            assert refused.status_code == 405
+            assert "GET" in refused.headers["allow"]
+
+
 async def test_the_dev_issuer_is_off_unless_asked() -> None:
     app = build(
         {

@@ -15,7 +15,7 @@ from google import genai
 from google.genai import types
 
 from example_app.standin import create_standin
-from gemini_scale.types import ASGIApp, Receive, Scope, Send
+from gemini_scale.types import ASGIApp, Message, Receive, Scope, Send
 from tests.gateway import build, dev_token, running
 
 MODEL = "gemini-2.5-flash"
@@ -103,6 +103,27 @@ async def test_head_on_the_model_routes_answers_alike_cold_and_cached() -> None:
             "/v1beta/models", "/v1beta/models", f"/v1beta/models/{MODEL}",
             f"/v1beta/models/{MODEL}",
         ]
+
+
+@pytest.mark.parametrize("control", [b"no-store", b"private", b"max-age=0"])
+async def test_what_the_upstream_forbids_is_not_stored(control: bytes) -> None:
+    """The upstream's Cache-Control reaches the cache (and the client)."""
+    standin = create_standin()
+
+    async def forbidding(scope: Scope, receive: Receive, send: Send) -> None:
+        async def marked(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message["headers"], (b"cache-control", control)]
+            await send(message)
+
+        await standin(scope, receive, marked)
+
+    async with running(build(standin=forbidding)) as client:
+        first = await client.get("/v1beta/models")
+        second = await client.get("/v1beta/models")
+    assert first.status_code == second.status_code == 200
+    assert first.headers["cache-control"] == control.decode()
+    assert second.headers["cache-status"] == "gemini-scale; fwd=miss"
 
 
 async def test_token_counts_are_cached_per_caller() -> None:

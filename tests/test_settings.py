@@ -83,6 +83,13 @@ def test_secrets_are_never_echoed() -> None:
     assert "s3cr3t" not in str(caught.value)
 
 
+def test_a_trusted_proxy_entry_is_named_by_its_position() -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        load_settings({**DEV, "GEMINI_SCALE_TRUSTED_PROXIES": "10.0.0.0/8,0.0.0.0/0"})
+    assert "#2" in str(caught.value)
+    assert "0.0.0.0" not in str(caught.value)
+
+
 def test_a_url_password_is_never_echoed() -> None:
     with pytest.raises(ConfigurationError) as caught:
         load_settings({**DEV, "GEMINI_SCALE_UPSTREAM_URL": "http://user:s3cr3t@/v1"})

@@ -326,7 +326,8 @@ def _client_from_url(
     username, password = _credentials(userinfo, bare_is_password=scheme == "redis+sentinel")
     shown = _redact(url)
     if scheme in ("redis", "rediss"):
-        _locations(hosts, default_port=6379, shown=shown, allow_empty=True)
+        # A host is required: redis-py would quietly connect to localhost without one.
+        _locations(hosts, default_port=6379, shown=shown)
         _db(path.lstrip("/"), shown=shown, allow_empty=True)
         try:
             client = Redis.from_url(url, max_connections=max_connections, **options)

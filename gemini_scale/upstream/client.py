@@ -93,7 +93,12 @@ _MANAGED_REQUEST_HEADERS = frozenset({
 #: Upstream response headers relayed to the client (no hop-by-hop, no cookies).
 #: Methods whose request body goes nowhere (drained, not buffered).
 _BODILESS_METHODS = frozenset({"GET", "DELETE"})
-_RELAYED_RESPONSE_HEADERS = (b"content-type", b"content-disposition", b"vary", b"retry-after")
+#: The caching ones too: a cache in front must see what the upstream allows (``no-store``,
+#: ``private``, a lifetime or an age).
+_RELAYED_RESPONSE_HEADERS = (
+    b"content-type", b"content-disposition", b"vary", b"retry-after",
+    b"cache-control", b"expires", b"age",
+)
 
 #: Upstream error bodies are read whole to check their envelope; larger ones are wrapped.
 _MAX_ERROR_BODY = 1 << 20

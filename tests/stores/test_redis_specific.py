@@ -144,6 +144,8 @@ async def test_store_from_url() -> None:
         (f"user:{SECRET}@host:6379", "scheme"),
         (f"unix://:{SECRET}@/tmp/redis.sock", "scheme"),
         (f"redis://:{SECRET}@host:port/0", "port"),
+        (f"redis://:{SECRET}@/0", "host"),  # was localhost, quietly
+        ("redis://", "host"),
         (f"redis://:{SECRET}@host:6379/zero", "database"),
         (f"redis://:{SECRET}@host:6379/0?socket_timeout=soon", "socket_timeout"),
         # Options redis-py does not know: refused when the first command ran (a 500 each).
