@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Security
@@ -20,6 +21,8 @@ from gemini_scale.auth.dependencies import bearer_scheme
 from gemini_scale.versioning import RETIRED_MODELS
 
 ADMIN = "gemini.admin"
+#: An entry key, as ``Cache-Status`` names it (``expose_key``): a digest's first 32 hex digits.
+_ENTRY_KEY = re.compile(r"[0-9a-f]{32}")
 #: A retired model's tag -> its successor's: the gateway serves (and caches) the retired
 #: names under their successors (``VersionMiddleware`` rewrites the path first).
 _SUCCESSORS = {model_tag(a.name): model_tag(a.successor) for a in RETIRED_MODELS}
@@ -49,6 +52,12 @@ async def invalidate_cache(
     tags = models + (tag or []) + ([ALL_TAG] if all else [])
     if not tags and not entry:
         raise InvalidArgumentError("Name what to invalidate: model, tag, entry or all=true.")
+    named = [*(model or ()), *(tag or ())]
+    if "" in named or any(_ENTRY_KEY.fullmatch(key) is None for key in entry):
+        raise InvalidArgumentError(
+            "A model or tag must not be empty; an entry is a key as Cache-Status names it "
+            "(32 hexadecimal digits)."
+        )
     if len(tags) + len(entry) > 100:
         raise InvalidArgumentError("At most 100 models, tags and entries per call.")
     try:

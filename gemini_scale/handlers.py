@@ -39,9 +39,12 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
         }
         for error in errors[:20]
     ]
+    in_body = not errors or any(tuple(error.get("loc", ()))[:1] == ("body",) for error in errors)
     return error_response(
         400,
-        "Invalid JSON payload received.",
+        # A query or path parameter is not the payload: Google names the value instead.
+        "Invalid JSON payload received." if in_body
+        else f"Invalid value at '{violations[0]['field'][:100]}'.",
         details=[
             {"@type": "type.googleapis.com/google.rpc.BadRequest", "fieldViolations": violations}
         ],

@@ -190,6 +190,18 @@ async def test_admin_invalidation_needs_the_admin_scope() -> None:
         assert "insufficient_scope" in refused.headers["www-authenticate"]
 
 
+@pytest.mark.parametrize(
+    "params",
+    [{"tag": ""}, {"model": ""}, {"entry": "x}:lock"}, {"entry": "ABC"}, {"all": "2"}],
+)
+async def test_admin_invalidation_refuses_what_names_nothing(params: dict[str, str]) -> None:
+    async with gateway(scope="gemini.admin") as (client, _):
+        refused = await client.delete("/admin/cache", params=params)
+    assert refused.status_code == 400
+    message = refused.json()["error"]["message"]
+    assert "JSON payload" not in message  # a query parameter is not the payload
+
+
 async def test_admin_invalidates_by_model_and_everything() -> None:
     scope = "gemini.generate gemini.read gemini.admin"
     async with gateway(scope=scope) as (client, standin):
