@@ -90,10 +90,10 @@ _MANAGED_REQUEST_HEADERS = frozenset({
     "trailer", "transfer-encoding", "upgrade", "x-goog-api-key",
 })
 
-#: Upstream response headers relayed to the client (no hop-by-hop, no cookies).
 #: Methods whose request body goes nowhere (drained, not buffered).
 _BODILESS_METHODS = frozenset({"GET", "DELETE"})
-#: The caching ones too: a cache in front must see what the upstream allows (``no-store``,
+#: Upstream response headers relayed to the client (no hop-by-hop, no cookies), the caching
+#: ones included: a cache in front must see what the upstream allows (``no-store``,
 #: ``private``, a lifetime or an age).
 _RELAYED_RESPONSE_HEADERS = (
     b"content-type", b"content-disposition", b"vary", b"retry-after",
