@@ -89,6 +89,7 @@ def build_stack(app: Starlette, *, store: Any = None, limits: bool = True) -> AS
     from prometheus_client import CollectorRegistry
 
     from gemini_scale import (
+        BodyTimeoutMiddleware,
         IPRateLimitMiddleware,
         Issuer,
         JSONBodyMiddleware,
@@ -128,6 +129,7 @@ def build_stack(app: Starlette, *, store: Any = None, limits: bool = True) -> AS
     if limits:
         app.add_middleware(IPRateLimitMiddleware, limit=IP_LIMIT, store=store)
     app.add_middleware(VersionMiddleware)
+    app.add_middleware(BodyTimeoutMiddleware)
     app.add_middleware(MetricsMiddleware, registry=CollectorRegistry())
     if isinstance(app, Starlette):
         app.state.dev_issuer = issuer  # how the benchmark gets a valid token

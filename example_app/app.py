@@ -16,6 +16,7 @@ from example_app.gemini_routes import router
 from example_app.standin import create_standin
 from gemini_scale import (
     APIKeys,
+    BodyTimeoutMiddleware,
     CacheEngine,
     CacheMiddleware,
     CachePolicy,
@@ -222,6 +223,8 @@ def create_app(
         exempt=PUBLIC_PATHS,
         max_body_bytes=settings.max_body_bytes,
     )
+    # Outside every layer that reads a body: a client that dribbles one gets 408 (D06).
+    app.add_middleware(BodyTimeoutMiddleware)
     app.add_middleware(
         MetricsMiddleware,
         registry=registry,

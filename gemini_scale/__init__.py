@@ -25,6 +25,7 @@ if _typing.TYPE_CHECKING:
     from gemini_scale.auth.middleware import OAuth2Middleware, principal_of
     from gemini_scale.auth.user import PrincipalUser
     from gemini_scale.body import JSONBodyMiddleware
+    from gemini_scale.body_timeout import BodyTimeoutMiddleware
     from gemini_scale.caching import (
         ALL_TAG,
         CacheEngine,
@@ -131,6 +132,7 @@ _LAZY: dict[str, str] = {
     "APIKeys": "gemini_scale.auth.api_keys",
     "AuthError": "gemini_scale.auth.errors",
     "CacheEngine": "gemini_scale.caching",
+    "BodyTimeoutMiddleware": "gemini_scale.body_timeout",
     "CacheMiddleware": "gemini_scale.caching",
     "CachePolicy": "gemini_scale.policies",
     "Clock": "gemini_scale.types",
@@ -256,6 +258,7 @@ __all__ = [
     "APIKeyEntry",
     "APIKeys",
     "AuthError",
+    "BodyTimeoutMiddleware",
     "CacheEngine",
     "CacheMiddleware",
     "CachePolicy",

@@ -203,6 +203,13 @@ async def test_the_dev_issuer_reads_no_more_than_a_token_request() -> None:
     assert small.status_code == 200
 
 
+def test_the_body_deadline_is_outside_every_layer_that_reads_a_body() -> None:
+    from gemini_scale import BodyTimeoutMiddleware, MetricsMiddleware, VersionMiddleware
+
+    outermost = [m.cls for m in build().user_middleware][:3]  # outermost first
+    assert outermost == [MetricsMiddleware, BodyTimeoutMiddleware, VersionMiddleware]
+
+
 async def test_a_405_on_the_model_routes_allows_get() -> None:
     async with running(build()) as client:
         for path in ("/v1beta/models", "/v1beta/models/gemini-2.5-flash"):
