@@ -105,7 +105,8 @@ def _may_have_body(scope: Scope) -> bool:
 class _Request:
     """One request's body deadline: its ``receive`` and ``send`` as the app sees them."""
 
-    __slots__ = ("deadline", "done", "layer", "receive", "send", "started", "timed_out")
+    __slots__ = ("answered", "deadline", "done", "layer", "receive", "send", "started",
+                 "timed_out")
 
     def __init__(self, layer: BodyTimeoutMiddleware, receive: Receive, send: Send) -> None:
         self.layer = layer
@@ -114,11 +115,18 @@ class _Request:
         self.deadline = 0.0  # set when the body is first asked for
         self.done = False  # the whole body arrived (or the client left)
         self.timed_out = False
-        self.started = False
+        self.started = False  # the app's answer began (before the deadline)
+        self.answered = False  # the 408 went out
 
     async def run(self, app: ASGIApp, scope: Scope) -> None:
-        await app(scope, self.receive_in_time, self.send_unless_late)
-        if self.timed_out and not self.started:
+        try:
+            await app(scope, self.receive_in_time, self.send_unless_late)
+        except Exception:
+            # What the app made of the "disconnect" (Starlette's ClientDisconnect, say) is
+            # not the answer: the 408 is.
+            if not self.timed_out or self.started:
+                raise
+        if self.timed_out and not self.started and not self.answered:
             await self._answer_late()
 
     async def receive_in_time(self) -> Message:
@@ -152,8 +160,8 @@ class _Request:
         return message
 
     async def send_unless_late(self, message: Message) -> None:
-        if self.timed_out:
-            if not self.started and message["type"] == "http.response.start":
+        if self.timed_out and not self.started:
+            if not self.answered and message["type"] == "http.response.start":
                 await self._answer_late()  # instead of what the app makes of a "disconnect"
             return
         if message["type"] == "http.response.start":
@@ -161,7 +169,7 @@ class _Request:
         await self.send(message)
 
     async def _answer_late(self) -> None:
-        self.started = True
+        self.answered = True
         body = error_body(408, _MESSAGE)
         await self.send({"type": "http.response.start", "status": 408,
                          "headers": [*error_headers(body), (b"connection", b"close")]})

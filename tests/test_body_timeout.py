@@ -41,9 +41,16 @@ def service(calls: list[str]) -> ASGIApp:
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
+    async def raw(request: Request) -> Response:
+        """Reads the body itself: a disconnect is Starlette's ClientDisconnect here."""
+        calls.append("raw")
+        return Response(await request.body())
+
     app = Starlette(routes=[Route("/echo", echo, methods=["POST"]),
-                            Route("/watch", watch, methods=["POST"])])
-    return BodyTimeoutMiddleware(JSONBodyMiddleware(app), seconds=DEADLINE)
+                            Route("/watch", watch, methods=["POST"]),
+                            Route("/raw", raw, methods=["POST"])])
+    return BodyTimeoutMiddleware(JSONBodyMiddleware(app, path_prefixes=("/echo", "/watch")),
+                                 seconds=DEADLINE)
 
 
 def scope(path: str = "/echo") -> dict[str, Any]:
@@ -82,6 +89,16 @@ async def test_a_dribbled_body_is_a_408_at_the_deadline() -> None:
     assert len(sent) == 2
     assert calls == []  # the endpoint never ran
     assert DEADLINE <= took < DEADLINE * 2
+
+
+async def test_an_endpoint_reading_the_body_itself_gets_a_408_not_a_500() -> None:
+    async def dribble() -> Message:
+        await asyncio.sleep(DEADLINE / 6)
+        return {"type": "http.request", "body": b" ", "more_body": True}
+
+    sent = await exchange(service([]), dribble, "/raw")
+    assert [m.get("status") for m in sent[:1]] == [408]
+    assert len(sent) == 2
 
 
 async def test_a_body_that_never_comes_is_a_408() -> None:
