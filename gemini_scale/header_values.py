@@ -1,4 +1,5 @@
-"""Numbers in header fields (``Content-Length``, delta-seconds), read without surprises.
+"""Numbers and dates in header fields (``Content-Length``, delta-seconds, HTTP-dates), read
+without surprises.
 
 ``int()`` refuses more than 4,300 digits (``ValueError``) and compiled code cannot turn an
 integer past a float's range into a float (``OverflowError``): a client or an upstream that
@@ -7,7 +8,10 @@ sends a field of hundreds of digits must get the same answer as for a large numb
 
 from __future__ import annotations
 
-__all__ = ["bounded_decimal"]
+from calendar import timegm
+from email.utils import parsedate_tz
+
+__all__ = ["bounded_decimal", "http_date"]
 
 
 def bounded_decimal(value: bytes | str, ceiling: int) -> int | None:
@@ -24,3 +28,19 @@ def bounded_decimal(value: bytes | str, ceiling: int) -> int | None:
     if len(digits) > len(str(ceiling)):
         return ceiling
     return min(int(digits or b"0"), ceiling)
+
+
+def http_date(value: bytes | str) -> float | None:
+    """An HTTP-date (RFC 9110 §5.6.7, its three formats) in wall-clock seconds, or ``None``
+    when the field is not one."""
+    if isinstance(value, bytes):
+        if not value.isascii():
+            return None
+        value = value.decode("ascii")
+    if len(value) > 64 or not value.isascii():
+        return None
+    try:
+        parts = parsedate_tz(value)
+        return None if parts is None else float(timegm(parts[:6]) - (parts[9] or 0))
+    except (TypeError, ValueError, IndexError, OverflowError):  # a year past 9999, say
+        return None

@@ -11,13 +11,11 @@ What is never stored (RFC 9111 §3, research/security.md C04-C07, C12): a status
 from __future__ import annotations
 
 import math
-from calendar import timegm
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
-from email.utils import parsedate_tz
 from hashlib import blake2b as _blake2b
 
-from gemini_scale.header_values import bounded_decimal
+from gemini_scale.header_values import bounded_decimal, http_date
 
 Header = tuple[bytes, bytes]
 
@@ -189,22 +187,11 @@ def _lifetime(
 def _expires_cap(expires: bytes, date: bytes | None, now: float) -> float:
     """The lifetime an ``Expires`` field gives (RFC 9111 §4.2.1): from the ``Date`` (else
     ``now``) to it; ``0`` when it is past or invalid (``0`` included: already expired)."""
-    until = _http_date(expires)
+    until = http_date(expires)
     if until is None:
         return 0.0
-    since = None if date is None else _http_date(date)
+    since = None if date is None else http_date(date)
     return max(until - (now if since is None else since), 0.0)
-
-
-def _http_date(value: bytes) -> float | None:
-    """An HTTP-date (RFC 9110 §5.6.7, its three formats) in wall-clock seconds, or ``None``."""
-    if len(value) > 64 or not value.isascii():
-        return None
-    try:
-        parts = parsedate_tz(value.decode("ascii"))
-        return None if parts is None else float(timegm(parts[:6]) - (parts[9] or 0))
-    except (TypeError, ValueError, IndexError, OverflowError):  # a year past 9999, say
-        return None
 
 
 def _age(value: bytes) -> int:

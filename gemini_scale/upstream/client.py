@@ -36,7 +36,6 @@ import math
 import re
 import time
 from collections.abc import Mapping, Sequence
-from email.utils import parsedate_to_datetime
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any, Final
 
@@ -56,6 +55,7 @@ from gemini_scale.errors import (
     reason_phrase,
 )
 from gemini_scale.gemini_json import respelled
+from gemini_scale.header_values import http_date
 from gemini_scale.observability import tracing
 from gemini_scale.observability.metrics import BoundedLabel, families
 from gemini_scale.routing import (
@@ -691,11 +691,7 @@ def _retry_after_value(value: str | None) -> str | None:
     value = value.strip()
     if 0 < len(value) <= 10 and value.isascii() and value.isdigit():
         return value
-    if len(value) <= 64 and value.isascii() and value.isprintable():
-        try:
-            parsedate_to_datetime(value)
-        except (TypeError, ValueError, IndexError, OverflowError):
-            return None
+    if value.isprintable() and http_date(value) is not None:
         return value
     return None
 
