@@ -176,24 +176,33 @@ async def test_request_sends_the_server_key_and_drops_credentials() -> None:
     assert seen.header("x-goog-user-project") == "proj"
 
 
-async def test_forward_to_another_path_with_another_body() -> None:
-    received: list[ReceivedRequest] = []
+@asynccontextmanager
+async def forwarding(
+    received: list[ReceivedRequest], **forward: Any
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A client of a service whose ``POST /`` forwards to the stand-in (recording into
+    ``received``) with ``forward`` as :meth:`GeminiUpstream.forward`'s options."""
     app = create_standin(received=received)
     async with GeminiUpstream(
         base_url=STANDIN_URL, transport=StreamingASGITransport(app)
     ) as upstream:
 
         async def endpoint(request: Request) -> Response:
-            return await upstream.forward(
-                request, path="/v1/models/gemini-2.5-flash:countTokens",
-                body=json.dumps(PROMPT).encode(),
-            )
+            return await upstream.forward(request, **forward)
 
-        service = Starlette(routes=[Route("/count", endpoint, methods=["POST"])])
+        service = Starlette(routes=[Route("/", endpoint, methods=["POST"])])
         async with httpx.AsyncClient(
             transport=StreamingASGITransport(service), base_url="http://svc"
         ) as client:
-            response = await client.post("/count", content=b"ignored")
+            yield client
+
+
+async def test_forward_to_another_path_with_another_body() -> None:
+    received: list[ReceivedRequest] = []
+    async with forwarding(
+        received, path="/v1/models/gemini-2.5-flash:countTokens", body=json.dumps(PROMPT).encode()
+    ) as client:
+        response = await client.post("/", content=b"ignored")
     assert response.status_code == 200
     assert response.json()["totalTokens"] > 0
     assert received[0].path == "/v1/models/gemini-2.5-flash:countTokens"
@@ -204,21 +213,10 @@ async def test_forward_respells_only_proto_field_names(name: str) -> None:
     """A name proto3 JSON does not read as a field goes upstream as sent (Gemini refuses
     it): respelling it into the field would answer a request the client did not send."""
     received: list[ReceivedRequest] = []
-    app = create_standin(received=received)
-    async with GeminiUpstream(
-        base_url=STANDIN_URL, transport=StreamingASGITransport(app)
-    ) as upstream:
-
-        async def endpoint(request: Request) -> Response:
-            return await upstream.forward(request, path=GENERATE_PATH)
-
-        service = Starlette(routes=[Route("/generate", endpoint, methods=["POST"])])
-        async with httpx.AsyncClient(
-            transport=StreamingASGITransport(service), base_url="http://svc"
-        ) as client:
-            body = {**PROMPT, "system_instruction": {"parts": [{"text": "be brief"}]},
-                    name: {"temperature": 0}}
-            await client.post("/generate", json=body)
+    async with forwarding(received, path=GENERATE_PATH) as client:
+        body = {**PROMPT, "system_instruction": {"parts": [{"text": "be brief"}]},
+                name: {"temperature": 0}}
+        await client.post("/", json=body)
     sent = json.loads(received[0].body)
     assert sent == {**PROMPT, "systemInstruction": {"parts": [{"text": "be brief"}]},
                     name: {"temperature": 0}}

@@ -407,10 +407,8 @@ async def test_an_answer_whose_header_names_have_capitals_is_migrated(name: byte
     assert answer.headers["etag"] == f'"abc.v{OLD}"'
 
 
-async def test_an_older_versions_client_revalidates_with_the_tag_it_was_given() -> None:
-    """A migrated answer's tag names its version (``"abc.v<version>"``); sent back in
-    ``If-None-Match``, it is the head's tag to the cache inside, and the 304 names the
-    version again."""
+def _person_and_note() -> VersionMiddleware:
+    """A JSON route and a text route, shared-cached, under the RENAMED dated versions."""
 
     async def person(request: Request) -> Response:
         return JSONResponse({"fullName": "Ada"})
@@ -420,8 +418,15 @@ async def test_an_older_versions_client_revalidates_with_the_tag_it_was_given() 
 
     app = Starlette(routes=[Route("/people/{id}", cache(ttl=300, scope="shared")(person)),
                             Route("/notes/{id}", cache(ttl=300, scope="shared")(note))])
-    stack = VersionMiddleware(CacheMiddleware(app), versions=None, dated=RENAMED)
-    transport = httpx.ASGITransport(stack)
+    return VersionMiddleware(CacheMiddleware(app), versions=None, dated=RENAMED)
+
+
+async def test_an_older_versions_client_revalidates_with_the_tag_it_was_given() -> None:
+    """A migrated answer's tag names its version (``"abc.v<version>"``); sent back in
+    ``If-None-Match``, it is the head's tag to the cache inside, and the 304 names the
+    version again."""
+
+    transport = httpx.ASGITransport(_person_and_note())
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         for version in (HEAD, OLD):
             headers = {"x-api-version": version}
@@ -452,16 +457,7 @@ async def test_the_heads_tag_never_matches_an_older_versions_answer() -> None:
     """A tag without the version's suffix names another representation (the head's): it is
     dropped, so the older version's client gets its own answer, not a 304; ``*`` matches."""
 
-    async def person(request: Request) -> Response:
-        return JSONResponse({"fullName": "Ada"})
-
-    async def note(request: Request) -> Response:
-        return Response("plain text", media_type="text/plain")
-
-    app = Starlette(routes=[Route("/people/{id}", cache(ttl=300, scope="shared")(person)),
-                            Route("/notes/{id}", cache(ttl=300, scope="shared")(note))])
-    stack = VersionMiddleware(CacheMiddleware(app), versions=None, dated=RENAMED)
-    transport = httpx.ASGITransport(stack)
+    transport = httpx.ASGITransport(_person_and_note())
     old = {"x-api-version": OLD}
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
         for path in ("/people/1", "/notes/1"):
