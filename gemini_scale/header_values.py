@@ -13,6 +13,8 @@ from email.utils import parsedate_tz
 
 __all__ = ["bounded_decimal", "http_date"]
 
+_SHORT_DIGITS = 18
+
 
 def bounded_decimal(value: bytes | str, ceiling: int) -> int | None:
     """A field that is one non-negative decimal number (ASCII digits only), at most
@@ -24,6 +26,8 @@ def bounded_decimal(value: bytes | str, ceiling: int) -> int | None:
         value = value.encode("ascii")
     if not value.isdigit():  # bytes.isdigit: ASCII digits only, False when empty
         return None
+    if len(value) <= _SHORT_DIGITS:  # the usual field: int() of it is cheap
+        return min(int(value), ceiling)
     digits = value.lstrip(b"0")
     if len(digits) > len(str(ceiling)):
         return ceiling

@@ -47,6 +47,10 @@ STREAM = b'data: {"usageMetadata": {"totalTokenCount": 5}}\r\n\r\n'
         (LONG, 2**31, 2**31),
         (VERY_LONG, 2**63, 2**63),
         (b"0" * 5000 + b"5", 10, 5),
+        (b"9" * 18, 2**63, 10**18 - 1),  # the longest field read at once
+        (b"9" * 19, 2**31, 2**31),
+        (b"0" * 17 + b"1", 10, 1),
+        (b"1" + b"0" * 18, 10**18, 10**18),  # 19 digits, equal to the ceiling
         (b"", 10, None),
         (b"-1", 10, None),
         (b"1.5", 10, None),

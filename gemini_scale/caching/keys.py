@@ -232,10 +232,17 @@ _EMPTY_BODY: Final[BodyFacts] = (b"", False)
 UNPARSED: Final[Any] = object()
 
 
+#: Bodies up to this size are remembered by their bytes (a dict lookup costs less than a
+#: SHA-256 and its digest object); longer ones by their SHA-256 (the memo holds at most
+#: ``size`` of each, so at most ``size`` times this many bytes of raw bodies).
+_RAW_MEMO_BYTES: Final = 1024
+_DIGEST_BYTES: Final = 32
+
+
 class BodyDigests:
-    """Canonical body digests, remembered by the raw body's SHA-256 (a pure function of
-    the bytes), so a repeated body costs one hash instead of a parse and a canonical
-    re-encoding."""
+    """Canonical body digests, remembered by the raw body (a pure function of the bytes):
+    small bodies by their bytes, larger ones by their SHA-256, so a repeated body costs a
+    lookup (and one hash when large) instead of a parse and a canonical re-encoding."""
 
     __slots__ = ("_memo", "_size")
 
@@ -251,13 +258,18 @@ class BodyDigests:
         member name in an object (:func:`_repeats_member`)."""
         if not raw:
             return _EMPTY_BODY
-        fingerprint = hashlib.sha256(raw).digest()
-        found = self._memo.get(fingerprint)
+        # A 32-byte body goes by its digest too: no body can be taken for another's digest.
+        size = len(raw)
+        memo_key = (
+            raw if size <= _RAW_MEMO_BYTES and size != _DIGEST_BYTES and type(raw) is bytes
+            else hashlib.sha256(raw).digest()
+        )
+        found = self._memo.get(memo_key)
         if found is None:
             found = _body_facts(raw, parsed)
             if found is None:
                 return None
-            remember(self._memo, fingerprint, found, self._size)
+            remember(self._memo, memo_key, found, self._size)
         return found
 
     def digest(self, raw: bytes, parsed: Any) -> bytes | None:

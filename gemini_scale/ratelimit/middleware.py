@@ -520,7 +520,9 @@ def _deltas(
         actual: int | None = 0  # a hit or an error answer costs no tokens: refund it all
     else:
         actual = answer.tokens  # what the answer reported (all of it, or so far)
-    return [
-        0 if limit.kind != "tokens" else (cost if actual is None else actual) - cost
-        for limit, cost in zip(limits, costs, strict=True)
+    if len(limits) != len(costs):
+        raise ValueError(f"lengths differ: {len(limits)} limits and {len(costs)} costs")
+    return [  # indexed: compiled, zip(strict=True) costs more than the work (see engine)
+        0 if limits[i].kind != "tokens" else (costs[i] if actual is None else actual) - costs[i]
+        for i in range(len(limits))
     ]

@@ -14,6 +14,7 @@ from gemini_scale.caching import StoredResponse, model_tag, principal_tag, tenan
 from gemini_scale.caching.entry import CorruptEntryError
 from gemini_scale.caching.keys import (
     ALL_TAG,
+    UNPARSED,
     BodyDigests,
     canonical_json,
     canonical_query,
@@ -136,6 +137,20 @@ def test_digests_are_remembered_by_raw_body() -> None:
     for raw in (b"1", b"2", b"3"):  # bounded
         digests.digest(raw, int(raw))
     assert digests.digest(b"", None) == b""
+
+
+@pytest.mark.parametrize("size", [9, 32, 1024, 1025, 5000])
+def test_remembered_digests_of_every_body_size(size: int) -> None:
+    """Small bodies are remembered by their bytes, large ones (and 32-byte ones, the size of
+    a SHA-256) by their SHA-256: a repeated body of any size gets its first digest, and two
+    bodies never share one."""
+    one, other = (b'{"t":"' + letter * (size - 8) + b'"}' for letter in (b"a", b"b"))
+    assert len(one) == size
+    digests = BodyDigests()
+    first = digests.digest(one, UNPARSED)
+    assert first is not None
+    assert digests.digest(one, UNPARSED) == first == BodyDigests().digest(one, UNPARSED)
+    assert digests.digest(other, UNPARSED) not in (None, first)
 
 
 # -- query (C11) ---------------------------------------------------------------------------
