@@ -240,12 +240,12 @@ class CacheMiddleware(GeminiMiddleware):
                 if not isinstance(principal, Principal):
                     principal = principal_of(scope)
                 signature: Signature = (
-                    plan, id(principal), b"GET" if method == "HEAD" else method.encode(), path,
-                    scope["query_string"], tuple(map(x.fields.get, plan.vary)), body,
+                    plan.serial, id(principal), b"GET" if method == "HEAD" else method.encode(),
+                    path, scope["query_string"], _field_values(x.fields, plan.vary), body,
                 )
-                known = self._signatures.get(signature, principal)
+                known = self._signatures.get(signature, principal, plan)
                 if known is None:
-                    known = await self._describe(signature, principal, context)
+                    known = await self._describe(signature, principal, plan, context)
         if known is None or known[1] is None:  # not cacheable, or the store failed
             await self._bypass(x)
             return
@@ -264,14 +264,15 @@ class CacheMiddleware(GeminiMiddleware):
         await self._lookup(x, RequestDirectives.parse(control), found)
 
     async def _describe(
-        self, signature: Signature, principal: Principal | None, context: RequestContext
+        self, signature: Signature, principal: Principal | None, plan: Plan,
+        context: RequestContext,
     ) -> Known | None:
         """What a new request signature means (its entry key and name), or ``None`` when
         the store failed: then the request bypasses the cache."""
         route = context.route
         model = route.params.get("model") if route is not None else None
         try:
-            return await self._signatures.describe(signature, principal, model)
+            return await self._signatures.describe(signature, principal, plan, model)
         except StoreError:
             return None
 
@@ -445,6 +446,13 @@ class CacheMiddleware(GeminiMiddleware):
         )
         x.body = whole
         return self._digests.facts(whole)
+
+
+def _field_values(fields: dict[bytes, bytes], names: tuple[bytes, ...]) -> tuple[bytes | None, ...]:
+    """The values of the request fields ``names`` (``None`` when absent), in order."""
+    if len(names) == 1:  # the usual plan: only the host
+        return (fields.get(names[0]),)
+    return tuple([fields.get(name) for name in names])
 
 
 def _report_withheld(extras: dict[str, Any], body: bytes) -> None:

@@ -37,6 +37,7 @@ from tests.cache.support import (
 from tests.clock import FakeClock
 
 JSON = {"content-type": "application/json"}
+POST_ONLY = frozenset({"POST"})
 
 
 async def post(stack: Any, raw: bytes, sub: str = "alice", path: str = COUNT) -> tuple[str, int]:
@@ -272,6 +273,53 @@ async def test_max_bytes_bounds_entries_held_as_objects_as_well_as_bytes() -> No
     assert as_objects <= as_bytes
 
 
+async def test_a_filling_cache_leaves_the_garbage_collector_nothing_to_walk() -> None:
+    """Entries, and the memos that find them, are plain tuples of bytes, numbers and
+    strings, which the collector stops tracking: a memory cache that keeps storing new
+    answers (every miss a new signature) adds nothing for full collections to walk."""
+    answer = b'{"totalTokens": 3}'
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", b"%d" % len(answer))]})
+        await send({"type": "http.response.body", "body": answer})
+
+    cache = CacheMiddleware(app, rules={
+        "POST /v1beta/models/{model}:countTokens": CachePolicy(ttl=60, methods=POST_ONLY)})
+    principal = Principal(issuer=ISSUER, subject="alice")
+    statuses: list[bytes] = []
+
+    async def miss(n: int) -> None:
+        body = b'{"contents": [], "n": %d}' % n
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(dict(message["headers"])[b"cache-status"])
+
+        scope = http_scope("POST", COUNT, body=body)
+        scope["state"] = {"principal": principal}
+        await cache(scope, receive, send)
+
+    def collect() -> None:
+        for _ in range(3):  # a tuple is let go once the tuples in it are
+            gc.collect()
+
+    for n in range(100):  # plans, contexts, owner records
+        await miss(n)
+    collect()
+    before = len(gc.get_objects())
+    for n in range(100, 2100):
+        await miss(n)
+    collect()
+    assert len(gc.get_objects()) - before < 100  # two tracked tuples a miss before
+    assert statuses == [b"gemini-scale; fwd=miss; stored"] * 2100
+
+
 async def test_engines_with_and_without_a_distributed_lock_share_a_memory_store() -> None:
     clock = FakeClock(1_000.0)
     store = MemoryStore(clock=clock)
@@ -282,8 +330,10 @@ async def test_engines_with_and_without_a_distributed_lock_share_a_memory_store(
     key = await local.key_for(b"material", ["*"])
     stored = entry(b'{"ok": 1}', created=clock.time())
     assert await local.put(key, stored)
-    assert local.held(local.entry_name(key)) is stored  # the very object: nothing decoded
-    assert await locking.get(key) is stored
+    held = local.held(local.entry_name(key))
+    assert held == stored
+    assert local.held(local.entry_name(key)) is held  # decoded once, then remembered
+    assert await locking.get(key) == stored
     flight, found = await locking.join(key)  # its lock script finds the entry (as bytes)
     assert flight is None
     assert found == stored
