@@ -280,8 +280,13 @@ class VersionMiddleware(GeminiMiddleware):
         chain = bundle.chain(version.name)
         headers = list(version_headers(version, path_prefixed=not dated))
         head_relative = relative
+        # A change's links name the head's URLs; a path-prefixed client gets its own.
+        relink = not dated and version is not bundle.head
         for change in chain:
-            headers += _encoded(change.response_headers(method, head_relative))
+            emitted = _encoded(change.response_headers(method, head_relative))
+            if relink:
+                emitted = _relinked(emitted, bundle.head.name, version.name)
+            headers += emitted
             head_relative = change.upgrade_path(method, head_relative)
         if dated:
             prefix = ""
@@ -707,6 +712,16 @@ def _triggered(triggers: tuple[bytes, ...] | None, scope: Scope) -> bool:
 
 def _encoded(headers: Sequence[tuple[str, str]]) -> Headers:
     return tuple((n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in headers)
+
+
+def _relinked(headers: Headers, head: str, version: str) -> Headers:
+    """``headers`` with ``Link`` targets under the head's prefix (``</v1beta/...>``) moved
+    under ``version``'s (``</v1/...>``): what a client of that version would call."""
+    under_head, under_version = f"</{head}/".encode(), f"</{version}/".encode()
+    return tuple(
+        (name, value.replace(under_head, under_version) if name == b"link" else value)
+        for name, value in headers
+    )
 
 
 def _add_headers(send: Send, headers: Headers) -> Send:

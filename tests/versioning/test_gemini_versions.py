@@ -154,7 +154,14 @@ async def test_retired_model_is_served_by_its_successor_with_headers(gateway: Ga
     assert parsedate_to_datetime(response.headers["sunset"]) == dt.datetime(
         2025, 9, 24, tzinfo=dt.UTC
     )
-    assert response.headers["link"] == '</v1beta/models/gemini-2.5-flash>; rel="successor-version"'
+    # The successor in the client's own version, not the head's.
+    assert response.headers["link"] == '</v1/models/gemini-2.5-flash>; rel="successor-version"'
+    on_head = await gateway.client.post(
+        "/v1beta/models/gemini-1.5-flash:generateContent", json=GENERATE
+    )
+    assert on_head.headers["link"] == (
+        '</v1beta/models/gemini-2.5-flash>; rel="successor-version"'
+    )
     current = await gateway.client.post(
         "/v1/models/gemini-2.5-flash:generateContent", json=GENERATE
     )
