@@ -4,8 +4,8 @@ generations, invalidation and single flight. Tested without ASGI.
 Store layout (relative keys; the store adds its prefix), every key with a TTL:
 
 - ``cache:{<key>}``: an entry (:class:`~gemini_scale.caching.entry.StoredResponse`), encoded
-  (a plain ``MemoryStore`` holds the object itself: nothing is encoded or decoded, see
-  :attr:`CacheEngine.objects`);
+  (a plain ``MemoryStore`` is written without a script or a coroutine, see
+  :attr:`CacheEngine.objects`, and a hit there decodes an entry once);
 - ``cache:{<key>}:lock``: the single-flight lock of a key (same hash slot as the entry, so
   a follower's poll reads both in one script on Redis Cluster too);
 - ``cache:gen:{<tag digest>}``: the current generation of a tag, absent until the tag is
@@ -178,12 +178,13 @@ class CacheEngine:
         self.log_interval = _positive("log_interval", log_interval, zero=True)
         in_process = isinstance(store, MemoryStore)
         self.distributed_lock = not in_process if distributed_lock is None else distributed_lock
-        # A plain MemoryStore (not a subclass that may override its methods) holds entries
-        # as objects: nothing is encoded on a write or decoded on a read. Not written so
-        # with a distributed lock, whose scripts hand entries around as bytes.
+        # A plain MemoryStore (not a subclass that may override its methods) is written and
+        # read synchronously (put_now, held). Not written so with a distributed lock, whose
+        # scripts release the lock in the same step.
         self._memory = store if type(store) is MemoryStore else None
         self.objects = None if self.distributed_lock else self._memory
-        """The store entries are written to as objects (see :meth:`put_now`), or ``None``."""
+        """The store entries are written to synchronously (see :meth:`put_now`), or
+        ``None``."""
         self.stats = CacheStats()
         # A MemoryStore hands back the very bytes object it was given, so an entry decoded
         # once is recognised by identity on every later hit (no re-parsing).
