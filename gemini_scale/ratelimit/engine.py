@@ -606,7 +606,7 @@ class RateLimiter:
 
 
 def _new_args(limits: Sequence[Limit], costs: Sequence[int]) -> list[int]:
-    _same_length(limits, costs)
+    same_length(limits, costs)
     args: list[int] = []
     for i in range(len(limits)):
         limit = limits[i]
@@ -618,8 +618,8 @@ def _moves(reservation: Reservation, deltas: Sequence[int]) -> tuple[tuple[str, 
     """The settle script's keys and arguments: (window index, delta) per key that moves.
     The keys are a tuple: a memory store remembers its prefixed form."""
     names, indexes = reservation.keys, reservation.indexes
-    _same_length(names, deltas)
-    _same_length(indexes, deltas)
+    same_length(names, deltas)
+    same_length(indexes, deltas)
     keys: list[str] = []
     args: list[int] = []
     for i in range(len(deltas)):
@@ -630,8 +630,9 @@ def _moves(reservation: Reservation, deltas: Sequence[int]) -> tuple[tuple[str, 
     return tuple(keys), args
 
 
-def _same_length(first: Sized, second: Sized) -> None:
-    """What ``zip(first, second, strict=True)`` checks."""
+def same_length(first: Sized, second: Sized) -> None:
+    """What ``zip(first, second, strict=True)`` checks (``ValueError``), for loops that
+    index instead."""
     if len(first) != len(second):
         raise ValueError(f"lengths differ: {len(first)} and {len(second)}")
 

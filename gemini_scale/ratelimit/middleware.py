@@ -25,6 +25,7 @@ from gemini_scale.ratelimit.engine import (
     Reservation,
     StoreErrorMode,
     StoreFailureError,
+    same_length,
 )
 from gemini_scale.ratelimit.usage import COUNTS, AnswerUsage, Count, estimate_request_tokens
 from gemini_scale.routing import (
@@ -520,8 +521,7 @@ def _deltas(
         actual: int | None = 0  # a hit or an error answer costs no tokens: refund it all
     else:
         actual = answer.tokens  # what the answer reported (all of it, or so far)
-    if len(limits) != len(costs):
-        raise ValueError(f"lengths differ: {len(limits)} limits and {len(costs)} costs")
+    same_length(limits, costs)
     return [  # indexed: compiled, zip(strict=True) costs more than the work (see engine)
         0 if limits[i].kind != "tokens" else (costs[i] if actual is None else actual) - costs[i]
         for i in range(len(limits))
