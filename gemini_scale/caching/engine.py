@@ -70,6 +70,10 @@ logger = logging.getLogger("gemini_scale.caching")
 T = TypeVar("T")
 
 _MEMO_SIZE: Final = 1024
+#: The most bytes the remembered decoded entries keep alive (each counted twice: the
+#: encoded entry and its decoded copy), and at most an eighth of an in-process store's
+#: ``max_bytes``: what a hit decodes is remembered for the next hits, within the bound.
+_MEMO_BYTES: Final = 32 * 1024 * 1024
 _GENERATIONS_SIZE: Final = 10_000
 _KEYS_SIZE: Final = 10_000
 _NO_GENERATION: Final = "0"
@@ -189,6 +193,9 @@ class CacheEngine:
         # A MemoryStore hands back the very bytes object it was given, so an entry decoded
         # once is recognised by identity on every later hit (no re-parsing).
         self._memo: dict[int, tuple[bytes, StoredResponse]] | None = {} if in_process else None
+        limit = store.max_bytes if isinstance(store, MemoryStore) else None
+        self._memo_budget = _MEMO_BYTES if limit is None else min(_MEMO_BYTES, limit // 8)
+        self._memo_bytes = 0
         self._flights: dict[str, Flight] = {}
         self._generations: dict[str, tuple[str, float]] = {}
         # material -> (key, epoch, fresh until): keys stay valid while no generation changed
@@ -416,9 +423,18 @@ class CacheEngine:
         return response
 
     def _remember(self, raw: bytes, response: StoredResponse) -> None:
+        """Keep ``response`` for the next hits on ``raw``, within the memo's bounds (a
+        store's ``max_bytes`` must not be exceeded by copies of what it evicted)."""
         memo = self._memo
-        if memo is not None:
-            remember(memo, id(raw), (raw, response), _MEMO_SIZE)
+        if memo is None:
+            return
+        size = 2 * len(raw)
+        if len(memo) >= _MEMO_SIZE or self._memo_bytes + size > self._memo_budget:
+            memo.clear()
+            self._memo_bytes = 0
+        if size <= self._memo_budget:
+            memo[id(raw)] = (raw, response)
+            self._memo_bytes += size
 
     async def put(
         self, key: str, response: StoredResponse, flight: Flight | None = None
@@ -434,7 +450,10 @@ class CacheEngine:
         if ttl <= 0:
             return False
         name = self.entry_name(key)
-        raw = response.encode()
+        try:
+            raw = response.encode()
+        except ValueError:  # a field holding NUL: not stored (land() releases the lock)
+            return False
         try:
             if flight is None or flight.token is None:
                 await self._run(self.store.set, name, raw, ttl=ttl)
@@ -474,7 +493,10 @@ class CacheEngine:
         # holding it) would reach the oldest generation tracked, and every few thousand
         # misses set off a full collection walking the whole cache (30 ms at 100,000
         # entries: several microseconds per miss). Hits decode it once (see _decoded).
-        raw = response.encode()
+        try:
+            raw = response.encode()
+        except ValueError:  # a field holding NUL: not stored
+            return False
         objects.set_object(self.entry_name(key), raw, ttl=ttl, size=len(raw))
         self.stats.stored += 1
         return True

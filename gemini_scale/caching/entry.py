@@ -133,8 +133,13 @@ class StoredResponse:
         )
 
     def encode(self) -> bytes:
-        """The entry as one byte string (see the module docstring)."""
-        block = b"\x00".join(chain.from_iterable(self.headers))
+        """The entry as one byte string (see the module docstring). ``ValueError`` when a
+        header field holds a NUL byte (RFC 9110 §5.5 forbids it; the block could not be
+        decoded to the same fields)."""
+        headers = self.headers
+        block = b"\x00".join(chain.from_iterable(headers))
+        if block.count(b"\x00") != max(2 * len(headers) - 1, 0):
+            raise ValueError("a header field holds a NUL byte: the entry cannot be stored")
         lengths = (len(self.etag), len(block), len(self.body))
         if self.initial_age:
             head = _HEAD_AGED.pack(

@@ -273,6 +273,78 @@ async def test_max_bytes_bounds_entries_held_as_objects_as_well_as_bytes() -> No
     assert as_objects <= as_bytes
 
 
+async def _serve_twice(cache: CacheMiddleware, path: str, principal: Principal) -> list[Message]:
+    """A GET of ``path`` made twice (a miss, then a hit): the second answer's messages."""
+    sent: list[Message] = []
+    for _ in range(2):
+        sent.clear()
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        scope = http_scope("GET", path)
+        scope["state"] = {"principal": principal}
+        await cache(scope, receive, send)
+    return list(sent)
+
+
+async def test_remembered_hits_stay_within_the_stores_byte_bound() -> None:
+    """What hits decode is remembered within an eighth of ``max_bytes``: entries the store
+    evicted (or that were invalidated) are not kept alive beside it."""
+    pad = b"x" * 50_000
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        body = b'{"pad": "%s", "path": "%s"}' % (pad, scope["path"].encode())
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+    store = MemoryStore(max_bytes=300_000)
+    cache = CacheMiddleware(app, engine=CacheEngine(store), max_entry_bytes=100_000,
+                            rules={"GET /v1beta/models/{model}": CachePolicy(ttl=600)})
+    alice = Principal(issuer=ISSUER, subject="alice")
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        for n in range(60):
+            path = f"/v1beta/models/m{n}"
+            hit = await _serve_twice(cache, path, alice)
+            assert dict(hit[0]["headers"])[b"cache-status"] == b"gemini-scale; hit"
+            assert json.loads(hit[1]["body"])["path"] == path
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert store.size <= 300_000
+    assert held < 1_000_000  # 60 entries of 50 kB kept twice would be 6 MB
+
+
+async def test_an_answer_with_a_nul_in_a_field_is_not_stored() -> None:
+    """A NUL byte would split the stored field block into other fields on a hit (RFC 9110
+    §5.5 forbids it): such an answer goes to its client and is not kept."""
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"x-note", b"a\x00set-cookie\x00session=evil")]})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    cache = CacheMiddleware(app, rules={"GET /v1beta/models/{model}": CachePolicy(ttl=60)})
+    second = await _serve_twice(cache, MODEL_GET, Principal(issuer=ISSUER, subject="alice"))
+    headers = second[0]["headers"]
+    assert (b"x-note", b"a\x00set-cookie\x00session=evil") in headers
+    assert b"set-cookie" not in dict(headers)
+    assert dict(headers)[b"cache-status"].startswith(b"gemini-scale; fwd=miss")
+    with pytest.raises(ValueError, match="NUL"):
+        StoredResponse.build([(b"x-note", b"a\x00b")], b"{}", created=0.0, ttl=60).encode()
+
+
 async def test_a_filling_cache_leaves_the_garbage_collector_nothing_to_walk() -> None:
     """Entries, and the memos that find them, are plain tuples of bytes, numbers and
     strings, which the collector stops tracking: a memory cache that keeps storing new
