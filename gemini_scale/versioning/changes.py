@@ -134,6 +134,9 @@ class VersionChange:
             has one of these parameters (it then costs nothing on other requests).
         reports_changes: ``upgrade_body`` sets ``request.body_changed`` when it changes
             the body; otherwise every body it sees is re-encoded.
+        links_in_every_version: the ``Link`` targets of ``response_headers`` under the
+            head's path prefix (``</v1beta/...>``) exist in every path-prefixed version: a
+            client of another one gets them under its own prefix (``</v1/...>``).
     """
 
     description: str = ""
@@ -141,6 +144,7 @@ class VersionChange:
     versions: frozenset[str] | None = None
     query_names: frozenset[str] | None = None
     reports_changes: bool = False
+    links_in_every_version: bool = False
 
     def __init__(self, *, description: str | None = None,
                  routes: Sequence[str] | None = None,

@@ -167,6 +167,7 @@ class ModelAliases(VersionChange):
         )
 
     reports_changes = True
+    links_in_every_version = True  # every version serves the successor model
 
     def needs_body(self, raw: bytes) -> bool:
         return any(name in raw for name in self._encoded)

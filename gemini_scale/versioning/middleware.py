@@ -280,11 +280,12 @@ class VersionMiddleware(GeminiMiddleware):
         chain = bundle.chain(version.name)
         headers = list(version_headers(version, path_prefixed=not dated))
         head_relative = relative
-        # A change's links name the head's URLs; a path-prefixed client gets its own.
+        # A change's links name the head's URLs; where every version has them, a
+        # path-prefixed client gets its own.
         relink = not dated and version is not bundle.head
         for change in chain:
             emitted = _encoded(change.response_headers(method, head_relative))
-            if relink:
+            if relink and change.links_in_every_version:
                 emitted = _relinked(emitted, bundle.head.name, version.name)
             headers += emitted
             head_relative = change.upgrade_path(method, head_relative)

@@ -281,6 +281,33 @@ async def test_refusal_messages_name_each_requests_own_route() -> None:
     assert "alice" not in bob.text
 
 
+@pytest.mark.parametrize("everywhere", [False, True])
+async def test_a_changes_head_links_move_to_the_clients_version_only_when_it_says_so(
+    everywhere: bool,
+) -> None:
+    """A link to a head-only route (or a document under the head's prefix) stays as it is for
+    a ``/v1`` client; a change whose links exist in every version has them under ``/v1``."""
+    class Moved(VersionChange):
+        links_in_every_version = everywhere
+
+        def response_headers(self, method: str, path: str) -> list[tuple[str, str]]:
+            return [("link", '</v1beta/models/m:modern>; rel="successor-version"')]
+
+    async def ok(request: Request) -> Response:
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/v1beta/models/{m}:legacy", ok)])
+    app.add_middleware(VersionMiddleware, versions=VersionBundle(
+        Version("v1beta", Moved()), Version("v1")))
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        old = await client.get("/v1/models/m:legacy")
+        head = await client.get("/v1beta/models/m:legacy")
+    expected = "/v1/" if everywhere else "/v1beta/"
+    assert old.headers["link"] == f'<{expected}models/m:modern>; rel="successor-version"'
+    assert "link" not in head.headers  # the change is the step from v1 to the head
+
+
 async def test_several_deprecations_make_one_deprecation_and_one_sunset() -> None:
     early, late = dt.date(2025, 1, 1), dt.date(2026, 1, 1)
 
