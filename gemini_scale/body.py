@@ -9,13 +9,16 @@ from mypy_extensions import mypyc_attr
 
 from gemini_scale import fastjson
 from gemini_scale.errors import send_error
-from gemini_scale.routing import GeminiMiddleware, RequestContext, route_path
+from gemini_scale.routing import CONTEXT_KEY, GeminiMiddleware, RequestContext, route_path
 from gemini_scale.types import ASGIApp, Message, Receive, Scope, Send
 
 #: ``RequestContext.extras`` key of the raw request body (bytes).
 BODY_KEY = "body"
 #: ``RequestContext.extras`` key of the parsed JSON body.
 JSON_KEY = "json"
+#: ``RequestContext.extras`` key of the size of the body as the client sent it, when an outer
+#: layer replaced it (the version layer, migrating it up): the size cap applies to that.
+CLIENT_BODY_BYTES_KEY = "client_body_bytes"
 
 _DEFAULT_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
@@ -127,7 +130,7 @@ async def read_json_body(scope: Scope, receive: Receive, max_body_bytes: int) ->
     message = await receive()
     if message["type"] == "http.request" and not message.get("more_body", False):
         body = message.get("body", b"")  # the whole body in one message: the usual case
-        if len(body) > max_body_bytes:
+        if len(body) > max_body_bytes and not _migrated_within(scope, body, max_body_bytes):
             raise BodyRefusedError(
                 413, f"Request payload size exceeds the limit: {max_body_bytes} bytes."
             )
@@ -147,6 +150,24 @@ async def read_json_body(scope: Scope, receive: Receive, max_body_bytes: int) ->
         if not message.get("more_body", False):
             return b"".join(chunks)
         message = await receive()
+
+
+def _migrated_within(scope: Scope, body: bytes, max_body_bytes: int) -> bool:
+    """Whether ``body`` is an outer layer's migration of a body the client sent within
+    ``max_body_bytes``, lengthened by re-encoding (``1e15`` is written out in full) by at
+    most an eighth of the cap (or 4 KiB): a body of nothing but such numbers would grow
+    fourfold, and stays refused."""
+    context = scope.get(CONTEXT_KEY)
+    if not isinstance(context, RequestContext):
+        return False
+    extras = context.extras
+    sent = extras.get(CLIENT_BODY_BYTES_KEY)
+    return (
+        extras.get(BODY_KEY) is body
+        and type(sent) is int
+        and sent <= max_body_bytes
+        and len(body) <= max_body_bytes + max(max_body_bytes // 8, 4096)
+    )
 
 
 def _declares_empty_json(scope: Scope, max_body_bytes: int) -> bool:

@@ -25,7 +25,7 @@ from urllib.parse import quote, unquote_plus, urlencode
 from starlette.datastructures import MutableHeaders
 
 from gemini_scale import fastjson
-from gemini_scale.body import BODY_KEY, JSON_KEY, is_json_content_type
+from gemini_scale.body import BODY_KEY, CLIENT_BODY_BYTES_KEY, JSON_KEY, is_json_content_type
 from gemini_scale.errors import (
     ConfigurationError,
     HTTPError,
@@ -660,6 +660,7 @@ def _migrated_body(scope: Scope, selected: _Selection, raw: bytes) -> Message:
         raise InvalidArgumentError(
             "Invalid JSON payload received. The body is nested too deeply."
         ) from None
+    sent = len(message["body"])
     if dirty or info.body_changed:
         scope["headers"] = [
             (k, str(len(raw)).encode() if k == b"content-length" else v)
@@ -670,6 +671,7 @@ def _migrated_body(scope: Scope, selected: _Selection, raw: bytes) -> Message:
     if isinstance(context, RequestContext):  # later layers reuse the parsed body
         context.extras[BODY_KEY] = raw
         context.extras[JSON_KEY] = body
+        context.extras[CLIENT_BODY_BYTES_KEY] = sent  # what a size cap applies to
     return message
 
 

@@ -270,3 +270,40 @@ async def test_health_and_metrics_ignore_versions(gateway: Gateway) -> None:
         response = await gateway.client.get(path, headers={"X-API-Version": "2001-01-01"})
         assert response.status_code == 200, path
         assert "deprecation" not in response.headers
+
+
+@pytest.mark.parametrize("prefix", ["/v1", "/v1beta"])
+async def test_a_body_within_the_cap_is_not_refused_for_its_migration(prefix: str) -> None:
+    """Mapping a retired model re-encodes the body, and ``1e15`` is written out in full:
+    the size cap applies to what the client sent."""
+    raw = (b'{"generateContentRequest": {"model": "models/gemini-1.5-flash", "contents": '
+           b'[{"role": "user", "parts": [{"text": "hi"}]}], "generationConfig": {"topP": 1e15}}}')
+    async for gateway in _gateway({"GEMINI_SCALE_MAX_BODY_BYTES": str(len(raw))}):
+        sent = await gateway.client.post(
+            f"{prefix}/models/gemini-1.5-flash:countTokens", content=raw,
+            headers={"content-type": "application/json"},
+        )
+        assert sent.status_code == 200, sent.text
+        forwarded = gateway.received[-1].body
+        assert len(forwarded) > len(raw)  # migrated, and longer
+        assert b'"models/gemini-2.5-flash"' in forwarded
+        over = await gateway.client.post(
+            f"{prefix}/models/gemini-1.5-flash:countTokens", content=raw + b" ",
+            headers={"content-type": "application/json"},
+        )
+        assert over.status_code == 413  # the client's own size still counts
+
+
+async def test_a_migration_cannot_inflate_a_body_far_past_the_cap() -> None:
+    """A body of nothing but ``1e15``s would grow fourfold when re-encoded: refused."""
+    numbers = b",".join([b"1e15"] * 2000)
+    raw = (b'{"generateContentRequest": {"model": "models/gemini-1.5-flash", "contents": '
+           b'[{"role": "user", "parts": [{"text": "hi"}]}]}, "pad": [' + numbers + b"]}")
+    async for gateway in _gateway({"GEMINI_SCALE_MAX_BODY_BYTES": str(len(raw))}):
+        sent = await gateway.client.post(
+            "/v1/models/gemini-1.5-flash:countTokens", content=raw,
+            headers={"content-type": "application/json"},
+        )
+        assert sent.status_code == 413
+        assert gateway.received == []
+
