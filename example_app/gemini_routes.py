@@ -7,7 +7,13 @@ import re
 from fastapi import APIRouter, Request, Security
 from starlette.responses import Response
 
-from gemini_scale import InvalidArgumentError, NotFoundError, requires_scopes, route_path
+from gemini_scale import (
+    InvalidArgumentError,
+    NotFoundError,
+    client_path,
+    requires_scopes,
+    route_path,
+)
 from gemini_scale.auth.dependencies import bearer_scheme
 from gemini_scale.upstream import GeminiUpstream
 
@@ -57,7 +63,9 @@ async def list_models(request: Request) -> Response:
 async def get_model(request: Request, model: str) -> Response:
     """``models.get``."""
     if ":" in model:
-        raise NotFoundError(f"Method not found: {request.method} {request.url.path[:200]}.")
+        raise NotFoundError(
+            f"Method not found: {request.method} {client_path(request.scope)[:200]}."
+        )
     return await _upstream(request).forward(request, path=_model_path(request, model))
 
 
@@ -99,4 +107,4 @@ async def batch_embed_contents(request: Request, model: str) -> Response:
 @router.post("/models/{name}", include_in_schema=False)
 async def unknown_method(request: Request, name: str) -> Response:
     """Any other custom method is 404, as Google answers (not 405 from ``GET models/{m}``)."""
-    raise NotFoundError(f"Method not found: POST {request.url.path[:200]}.")
+    raise NotFoundError(f"Method not found: POST {client_path(request.scope)[:200]}.")

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from gemini_scale.errors import HTTPError, error_response, reason_phrase
+from gemini_scale.routing import client_path
 
 logger = logging.getLogger("gemini_scale.errors")
 
@@ -26,7 +27,7 @@ async def _starlette_http_exception(request: Request, exc: Exception) -> Respons
         return Response(status_code=exc.status_code, headers=exc.headers)
     message = exc.detail if isinstance(exc.detail, str) else reason_phrase(exc.status_code)
     if exc.status_code == 404:
-        message = f"Method not found: {request.method} {request.url.path[:200]}."
+        message = f"Method not found: {request.method} {client_path(request.scope)[:200]}."
     return error_response(exc.status_code, message, headers=exc.headers)
 
 

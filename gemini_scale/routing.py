@@ -365,6 +365,18 @@ class PathSet:
         return path in self.exact or path.startswith(self.prefixes)
 
 
+#: ``scope`` key of the path as the client sent it, when a layer rewrote ``scope["path"]``
+#: (the version layer serving ``/v1`` from the ``/v1beta`` head).
+CLIENT_PATH_KEY = "gemini_scale.client_path"
+
+
+def client_path(scope: Scope) -> str:
+    """The request path as the client sent it (``root_path`` included, as ``path``): what
+    an error message should quote, not the head path a version layer routed it to."""
+    found = scope.get(CLIENT_PATH_KEY)
+    return found if isinstance(found, str) else scope["path"]
+
+
 def route_path(scope: Scope) -> str:
     """The path the app routes on: ``path`` without the server's ``root_path``."""
     path: str = scope["path"]
@@ -586,6 +598,7 @@ __all__ = [
     "CACHE_HIT_KEY",
     "CACHE_OUTCOME_KEY",
     "CLIENT_GONE_KEY",
+    "CLIENT_PATH_KEY",
     "CONTEXT_KEY",
     "DECISIONS_KEY",
     "UPSTREAM_BROKEN_KEY",
@@ -597,6 +610,7 @@ __all__ = [
     "RouteMatch",
     "RouteTable",
     "Rules",
+    "client_path",
     "misconfigured_app",
     "policy_for",
     "route_path",

@@ -39,6 +39,7 @@ from gemini_scale.memo import remember
 from gemini_scale.policies import Policy, VersionPolicy
 from gemini_scale.routing import (
     API_VERSION_EXTRA,
+    CLIENT_PATH_KEY,
     CONTEXT_KEY,
     GeminiMiddleware,
     PathSet,
@@ -523,6 +524,7 @@ class VersionMiddleware(GeminiMiddleware):
     def _rewrite(self, scope: Scope, selected: _Selection, path: str) -> Scope:
         scope = dict(scope)
         if selected.head_path is not None:
+            scope[CLIENT_PATH_KEY] = scope["path"]  # what error messages quote
             root: str = scope.get("root_path", "")
             full = root + selected.head_path if scope["path"] != path else selected.head_path
             scope["path"] = full

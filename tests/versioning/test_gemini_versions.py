@@ -307,3 +307,19 @@ async def test_a_migration_cannot_inflate_a_body_far_past_the_cap() -> None:
         assert sent.status_code == 413
         assert gateway.received == []
 
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v1/models/gemini-2.5-flash:fooBar"), ("GET", "/v1/nothing"),
+     ("GET", "/v1beta/nothing")],
+)
+async def test_not_found_names_the_path_the_client_sent(
+    gateway: Gateway, method: str, path: str
+) -> None:
+    answer = await gateway.client.request(
+        method, path, content=b"{}" if method == "POST" else None,
+        headers={"content-type": "application/json"} if method == "POST" else {},
+    )
+    assert answer.status_code == 404
+    assert answer.json()["error"]["message"] == f"Method not found: {method} {path}."
