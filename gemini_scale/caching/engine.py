@@ -429,12 +429,13 @@ class CacheEngine:
         if memo is None:
             return
         size = 2 * len(raw)
+        if size > self._memo_budget:
+            return  # never remembered: decoded on each hit, the others kept
         if len(memo) >= _MEMO_SIZE or self._memo_bytes + size > self._memo_budget:
             memo.clear()
             self._memo_bytes = 0
-        if size <= self._memo_budget:
-            memo[id(raw)] = (raw, response)
-            self._memo_bytes += size
+        memo[id(raw)] = (raw, response)
+        self._memo_bytes += size
 
     async def put(
         self, key: str, response: StoredResponse, flight: Flight | None = None

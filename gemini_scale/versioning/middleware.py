@@ -618,7 +618,10 @@ async def _read_rest(
         chunks.append(chunk)
         size += len(chunk)
         if not message.get("more_body", False):
-            return _migrated_body(scope, selected, b"".join(chunks))
+            whole = b"".join(chunks)
+            if size > limit:  # its last piece made it too large to migrate: as it came
+                return {"type": "http.request", "body": whole, "more_body": False}
+            return _migrated_body(scope, selected, whole)
         if size > limit:  # too large to migrate: relay it as it comes
             return {"type": "http.request", "body": b"".join(chunks), "more_body": True}
         message = await receive()

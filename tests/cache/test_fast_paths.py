@@ -325,6 +325,20 @@ async def test_remembered_hits_stay_within_the_stores_byte_bound() -> None:
     assert held < 1_000_000  # 60 entries of 50 kB kept twice would be 6 MB
 
 
+async def test_an_entry_too_big_to_remember_leaves_the_remembered_ones() -> None:
+    now = 1_000.0
+    clock = FakeClock(now)
+    store = MemoryStore(max_bytes=1_000_000, clock=clock)  # remembers 125,000 bytes of decodes
+    engine = CacheEngine(store, clock=clock)
+    small = StoredResponse.build([(b"a", b"b")], b"x" * 100, created=now, ttl=60)
+    big = StoredResponse.build([(b"a", b"b")], b"x" * 70_000, created=now, ttl=60)
+    await engine.put("small", small)
+    await engine.put("big", big)
+    first = await engine.get("small")
+    assert await engine.get("big") == big  # decoded, not remembered (twice its size is over)
+    assert await engine.get("small") is first  # still remembered
+
+
 async def test_an_answer_with_a_nul_in_a_field_is_not_stored() -> None:
     """A NUL byte would split the stored field block into other fields on a hit (RFC 9110
     §5.5 forbids it): such an answer goes to its client and is not kept."""

@@ -106,6 +106,35 @@ async def test_a_body_over_the_limit_is_relayed_unmigrated() -> None:
     assert json.loads(big.body)["title"] is None  # not renamed: the head never saw "name"
 
 
+async def test_a_body_whose_last_piece_passes_the_limit_is_relayed_unmigrated() -> None:
+    """The limit holds for a body sent in pieces, its last piece included."""
+    received: list[Message] = []
+
+    async def app(scope: Scope, receive: Any, send: Any) -> None:
+        received.append(await receive())
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    body = json.dumps({"title": "t" * 200}).encode()
+    chunks = [body[:10], body[10:]]
+
+    async def receive() -> Message:
+        if chunks:
+            piece = chunks.pop(0)
+            return {"type": "http.request", "body": piece, "more_body": bool(chunks)}
+        return {"type": "http.disconnect"}
+
+    async def send(message: Message) -> None:
+        pass
+
+    scope = http_scope("POST", "/things", headers={"x-api-version": "2026-01-01"})
+    await VersionMiddleware(app, versions=None, dated=BUNDLE, max_body_bytes=64)(
+        scope, receive, send
+    )
+    assert received[0]["body"] == body  # as it came: not renamed
+    assert received[0]["more_body"] is False
+
+
 async def test_a_refusal_while_the_app_reads_is_googles_400_not_a_500() -> None:
     """Strict v1 refuses the body when a plain Starlette endpoint reads it (no handlers)."""
     app = Starlette(routes=[Route(
