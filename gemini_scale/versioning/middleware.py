@@ -524,7 +524,7 @@ class VersionMiddleware(GeminiMiddleware):
     def _rewrite(self, scope: Scope, selected: _Selection, path: str) -> Scope:
         scope = dict(scope)
         if selected.head_path is not None:
-            scope[CLIENT_PATH_KEY] = scope["path"]  # what error messages quote
+            scope.setdefault(CLIENT_PATH_KEY, scope["path"])  # the first: the client's
             root: str = scope.get("root_path", "")
             full = root + selected.head_path if scope["path"] != path else selected.head_path
             scope["path"] = full
