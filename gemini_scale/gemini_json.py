@@ -20,6 +20,7 @@ __all__ = [
     "INTEGER_MEMBERS",
     "OPAQUE_MEMBERS",
     "AmbiguousSpellingError",
+    "NonFiniteNumberError",
     "camel_name",
     "dump_json",
     "may_respell",
@@ -132,20 +133,30 @@ _FRACTIONAL_INTEGERS: Final = tuple(
     (name.encode(), re.compile(b'"' + name.encode() + rb'"\s*:\s*-?\d+\.'))
     for name in sorted(INTEGER_MEMBERS)
 )
-_COMPACT: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
-_COMPACT_ASCII: Final = json.JSONEncoder(separators=(",", ":"))
-_PRETTY: Final = json.JSONEncoder(indent=2, ensure_ascii=False)
-_PRETTY_ASCII: Final = json.JSONEncoder(indent=2)
+# allow_nan=False: a number past a double's range (``1e400``) parses into ``inf``, which
+# the encoder would write as ``Infinity``: not JSON, and not what the client sent.
+_COMPACT: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+_PRETTY: Final = json.JSONEncoder(indent=2, ensure_ascii=False, allow_nan=False)
+
+
+class NonFiniteNumberError(ValueError):
+    """A value holds ``NaN`` or an infinity, which JSON cannot write: a client's ``1e400``
+    (past a double's range) or its ``NaN`` / ``Infinity`` tokens, as parsed."""
 
 
 def dump_json(value: Any, *, pretty: bool = False) -> bytes:
     """``value`` as UTF-8 JSON (compact, or indented by 2). A string with a lone surrogate
-    (``"\\ud800"`` parses into one) cannot be UTF-8: it is written as its ``\\u`` escape,
-    as the client sent it."""
+    (``"\\ud800"`` parses into one) cannot be UTF-8: that code point alone is written as
+    its ``\\u`` escape, as the client sent it. Raises :class:`NonFiniteNumberError` for
+    ``NaN`` and infinities, never writing them as the non-JSON ``NaN`` / ``Infinity``."""
     try:
-        return (_PRETTY if pretty else _COMPACT).encode(value).encode()
-    except UnicodeEncodeError:
-        return (_PRETTY_ASCII if pretty else _COMPACT_ASCII).encode(value).encode()
+        text = (_PRETTY if pretty else _COMPACT).encode(value)
+    except ValueError as exc:  # the encoder's "Out of range float values are not JSON ..."
+        raise NonFiniteNumberError(str(exc)) from None
+    # Only a lone surrogate fails to encode, and only inside a string, where Python's
+    # backslashreplace writes exactly JSON's escape for it (a backslash before it in the
+    # string is already doubled by the encoder).
+    return text.encode("utf-8", "backslashreplace")
 
 
 def may_respell(raw: bytes) -> bool:
@@ -168,6 +179,7 @@ def respelled(raw: bytes) -> bytes:
         if type(body) is not dict:
             return raw
         value, changed = normalize(body)
-    except (ValueError, RecursionError):  # AmbiguousSpellingError is a ValueError
+        # (AmbiguousSpellingError and NonFiniteNumberError are ValueErrors)
+        return dump_json(value) if changed else raw
+    except (ValueError, RecursionError):
         return raw
-    return dump_json(value) if changed else raw

@@ -32,7 +32,7 @@ from gemini_scale.errors import (
     InvalidArgumentError,
     send_error,
 )
-from gemini_scale.gemini_json import dump_json
+from gemini_scale.gemini_json import NonFiniteNumberError, dump_json
 from gemini_scale.header_names import lowercased
 from gemini_scale.header_values import bounded_decimal
 from gemini_scale.memo import remember
@@ -46,6 +46,7 @@ from gemini_scale.routing import (
     RequestContext,
     RouteTable,
     Rules,
+    client_path,
     policy_for,
     route_path,
 )
@@ -130,6 +131,9 @@ class _Selection:
 class _Refusal:
     code: int
     message: str
+    quotes_path: bool = False
+    """The message is "Method not found" for the path the client sent: written per request
+    (a refusal is remembered by the path the app routes on, without ``root_path``)."""
 
 
 _PLAIN: Final = "plain"  # not versioned: passes through (route deprecation headers only)
@@ -277,7 +281,7 @@ class VersionMiddleware(GeminiMiddleware):
             "//" in relative or "/./" in relative or "/../" in relative
             or relative.endswith(("/.", "/.."))
         ):
-            return _Refusal(404, f"Method not found: {method} /{version.name}{relative[:200]}.")
+            return _Refusal(404, "Method not found.", quotes_path=True)
         chain = bundle.chain(version.name)
         headers = list(version_headers(version, path_prefixed=not dated))
         head_relative = relative
@@ -461,7 +465,12 @@ class VersionMiddleware(GeminiMiddleware):
         self, scope: Scope, receive: Receive, send: Send, selected: _Refusal | str
     ) -> None:
         if type(selected) is _Refusal:
-            await send_error(send, selected.code, selected.message)
+            message = (
+                f"Method not found: {scope['method']} {client_path(scope)[:200]}."
+                if selected.quotes_path
+                else selected.message
+            )
+            await send_error(send, selected.code, message)
         elif selected is _EXEMPT:
             await self.app(scope, receive, send)
         else:
@@ -664,6 +673,11 @@ def _migrated_body(scope: Scope, selected: _Selection, raw: bytes) -> Message:
     except RecursionError:  # parsed, but too deep for the changes (or their encoding)
         raise InvalidArgumentError(
             "Invalid JSON payload received. The body is nested too deeply."
+        ) from None
+    except NonFiniteNumberError:  # re-encoded, 1e400 would be the non-JSON Infinity
+        raise InvalidArgumentError(
+            "Invalid JSON payload received. A number is out of range (NaN, Infinity or past "
+            "a double's range, such as 1e400)."
         ) from None
     sent = len(message["body"])
     if dirty or info.body_changed:

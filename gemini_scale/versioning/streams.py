@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from gemini_scale import fastjson
-from gemini_scale.gemini_json import dump_json
+from gemini_scale.gemini_json import NonFiniteNumberError, dump_json
 
 __all__ = [
     "MAX_HELD_BYTES",
@@ -36,6 +36,15 @@ def _loads(raw: bytes | bytearray) -> tuple[bool, Any]:
         return True, fastjson.loads(raw)
     except (ValueError, RecursionError):
         return False, None
+
+
+def _encoded(value: Any, raw: bytes, *, pretty: bool = False) -> bytes:
+    """``value`` (migrated from ``raw``) as JSON, or ``raw`` as it came when ``value`` holds
+    a number JSON cannot write (``1e400`` parses into an infinity): relayed, not corrupted."""
+    try:
+        return dump_json(value, pretty=pretty)
+    except NonFiniteNumberError:
+        return raw
 
 
 class DocumentMigrator:
@@ -70,7 +79,7 @@ class DocumentMigrator:
         ok, value = _loads(raw)
         if not ok:
             return raw
-        return dump_json(self._migrate(value), pretty=raw[:2] in (b"{\n", b"[\n"))
+        return _encoded(self._migrate(value), raw, pretty=raw[:2] in (b"{\n", b"[\n"))
 
 
 _EVENT_END: Final = re.compile(rb"\r\n\r\n|\n\n|\r\r")
@@ -132,7 +141,10 @@ class EventStreamMigrator:
         # The data goes where its first line was; the other lines keep their order.
         first = next(i for i, line in enumerate(lines) if line.startswith(b"data:"))
         others = [line for line in lines if not line.startswith(b"data:")]
-        migrated = b"data: " + dump_json(self._migrate(value))
+        try:
+            migrated = b"data: " + dump_json(self._migrate(value))
+        except NonFiniteNumberError:
+            return event + terminator
         newline = terminator[: len(terminator) // 2]
         return newline.join([*others[:first], migrated, *others[first:]]) + terminator
 
@@ -233,4 +245,4 @@ class ArrayMigrator:
         ok, value = _loads(raw)
         if not ok:
             return raw
-        return dump_json(self._migrate(value), pretty=b"\n" in raw)
+        return _encoded(self._migrate(value), raw, pretty=b"\n" in raw)

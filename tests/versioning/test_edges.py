@@ -82,6 +82,86 @@ async def test_a_lone_surrogate_in_a_body_is_not_a_500() -> None:
     assert b"\\ud800" in respelled(raw)  # the upstream client's respelling too
 
 
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"NaN", b"Infinity"])
+async def test_a_number_json_cannot_write_is_never_sent_on_as_infinity(number: bytes) -> None:
+    """``1e400`` parses into an infinity: a body that must be re-encoded is refused (400)
+    rather than sent on with the non-JSON ``Infinity``; one that needs no change is relayed
+    byte for byte, and the upstream client's respelling keeps it as it came."""
+    seen: list[bytes] = []
+
+    async def echo(request: Request) -> Response:
+        seen.append(await request.body())
+        return JSONResponse({"ok": True})
+
+    app = Starlette(routes=[Route("/v1beta/models/{m}:generateContent", echo, methods=["POST"])])
+    respelt = b'{"contents":[],"generation_config":{"temperature":' + number + b"}}"
+    as_is = b'{"contents":[],"generationConfig":{"temperature":' + number + b"}}"
+    transport = httpx.ASGITransport(VersionMiddleware(app))
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        refused = await client.post(
+            "/v1/models/m:generateContent", content=respelt,
+            headers={"content-type": "application/json"},
+        )
+        relayed = await client.post(
+            "/v1/models/m:generateContent", content=as_is,
+            headers={"content-type": "application/json"},
+        )
+    assert refused.status_code == 400
+    error = refused.json()["error"]
+    assert error["status"] == "INVALID_ARGUMENT"
+    assert "out of range" in error["message"]
+    assert relayed.status_code == 200
+    assert seen == [as_is]
+    assert respelled(respelt) == respelt
+
+
+@pytest.mark.parametrize("content_type", [b"application/json", b"text/event-stream"])
+async def test_an_answer_with_a_number_json_cannot_write_is_relayed_as_it_came(
+    content_type: bytes,
+) -> None:
+    """An answer to migrate that holds ``1e400`` goes back unmigrated, never as ``Infinity``
+    (and the answers around it are still migrated)."""
+    if content_type == b"text/event-stream":
+        raw = b'data: {"fullName":"a","x":1e400}\n\ndata: {"fullName":"b"}\n\n'
+        expected = b'data: {"fullName":"a","x":1e400}\n\ndata: {"name":"b"}\n\n'
+    else:
+        raw = expected = b'{"fullName":"a","x":1e400}'
+    head = start(200)
+    head["headers"] = [(b"content-type", content_type)]
+    recorded = await call(scripted(head, body(raw)), "GET", "/x", headers=OLD_CLIENT)
+    assert recorded.status == 200
+    assert recorded.body == expected
+    streamed = b'[{"fullName":"a","x":1e400},\r\n{"fullName":"b"}]'
+    recorded = await call(scripted(start(200), body(streamed)), "POST",
+                          "/models/m:streamGenerateContent", headers=OLD_CLIENT)
+    assert b"Infinity" not in recorded.body
+    assert b'{"fullName":"a","x":1e400}' in recorded.body
+    assert b'{"name":"b"}' in recorded.body
+
+
+async def test_a_dot_segment_refusal_quotes_the_path_with_its_root_path() -> None:
+    """Behind a proxy that mounts the gateway under a prefix, the 404 for a dot-segment
+    path names the path the client sent, prefix included (once per request: refusals are
+    remembered by the routed path)."""
+    app = VersionMiddleware(Starlette())
+    for root in ("/gw", "/other", ""):
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Message, sent: list[Message] = sent) -> None:
+            sent.append(message)
+
+        path = f"{root}/v1/./models/m:generateContent"
+        scope = {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(),
+                 "root_path": root, "query_string": b"", "headers": []}
+        await app(scope, receive, send)
+        assert sent[0]["status"] == 404
+        message = json.loads(sent[1]["body"])["error"]["message"]
+        assert message == f"Method not found: POST {path}."
+
+
 async def test_a_body_too_deep_to_respell_is_a_400_not_a_500() -> None:
     """A ``/v1`` body that parses (orjson reads 1024 levels) but is deeper than the
     respelling can walk is the client's error."""

@@ -294,6 +294,27 @@ async def test_a_body_within_the_cap_is_not_refused_for_its_migration(prefix: st
         assert over.status_code == 413  # the client's own size still counts
 
 
+async def test_a_lone_surrogate_does_not_inflate_a_migrated_body_past_the_cap() -> None:
+    """A lone surrogate cannot be UTF-8: it alone is escaped, the rest of the text stays
+    UTF-8 (escaping all of it would grow non-ASCII text up to threefold, past the cap)."""
+    text = "\u00e9t\u00e9 \u65e5\u672c " * 300
+    raw = (b'{"generate_content_request": {"model": "models/gemini-2.5-flash", "contents": '
+           b'[{"role": "user", "parts": [{"text": "\\ud800 ' + text.encode() + b'"}]}]}}')
+    async for gateway in _gateway({"GEMINI_SCALE_MAX_BODY_BYTES": str(len(raw))}):
+        sent = await gateway.client.post(
+            "/v1/models/gemini-2.5-flash:countTokens", content=raw,
+            headers={"content-type": "application/json"},
+        )
+        # Sent on (the stand-in, like Gemini, then refuses the surrogate itself), not 413.
+        assert sent.status_code == 400, sent.text
+        assert "\\uXXXX" in sent.json()["error"]["message"]
+        forwarded = gateway.received[-1].body
+        assert b'"generateContentRequest"' in forwarded  # migrated
+        assert b"\\ud800" in forwarded
+        assert text.encode() in forwarded
+        assert len(forwarded) <= len(raw)
+
+
 async def test_a_migration_cannot_inflate_a_body_far_past_the_cap() -> None:
     """A body of nothing but ``1e15``s would grow fourfold when re-encoded: refused."""
     numbers = b",".join([b"1e15"] * 2000)
