@@ -1964,6 +1964,17 @@ def _round_count(facts: RedisFacts, call: str) -> int:
     return len(facts.rounds.get(call, {}).get("bare", ()))
 
 
+def _http_round_median(http: Sequence[Load], call: str, variant: str, base: str) -> float:
+    """The median over HTTP rounds of ``variant``'s server CPU µs/request minus ``base``'s
+    in the same round (NaN when they never ran in one round)."""
+    diffs = [
+        r.server_cpu_us - b.server_cpu_us
+        for r in http if r.variant == variant and r.call == call
+        for b in http if b.variant == base and b.call == call and b.round == r.round
+    ]
+    return median(diffs) if diffs else math.nan
+
+
 def ratelimit_summary(inproc: Sequence[Paired], http: Sequence[Load],
                       facts: RedisFacts | None) -> list[str]:
     """The rate limiter's targets, from whichever of its variants ran."""
@@ -2019,6 +2030,14 @@ def ratelimit_summary(inproc: Sequence[Paired], http: Sequence[Load],
                 f"layer (redis-floor, {signed(floor[call])} µs) + "
                 f"{TARGET_LIMITER_OVER_CLIENT_US:.0f} µs (over the client: "
                 f"{signed(value - floor[call])} µs)")
+    http_over_floor = {c: _http_round_median(http, c, "limiter-redis", "redis-floor")
+                       for c in calls}
+    if not all(math.isnan(v) for v in http_over_floor.values()):
+        # For scale: with 32 connections, requests interleave as on a loaded server.
+        lines.append(f"[{verdict(None)}] Redis limiter alone over redis-floor over HTTP "
+                     f"(server CPU, the median of the rounds' differences): "
+                     f"{per_call(http_over_floor)}  (no target here; the in-process line "
+                     f"above is judged)")
     http_added = {(s.variant, s.call): s.added_cpu_us for s in summarize_http(
         http, ["limiter", "limiter-redis", "slowapi", "slowapi-redis"])}
     ratios_in_rounds = {c: _round_median(facts, c, lambda r: (r["slowapi-redis"] - r["bare"])
