@@ -50,7 +50,8 @@ def rate_limit_headers(
 ) -> list[tuple[bytes, bytes]]:
     """``RateLimit-Policy`` listing every limit of the policies that applied (IETF httpapi
     draft form: ``"requests";q=60;w=60, "tokens";q=1000000;w=60``) and ``RateLimit`` for the
-    most constrained limit the request was checked against (``"requests";r=41;t=17``).
+    most constrained limit the request was checked against (``"requests";r=41;t=17``), or
+    on a refusal the limit that refused it, ``t`` then being ``Retry-After``.
     Each entry is (name prefix, the policy's limits, the decision). Nothing when no limit
     was checked (a store failure under ``on_store_error="open"``)."""
     if len(decisions) == 1:  # one limiter met the request (the usual case): no ranking
@@ -72,7 +73,8 @@ def rate_limit_headers(
         heads, items = _policy_items(prefix, limits)
         policies.append(items)
         limit, remaining, reset_after = found
-        share = remaining / limit.amount
+        # The limiter that refused the request names the limit that refused it.
+        share = remaining / limit.amount if decision.allowed else -1.0
         if share < best_share or (share == best_share and reset_after < best_reset):
             best_share, best_reset = share, reset_after
             head = heads.get(id(limit)) or _head(limit_names([limit], prefix)[limit])

@@ -198,11 +198,25 @@ class Decision:
 
     def tightest(self) -> tuple[Limit, int, float] | None:
         """``(limit, remaining, reset_after)`` of the limit closest to exhaustion (the
-        smallest remaining share; the sooner reset on a tie), or ``None`` with no limits."""
+        smallest remaining share; the sooner reset on a tie), or ``None`` with no limits.
+        For a refusal, the limit that refused it (the longest wait of those the request did
+        not fit), with :attr:`retry_after` as its reset: what the ``RateLimit`` header says
+        then agrees with ``Retry-After``."""
         found = self._tightest
         if found is _UNSET:  # the headers and the metrics both ask
-            found = self._tightest = self._find_tightest()
+            found = self._tightest = (
+                self._find_tightest() if self.allowed else self._find_binding()
+            )
         return found  # type: ignore[no-any-return]
+
+    def _find_binding(self) -> tuple[Limit, int, float] | None:
+        binding: LimitState | None = None
+        for state in self.violated:
+            if binding is None or (state.retry_after or 0.0) > (binding.retry_after or 0.0):
+                binding = state
+        if binding is None:  # refused without a limit state (no limits)
+            return self._find_tightest()
+        return binding.limit, binding.remaining, float(self.retry_after)
 
     def _find_tightest(self) -> tuple[Limit, int, float] | None:
         raw = self._raw

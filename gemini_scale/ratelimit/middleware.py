@@ -311,6 +311,7 @@ class RateLimitMiddleware(GeminiMiddleware):
                 context.extras.get(JSON_KEY),
                 default_output_tokens=self.default_output_tokens,
                 method=scope["path"].rpartition(":")[2],
+                count=self.count,
             )
             costs = (
                 [1 if limit.kind == "requests" else estimate for limit in limits]

@@ -23,6 +23,9 @@ The estimate (a reservation, corrected by the real usage afterwards):
   ``max_output_cap``, times ``candidateCount``. ``maxOutputTokens`` bounds thinking too
   (Gemini 2.5). ``countTokens`` and embeddings have no output. Context from
   ``cachedContent`` is unknown here and only charged at settlement.
+* a limiter that settles on ``count="input"`` reserves the prompt alone, one on
+  ``count="output"`` the output allowance alone: what it will charge, never a part it never
+  charges (which would refuse a request its budget holds).
 """
 
 from __future__ import annotations
@@ -249,12 +252,26 @@ def _output_allowance(body: Mapping[str, Any], default: int, cap: int | None) ->
 
 
 def _estimate(
-    body: Any, default_output_tokens: int, max_output_cap: int | None, method: str | None
+    body: Any,
+    default_output_tokens: int,
+    max_output_cap: int | None,
+    method: str | None,
+    count: Count,
 ) -> int:
     if not _is_map(body):
         body = {}
     walk = _Walk()
     kind = _request_kind(method, body)
+    if kind != "generate":  # countTokens and embeddings have no output
+        return 0 if count == "output" else _unanswered_prompt(walk, kind, body)
+    cap = None if max_output_cap is None else int(max_output_cap)
+    prompt = 0 if count == "output" else walk.prompt(body)
+    output = 0 if count == "input" else _output_allowance(body, int(default_output_tokens), cap)
+    return prompt + output
+
+
+def _unanswered_prompt(walk: _Walk, kind: str, body: Mapping[str, Any]) -> int:
+    """The prompt of a request without output: an embedding, a batch, a ``countTokens``."""
     if kind == "embed":
         return walk.embed(body)
     if kind == "batch":
@@ -267,18 +284,18 @@ def _estimate(
             if walk.left <= 0:
                 break
         return tokens
-    if kind == "count":
-        wrapped = _get(body, "generateContentRequest", "generate_content_request")
-        if body.get("contents") is None and _is_map(wrapped):
-            return walk.prompt(wrapped)
-        return walk.prompt(body)
-    cap = None if max_output_cap is None else int(max_output_cap)
-    prompt = walk.prompt(body)
-    return prompt + _output_allowance(body, int(default_output_tokens), cap)
+    wrapped = _get(body, "generateContentRequest", "generate_content_request")
+    if body.get("contents") is None and _is_map(wrapped):
+        return walk.prompt(wrapped)
+    return walk.prompt(body)
 
 
 def _plain_generate(
-    body: Any, default_output_tokens: int, max_output_cap: int | None, method: str | None
+    body: Any,
+    default_output_tokens: int,
+    max_output_cap: int | None,
+    method: str | None,
+    count: Count,
 ) -> int | None:
     """The usual request priced without the walker (what :func:`_estimate` gives for it):
     a ``generateContent`` body of text parts, with no system instruction or tools, and
@@ -305,10 +322,11 @@ def _plain_generate(
             if type(text) is not str:
                 return None
             tokens += (len(text) + CHARS_PER_TOKEN - 1) // CHARS_PER_TOKEN
-    if items > _MAX_ITEMS:
-        return None  # the walker's bound applies
-    output = _plain_output(body, int(default_output_tokens), max_output_cap)
-    return None if output is None else tokens + output
+    output = 0 if count == "input" else _plain_output(body, int(default_output_tokens),
+                                                      max_output_cap)
+    if output is None or items > _MAX_ITEMS:  # (past the bound, the walker's applies)
+        return None
+    return output if count == "output" else tokens + output
 
 
 def _plain_output(body: dict[str, Any], default: int, cap: int | None) -> int | None:
@@ -345,6 +363,7 @@ def estimate_request_tokens(
     default_output_tokens: int = 1024,
     max_output_cap: int | None = None,
     method: str | None = None,
+    count: Count = "total",
 ) -> int:
     """Tokens to reserve for a Gemini request body (see the module docstring for the rule).
 
@@ -353,15 +372,17 @@ def estimate_request_tokens(
     request this is; without it the shape decides, and a plain ``{"contents": ...}``
     ``countTokens`` body then looks like a generate request and gets an output allowance.
     ``max_output_cap`` clamps the per-candidate output allowance (e.g. the model's
-    ``outputTokenLimit``). Never raises; the answer is an int in ``[1, 2**53 - 1]``. At most
-    20,000 contents, parts and JSON values are looked at (nesting deeper than 32 is not
-    followed), so a hostile body costs at most about 10 ms and is underestimated, never
-    fatal; a typical request costs 3-15 µs.
+    ``outputTokenLimit``). ``count`` prices what the settlement will charge
+    (:func:`usage_tokens`): ``"total"`` the prompt and the output allowance, ``"input"``
+    the prompt alone, ``"output"`` the output allowance alone. Never raises; the answer is
+    an int in ``[1, 2**53 - 1]``. At most 20,000 contents, parts and JSON values are
+    looked at (nesting deeper than 32 is not followed), so a hostile body costs at most
+    about 10 ms and is underestimated, never fatal; a typical request costs 3-15 µs.
     """
     try:
-        tokens = _plain_generate(body, default_output_tokens, max_output_cap, method)
+        tokens = _plain_generate(body, default_output_tokens, max_output_cap, method, count)
         if tokens is None:
-            tokens = _estimate(body, default_output_tokens, max_output_cap, method)
+            tokens = _estimate(body, default_output_tokens, max_output_cap, method, count)
     except Exception:  # a hostile Mapping; JSON-derived bodies never get here
         logger.debug("token estimate failed; using the output allowance", exc_info=True)
         tokens = default_output_tokens if isinstance(default_output_tokens, int) else 1

@@ -107,7 +107,9 @@ async def test_b04_429_shape_and_truthful_headers() -> None:
         retry_after = refused.headers["retry-after"]
         assert retry_after.isdigit()
         assert 1 <= int(retry_after) <= 60
-        assert rate_limit_header(refused) == {"name": "requests", "r": 0, "t": 30}
+        # On a refusal, t is the wait Retry-After gives (the sliding window's, 36 s here),
+        # not the 30 s to the window's end: a client retrying then would be refused again.
+        assert rate_limit_header(refused) == {"name": "requests", "r": 0, "t": int(retry_after)}
         error = error_of(refused)
         assert error["status"] == "RESOURCE_EXHAUSTED"
         assert set(error) == {"code", "message", "status", "details"}

@@ -100,6 +100,24 @@ async def test_a_json_answer_settles_the_reservation_to_its_usage(
         assert await stack.used("alice") == {"requests": 1, "tokens": charged}
 
 
+@pytest.mark.parametrize(
+    ("count", "text", "max_output", "tokens"),
+    [("input", "hi", None, "1000/minute"), ("output", "x" * 8000, 64, "1100/minute")],
+)
+async def test_the_reservation_is_what_the_count_will_charge(
+    count: str, text: str, max_output: int | None, tokens: str
+) -> None:
+    """Settling on input tokens, the default output allowance (1024) is not reserved against
+    a budget of 1000; settling on output tokens, a 2,000-token prompt is not reserved
+    against a budget of 1100. Either would refuse, forever, a request the budget holds."""
+    default = RateLimitPolicy.parse("100/minute", tokens=tokens)
+    async with limited(default=default, **clocked(count=count)) as stack:
+        response = await stack.client.post(
+            GENERATE, json=body(text, max_output=max_output), headers=who("alice")
+        )
+    assert response.status_code == 200, response.text
+
+
 async def test_an_answer_without_usage_keeps_the_reservation() -> None:
     default = RateLimitPolicy.parse("100/minute", tokens="10000/minute")
     async with limited(upstream=Upstream(usage=None), default=default, **clocked()) as stack:
@@ -116,6 +134,33 @@ async def test_an_error_answer_refunds_the_tokens_but_counts_the_request(status:
         )
         assert response.status_code == status
         assert await stack.used("alice") == {"requests": 1, "tokens": 0}
+
+
+async def test_a_refusal_names_the_limit_that_refused_it() -> None:
+    """Of two exhausted limits, the header names the one with the longest wait (the day,
+    not the second), with the Retry-After as its reset; a refusal for tokens names the
+    token limit, not the request limit with quota left."""
+    clock = FakeClock(WINDOW_START)
+    default = RateLimitPolicy.parse("1/second;2/day")
+    async with limited(default=default, store=MemoryStore(clock=clock), clock=clock) as stack:
+        assert (await stack.client.get("/other", headers=who("alice"))).status_code == 200
+        clock.advance(2.5)  # past the one-second window and the one before it
+        assert (await stack.client.get("/other", headers=who("alice"))).status_code == 200
+        refused = await stack.client.get("/other", headers=who("alice"))
+    assert refused.status_code == 429
+    wait = int(refused.headers["retry-after"])
+    assert wait > 3600
+    assert rate_limit_header(refused) == {"name": "requests-86400s", "r": 0, "t": wait}
+
+    default = RateLimitPolicy.parse("100/minute", tokens="1000/minute")
+    async with limited(default=default, **clocked()) as stack:
+        too_big = await stack.client.post(
+            GENERATE, json=body(max_output=2000), headers=who("alice")
+        )
+    assert too_big.status_code == 429
+    assert rate_limit_header(too_big) == {
+        "name": "tokens", "r": 1000, "t": int(too_big.headers["retry-after"])
+    }
 
 
 def test_an_unknown_count_is_a_configuration_error() -> None:

@@ -411,6 +411,41 @@ async def test_stalled_redis_bounded_latency_no_double_count(
     assert stats["evalsha"] == ran_late + concurrent
 
 
+async def test_decisions_queued_behind_a_stalled_redis_do_not_wait_their_turn(
+    redis_servers: RedisProcesses,
+) -> None:
+    """B16/E04: Redis hangs while 30 decisions queue for 3 connections (the breaker kept
+    out of it). The 3 in flight time out at the store timeout; the 27 waiting behind them
+    then fail over at once, without sending: every decision takes one timeout, not a turn
+    in a queue of timeouts, and Redis receives at most 3 scripts."""
+    server = redis_servers.server("--enable-debug-command", "local")
+    limit = Limit("requests", 1000, HOUR)
+    store = RedisStore.from_url(server.url, prefix=_prefix(), max_connections=3, pool_timeout=5.0)
+    engine = RateLimiter(store, on_store_error="open", breaker_threshold=1000)
+    try:
+        with server.client() as admin:
+            ensure_window_room(admin, HOUR, need=10)
+            await engine.acquire("p", [limit], [0])  # warm: the script is loaded
+            admin.config_resetstat()
+            sleeper = _debug_sleep(server, 1.0)
+            await asyncio.sleep(0.1)
+
+            async def timed() -> tuple[Decision, float]:
+                started = time.monotonic()
+                decision = await engine.acquire("p", [limit], [1])
+                return decision, time.monotonic() - started
+
+            stalled = await asyncio.gather(*(timed() for _ in range(30)))
+            sleeper.join(5.0)
+            await asyncio.sleep(0.2)
+            stats = commandstats(admin)
+    finally:
+        await store.aclose()
+    assert all(d.degraded and d.allowed for d, _ in stalled)  # "open": let through
+    assert max(latency for _, latency in stalled) <= 0.25 + 0.25
+    assert stats.get("evalsha", 0) <= 3  # (a connection still opening sends none)
+
+
 # -- B18: the script cache flushed ---------------------------------------------------------
 
 

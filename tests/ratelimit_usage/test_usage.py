@@ -23,6 +23,7 @@ import pytest
 import gemini_scale.ratelimit.usage as usage_module
 from example_app.standin import create_standin, estimate_tokens
 from gemini_scale.ratelimit.usage import (
+    COUNTS,
     IN_PIECES,
     MEDIA_PART_TOKENS,
     AnswerUsage,
@@ -439,13 +440,36 @@ def test_the_usual_request_is_priced_as_the_walker_prices_it(seed: int) -> None:
         body = _plain_or_not(rng)
         cap = rng.choice([None, 10, 10_000])
         for method in ("generateContent", "streamGenerateContent", "countTokens", None):
-            expected = min(max(usage_module._estimate(body, 1024, cap, method), 1), 2**53 - 1)
-            assert estimate_request_tokens(
-                body, default_output_tokens=1024, max_output_cap=cap, method=method
-            ) == expected, (body, cap, method)
+            for count in COUNTS:
+                walked = usage_module._estimate(body, 1024, cap, method, count)
+                expected = min(max(walked, 1), 2**53 - 1)
+                assert estimate_request_tokens(
+                    body, default_output_tokens=1024, max_output_cap=cap, method=method,
+                    count=count,
+                ) == expected, (body, cap, method, count)
     assert usage_module._plain_generate(
-        {"contents": [{"parts": [{"text": "abcd"}]}]}, 8, None, "generateContent"
+        {"contents": [{"parts": [{"text": "abcd"}]}]}, 8, None, "generateContent", "total"
     ) == 9  # the shortcut is taken for the usual request
+
+
+@pytest.mark.parametrize("shortcut", [True, False])
+def test_the_estimate_prices_only_what_the_count_settles(shortcut: bool) -> None:
+    """A limiter settling on input tokens reserves the prompt alone; on output tokens, the
+    output allowance alone (countTokens and embeddings have none: the floor of 1)."""
+    body = text_body("x" * 400, generationConfig={"maxOutputTokens": 64, "candidateCount": 2})
+    if not shortcut:
+        body["tools"] = [{"functionDeclarations": []}]  # the general walk
+    total = estimate_request_tokens(body, method="generateContent")
+    given_input = estimate_request_tokens(body, method="generateContent", count="input")
+    given_output = estimate_request_tokens(body, method="generateContent", count="output")
+    assert given_output == 128
+    assert given_input + given_output == total
+    assert given_input >= 100  # 400 characters, and the tools when given
+    for method in ("countTokens", "embedContent", "batchEmbedContents"):
+        assert estimate_request_tokens(body, method=method, count="output") == 1
+        assert estimate_request_tokens(body, method=method, count="input") == (
+            estimate_request_tokens(body, method=method)
+        )
 
 
 class ExplodingMapping(Mapping[str, Any]):
