@@ -357,6 +357,24 @@ def _debug_sleep(server: RedisProcess, seconds: float) -> threading.Thread:
     return thread
 
 
+async def _during_a_stall(
+    server: RedisProcess, engine: RateLimiter, limit: Limit, concurrent: int
+) -> list[tuple[Decision, float]]:
+    """``concurrent`` decisions on bucket ``p`` while Redis sleeps for a second (each with
+    its latency); returns once Redis is awake again."""
+    sleeper = _debug_sleep(server, 1.0)
+    await asyncio.sleep(0.1)
+
+    async def timed() -> tuple[Decision, float]:
+        started = time.monotonic()
+        decision = await engine.acquire("p", [limit], [1])
+        return decision, time.monotonic() - started
+
+    stalled = await asyncio.gather(*(timed() for _ in range(concurrent)))
+    sleeper.join(5.0)
+    return stalled
+
+
 async def test_stalled_redis_bounded_latency_no_double_count(
     redis_servers: RedisProcesses,
 ) -> None:
@@ -380,16 +398,7 @@ async def test_stalled_redis_bounded_latency_no_double_count(
             key = _full_key(engine, "p", limit)
             admin.config_resetstat()
 
-            sleeper = _debug_sleep(server, 1.0)
-            await asyncio.sleep(0.1)
-
-            async def timed() -> tuple[Decision, float]:
-                started = time.monotonic()
-                decision = await engine.acquire("p", [limit], [1])
-                return decision, time.monotonic() - started
-
-            stalled = await asyncio.gather(*(timed() for _ in range(concurrent)))
-            sleeper.join(5.0)
+            stalled = await _during_a_stall(server, engine, limit, concurrent)
             await asyncio.sleep(0.2)
             after_stall = read_window(admin, key)["c"]
 
@@ -427,16 +436,7 @@ async def test_decisions_queued_behind_a_stalled_redis_do_not_wait_their_turn(
             ensure_window_room(admin, HOUR, need=10)
             await engine.acquire("p", [limit], [0])  # warm: the script is loaded
             admin.config_resetstat()
-            sleeper = _debug_sleep(server, 1.0)
-            await asyncio.sleep(0.1)
-
-            async def timed() -> tuple[Decision, float]:
-                started = time.monotonic()
-                decision = await engine.acquire("p", [limit], [1])
-                return decision, time.monotonic() - started
-
-            stalled = await asyncio.gather(*(timed() for _ in range(30)))
-            sleeper.join(5.0)
+            stalled = await _during_a_stall(server, engine, limit, 30)
             await asyncio.sleep(0.2)
             stats = commandstats(admin)
     finally:
