@@ -11,6 +11,8 @@ from __future__ import annotations
 import ast
 import importlib
 import os
+import subprocess
+import sys
 
 from dev import ROOT, compiled_sources
 
@@ -59,3 +61,21 @@ def test_no_listed_module_awaits_in_a_finally_clause() -> None:
                         if isinstance(inner, ast.Await | ast.AsyncWith | ast.AsyncFor)
                     ]
     assert not found, found
+
+
+def test_the_release_smoke_check_tells_a_compiled_install_from_the_sources(
+    tmp_path: os.PathLike[str],
+) -> None:
+    """``dev.py smoke`` (the release wheels' check, cibuildwheel's test command) passes on
+    the compiled build and fails on the sources, naming the modules left uncompiled."""
+    compiled = not (importlib.import_module("gemini_scale.routing").__file__ or "").endswith(".py")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "dev.py"), "smoke"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+    )
+    if compiled:
+        assert result.returncode == 0, result.stderr
+        assert "a limited and cached request: ok" in result.stdout
+    else:
+        assert result.returncode != 0
+        assert "not compiled: ['gemini_scale.ratelimit.scripts'" in result.stderr
