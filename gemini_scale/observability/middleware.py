@@ -520,14 +520,10 @@ def _decision_labels(prefix: str, decision: Any) -> tuple[str, str]:
     """``(limit, outcome)`` of one rate limiter's decision."""
     if decision.degraded and decision.allowed:  # a refusal by the local limits is a refusal
         limit, outcome = None, "degraded"
-    elif decision.allowed:
+    else:  # the tightest limit; for a refusal, the one that refused it (as RateLimit says)
         tightest = decision.tightest()
         limit = tightest[0] if tightest is not None else None
-        outcome = "allowed"
-    else:
-        refused = [s for s in decision.states if s.retry_after is not None]
-        limit = refused[0].limit if refused else None
-        outcome = "refused"
+        outcome = "allowed" if decision.allowed else "refused"
     # Memoised by the limit's identity (a policy's limits live as long as the policy; the
     # entry holds the limit, so its id cannot be reused meanwhile).
     key = (prefix, id(limit))

@@ -236,6 +236,30 @@ async def test_one_access_record_per_request_with_the_decisions(
     json.dumps(first)  # JSON-safe
 
 
+async def test_a_refusal_is_counted_against_the_limit_that_refused_it() -> None:
+    """Both limits spent, the daily one refuses for longest: it is the label, as it is the
+    limit the 429's RateLimit header names (not the first limit of the policy)."""
+    from gemini_scale import MemoryStore, RateLimitMiddleware, RateLimitPolicy
+    from tests.clock import FakeClock
+
+    async def ok(request: Request) -> Response:
+        return JSONResponse({})
+
+    clock = FakeClock(1_800_000_040.0)
+    limited = RateLimitMiddleware(
+        Starlette(routes=[Route("/x", ok)]), store=MemoryStore(clock=clock), clock=clock,
+        default=RateLimitPolicy.parse("1/second;2/day", key="client_ip"),
+    )
+    registry = CollectorRegistry()
+    app = MetricsMiddleware(limited, registry=registry, access_log=False)
+    statuses = [(await call(app, "GET", "/x")).status]
+    clock.advance(2.5)
+    statuses += [(await call(app, "GET", "/x")).status for _ in range(2)]
+    assert statuses == [200, 200, 429]
+    decisions = "gemini_scale_ratelimit_decisions_total"
+    assert value(registry, decisions, limit="requests 2/86400s", outcome="refused") == 1
+
+
 async def test_a_refusal_by_the_local_limits_of_a_failing_store_is_counted_as_refused() -> None:
     # The store is down (nothing listens on its port): under on_store_error="local" each
     # replica enforces the limits itself; its 429s are refusals of a limit, not "degraded".
