@@ -19,7 +19,7 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Iterator, Sequence, Sized
+from collections.abc import Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
@@ -427,6 +427,7 @@ class RateLimiter:
         run_now = self._run_now
         if not self.synchronous or run_now is None:
             raise RuntimeError("acquire_now needs a limiter on a plain MemoryStore")
+        costs = _sequence(costs)
         keys = self._cached_keys(tag, limits, scope)
         raw = run_now(ACQUIRE, keys, self._args(limits, costs))
         return Decision.from_reply(raw, limits, keys, costs, False)
@@ -440,6 +441,7 @@ class RateLimiter:
         """
         if self.synchronous:
             return self.acquire_now(tag, limits, costs, scope=scope)
+        costs = _sequence(costs)
         keys = self._cached_keys(tag, limits, scope)
         args = self._args(limits, costs)
         if self._shared_is_local:
@@ -484,7 +486,7 @@ class RateLimiter:
         the bucket's next acquire). Whether it was done; if not, await :meth:`settle`."""
         if reservation is None:
             return True
-        keys, args = _moves(reservation, deltas)
+        keys, args = _moves(reservation, _sequence(deltas))
         return not keys or self._settled_now(reservation, keys, args)
 
     def _settled_now(
@@ -516,7 +518,7 @@ class RateLimiter:
         """
         if reservation is None:
             return
-        keys, args = _moves(reservation, deltas)
+        keys, args = _moves(reservation, _sequence(deltas))
         if not keys or self._settled_now(reservation, keys, args):
             return
         store: Store = self._local if reservation.local or self._shared_is_local else self.store
@@ -642,6 +644,11 @@ def _moves(reservation: Reservation, deltas: Sequence[int]) -> tuple[tuple[str, 
             keys.append(names[i])
             args += (indexes[i], int(delta))
     return tuple(keys), args
+
+
+def _sequence(values: Iterable[int]) -> Sequence[int]:
+    """``values`` as a list or tuple (costs and deltas are read by index, more than once)."""
+    return values if type(values) is tuple or type(values) is list else tuple(values)
 
 
 def same_length(first: Sized, second: Sized) -> None:

@@ -237,6 +237,21 @@ async def test_settle_moves_a_reservation_to_the_real_usage_and_never_below_zero
     assert await probe(limiter, "p", tokens) == about(tokens=0)
 
 
+async def test_costs_and_deltas_may_be_any_iterable(backend: Backend) -> None:
+    """Generators are read once into a tuple: charged, reported and settled as lists are."""
+    limiter = limiter_on(backend, on_store_error="closed")
+    limits = [HOURLY_REQUESTS, HOURLY_TOKENS]
+    decision = await limiter.acquire("g", limits, (cost for cost in (1, 300)))
+    assert decision.allowed
+    assert [state.used for state in decision.states] == [1, 300]
+    await limiter.settle(decision.reservation, (delta for delta in (0, -255)))
+    assert await probe(limiter, "g", limits) == about(requests=1, tokens=45)
+    if limiter.synchronous:
+        now = limiter.acquire_now("g", limits, iter([1, 5]))
+        assert limiter.settle_now(now.reservation, iter([0, -5]))
+        assert await probe(limiter, "g", limits) == about(requests=2, tokens=45)
+
+
 async def test_a_reservation_settled_after_its_window_rolled_moves_the_previous_count() -> None:
     clock = FakeClock(WINDOW_START + 30)
     limiter = RateLimiter(MemoryStore(clock=clock), clock=clock)
