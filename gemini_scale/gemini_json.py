@@ -151,7 +151,9 @@ def dump_json(value: Any, *, pretty: bool = False) -> bytes:
     ``NaN`` and infinities, never writing them as the non-JSON ``NaN`` / ``Infinity``."""
     try:
         text = (_PRETTY if pretty else _COMPACT).encode(value)
-    except ValueError as exc:  # the encoder's "Out of range float values are not JSON ..."
+    except ValueError as exc:
+        if "Out of range float" not in str(exc):  # (a circular reference, say)
+            raise
         raise NonFiniteNumberError(str(exc)) from None
     # Only a lone surrogate fails to encode, and only inside a string, where Python's
     # backslashreplace writes exactly JSON's escape for it (a backslash before it in the

@@ -28,7 +28,13 @@ from gemini_scale import (
     cache,
     gemini_versions,
 )
-from gemini_scale.gemini_json import _camel_memo, camel_name, respelled
+from gemini_scale.gemini_json import (
+    NonFiniteNumberError,
+    _camel_memo,
+    camel_name,
+    dump_json,
+    respelled,
+)
 from gemini_scale.types import Message, Scope
 from gemini_scale.versioning import ModelAlias, RequestInfo, streams
 from tests.cache.support import call
@@ -113,6 +119,18 @@ async def test_a_number_json_cannot_write_is_never_sent_on_as_infinity(number: b
     assert relayed.status_code == 200
     assert seen == [as_is]
     assert respelled(respelt) == respelt
+
+
+def test_only_a_non_finite_number_is_reported_as_one() -> None:
+    """``NonFiniteNumberError`` (a 400 for the client) is the encoder's out-of-range float
+    only; another encoding error (a hook's circular value) stays what it is."""
+    with pytest.raises(NonFiniteNumberError):
+        dump_json({"x": float("nan")})
+    looped: list[Any] = []
+    looped.append(looped)
+    with pytest.raises(ValueError, match="Circular") as raised:
+        dump_json(looped)
+    assert not isinstance(raised.value, NonFiniteNumberError)
 
 
 @pytest.mark.parametrize("content_type", [b"application/json", b"text/event-stream"])
