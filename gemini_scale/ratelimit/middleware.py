@@ -80,7 +80,8 @@ class RateLimitMiddleware(GeminiMiddleware):
     before the app runs (prompt text plus ``maxOutputTokens``, see
     :func:`~gemini_scale.ratelimit.usage.estimate_request_tokens`) and settle to the real
     ``usageMetadata`` read from the answer as it streams past (JSON or SSE, never buffered):
-    refunded on an error answer or a cache hit, kept when the usage is unknown.
+    refunded on an error answer or a cache hit, kept for a complete answer without usage,
+    and the prompt's estimate for one cut short before it reported any.
 
     Options:
         store: where the counters live (``MemoryStore`` or ``RedisStore``); or ``limiter``.
@@ -418,10 +419,33 @@ class RateLimitMiddleware(GeminiMiddleware):
             await self.app(scope, receive, observing_send)
         except BaseException:
             if not settled:
-                await _completed(self._settle(decision, limits, costs, answer, context))
+                unfinished = self._unfinished_charge(scope, answer, context)
+                await _completed(
+                    self._settle(decision, limits, costs, answer, context, unfinished=unfinished)
+                )
             raise
         if not settled:
-            await _completed(self._settle(decision, limits, costs, answer, context))
+            unfinished = self._unfinished_charge(scope, answer, context)
+            await _completed(
+                self._settle(decision, limits, costs, answer, context, unfinished=unfinished)
+            )
+
+    def _unfinished_charge(
+        self, scope: Scope, answer: AnswerUsage, context: RequestContext
+    ) -> int | None:
+        """What an answer cut short (the client went away, the app raised) costs when it
+        reported no usage before it stopped: the prompt, which the upstream had by then
+        (``None``, the reservation standing, for a 304 the cache settles as a whole)."""
+        if answer.status == 304 or answer.tokens is not None:
+            return None
+        if self.count == "output":
+            return 0
+        return estimate_request_tokens(
+            context.extras.get(JSON_KEY),
+            default_output_tokens=self.default_output_tokens,
+            method=scope["path"].rpartition(":")[2],
+            count="input",
+        )
 
     def _settle(
         self,
@@ -430,11 +454,14 @@ class RateLimitMiddleware(GeminiMiddleware):
         costs: Sequence[int],
         answer: AnswerUsage,
         context: RequestContext,
+        *,
+        unfinished: int | None = None,
     ) -> Coroutine[Any, Any, None] | None:
-        """Settle ``decision``'s reservation to what ``answer`` reported: at once, the
-        usual case, or by the round trip returned to await."""
+        """Settle ``decision``'s reservation to what ``answer`` reported (or, reporting
+        nothing, to ``unfinished`` when given): at once, the usual case, or by the round
+        trip returned to await."""
         reservation = decision.reservation
-        deltas = _deltas(limits, costs, answer, context)
+        deltas = _deltas(limits, costs, answer, context, unfinished)
         if self.limiter.settle_now(reservation, deltas):
             return None
         return _settle_shielded(self.limiter, reservation, deltas)
@@ -514,7 +541,11 @@ def _add_rate_limit_headers(
 
 
 def _deltas(
-    limits: Sequence[Limit], costs: Sequence[int], answer: AnswerUsage, context: RequestContext
+    limits: Sequence[Limit],
+    costs: Sequence[int],
+    answer: AnswerUsage,
+    context: RequestContext,
+    unfinished: int | None = None,
 ) -> list[int]:
     """``actual - reserved`` per limit: settle tokens to the real usage (DESIGN.md §3)."""
     status = answer.status
@@ -522,6 +553,8 @@ def _deltas(
         actual: int | None = 0  # a hit or an error answer costs no tokens: refund it all
     else:
         actual = answer.tokens  # what the answer reported (all of it, or so far)
+        if actual is None:
+            actual = unfinished  # cut short before any usage: the prompt (None: as reserved)
     same_length(limits, costs)
     return [  # indexed: compiled, zip(strict=True) costs more than the work (see engine)
         0 if limits[i].kind != "tokens" else (costs[i] if actual is None else actual) - costs[i]

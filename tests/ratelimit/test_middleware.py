@@ -45,6 +45,7 @@ from tests.ratelimit.helpers import (
     gemini_app,
     limited,
     policy_header,
+    principal,
     rate_limit_header,
     who,
 )
@@ -116,6 +117,34 @@ async def test_the_reservation_is_what_the_count_will_charge(
             GENERATE, json=body(text, max_output=max_output), headers=who("alice")
         )
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(("count", "charged"), [("total", 10), ("input", 10), ("output", 0)])
+async def test_an_answer_cut_short_before_any_usage_charges_the_prompt(
+    count: str, charged: int
+) -> None:
+    """The upstream started its answer, then it broke off before reporting any usage: the
+    prompt (40 characters, 10 tokens) had reached it and is charged; the output allowance
+    (500) is given back."""
+
+    async def breaks_off(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b'data: {"candidates": []}\n\n',
+                    "more_body": True})
+        raise RuntimeError("the upstream went away")
+
+    clock = FakeClock(WINDOW_START)
+    limiter = RateLimitMiddleware(
+        breaks_off, store=MemoryStore(clock=clock), clock=clock, count=count,
+        default=RateLimitPolicy.parse("100/minute", tokens="10000/minute"),
+    )
+    transport = httpx.ASGITransport(app=FakeAuth(limiter))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        with pytest.raises(RuntimeError, match="went away"):
+            await client.post(STREAM, json=body(max_output=500), headers=who("alice"))
+    assert await bucket_usage(limiter, principal("alice")) == {"requests": 1, "tokens": charged}
 
 
 async def test_an_answer_without_usage_keeps_the_reservation() -> None:
