@@ -73,6 +73,11 @@ _FIELD_NAME: Final = re.compile(r"[a-z][a-z0-9]*(?:_[a-z0-9]+)+")
 class AmbiguousSpellingError(ValueError):
     """One object spells a member both ways (``generationConfig`` and ``generation_config``)."""
 
+    @property
+    def message(self) -> str:
+        """The client's 400, as Google words a duplicate member."""
+        return f'Invalid JSON payload received. Duplicate field "{self}".'
+
 
 def camel_name(name: str) -> str:
     """``generation_config`` -> ``generationConfig``: the json_name proto3 JSON reads beside
@@ -173,7 +178,9 @@ def may_respell(raw: bytes) -> bool:
 
 def respelled(raw: bytes) -> bytes:
     """The JSON body ``raw`` :func:`normalize`-d, or ``raw`` itself when nothing changes or
-    it is not a JSON object (whoever reads it judges it as it is)."""
+    it is not a JSON object (whoever reads it judges it as it is). Raises
+    :class:`AmbiguousSpellingError` for an object that spells a member both ways: which of
+    the two a reader would take is not known, so it must not go on as it is."""
     if not raw or not may_respell(raw):
         return raw
     try:
@@ -181,7 +188,8 @@ def respelled(raw: bytes) -> bytes:
         if type(body) is not dict:
             return raw
         value, changed = normalize(body)
-        # (AmbiguousSpellingError and NonFiniteNumberError are ValueErrors)
         return dump_json(value) if changed else raw
-    except (ValueError, RecursionError):
+    except AmbiguousSpellingError:
+        raise
+    except (ValueError, RecursionError):  # (NonFiniteNumberError is a ValueError)
         return raw

@@ -54,7 +54,7 @@ from gemini_scale.errors import (
     error_response,
     reason_phrase,
 )
-from gemini_scale.gemini_json import respelled
+from gemini_scale.gemini_json import AmbiguousSpellingError, respelled
 from gemini_scale.header_values import http_date
 from gemini_scale.observability import tracing
 from gemini_scale.observability.metrics import BoundedLabel, families
@@ -454,7 +454,8 @@ class GeminiUpstream:
 
         Goes to the path the app routed on (without ``root_path``), or ``path``, with only
         ``alt``, ``pageSize`` and ``pageToken`` from its query, ``body`` (or the request's
-        own body; snake_case member names spelled camelCase) and no caller header except
+        own body; snake_case member names spelled camelCase: one that spells a member both
+        ways is answered 400 ``INVALID_ARGUMENT`` without a call) and no caller header except
         ``x-request-id``. The request's own body is read even when ``body`` is given, so
         that a client that leaves before the upstream answers cancels the upstream call. A
         ``HEAD`` goes upstream as a ``GET`` (the server sends the headers only); the body of a
@@ -484,7 +485,10 @@ class GeminiUpstream:
             if body is None and not bodiless:
                 raise
             own_body = b""
-        body = respelled(own_body if body is None else body)  # camelCase goes out (DESIGN §4)
+        try:
+            body = respelled(own_body if body is None else body)  # camelCase goes out (DESIGN §4)
+        except AmbiguousSpellingError as exc:  # as the version layer refuses it on /v1
+            return error_response(400, exc.message)
         extra: dict[str, str] = {}
         request_id = request.headers.get("x-request-id")
         if request_id and len(request_id) <= _REQUEST_ID_MAX and request_id.isprintable():

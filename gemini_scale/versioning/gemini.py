@@ -77,9 +77,7 @@ class ProtoJSONSpelling(VersionChange):
         try:
             value, changed = normalize(body)
         except AmbiguousSpellingError as exc:
-            raise InvalidArgumentError(
-                f'Invalid JSON payload received. Duplicate field "{exc}".'
-            ) from None
+            raise InvalidArgumentError(exc.message) from None
         if changed:
             request.body_changed = True
         return value
