@@ -347,8 +347,10 @@ class VersionMiddleware(GeminiMiddleware):
         value = None
         for name, raw in scope["headers"]:
             if name == self.header:
-                value = bytes(raw)
-                break
+                # Several lines are one comma-joined value (RFC 9110 §5.3): not a version.
+                value = bytes(raw) if value is None else value + b", " + bytes(raw)
+                if len(value) > _HEADER_MAX:
+                    break
         if value is not None and len(value) > _HEADER_MAX:
             return _Refusal(400, f"The {self.header_name} header is too long.")
         header_key = (value, method, path)

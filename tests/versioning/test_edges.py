@@ -519,6 +519,28 @@ async def test_header_values_empty_and_impossible_dates() -> None:
         assert waterfall.headers["x-api-version"] == OLD
 
 
+@pytest.mark.parametrize("unknown", ["reject", "closest"])
+async def test_two_version_header_lines_are_one_comma_joined_value(unknown: str) -> None:
+    """RFC 9110: several lines of a field are its lines joined by commas. Two versions in
+    two lines are refused as the same two in one line are, never the first one served."""
+    async def ok(request: Request) -> Response:
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/x", ok)])
+    app.add_middleware(VersionMiddleware, versions=None, dated=RENAMED, unknown=unknown)
+    transport = httpx.ASGITransport(app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+        one_line = await client.get("/x", headers={"x-api-version": f"{HEAD}, {OLD}"})
+        two_lines = await client.get(
+            "/x", headers=[("x-api-version", HEAD), ("x-api-version", OLD)]
+        )
+        same_twice = await client.get(
+            "/x", headers=[("x-api-version", HEAD), ("x-api-version", HEAD)]
+        )
+    assert one_line.status_code == two_lines.status_code == same_twice.status_code == 400
+    assert f"{HEAD}, {OLD}" in two_lines.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("name", [b"Content-Type", b"CONTENT-TYPE"])
 async def test_an_answer_whose_header_names_have_capitals_is_migrated(name: bytes) -> None:
     # ASGI asks for lower-case names; some apps send them capitalised all the same.
