@@ -35,7 +35,8 @@ RULES = {
 }
 BODY = b'{"contents": [{"parts": [{"text": "hi"}]}]}'
 ANSWER = b'{"candidates": [], "usageMetadata": {"totalTokenCount": 5}}'
-STREAM = b'data: {"usageMetadata": {"totalTokenCount": 5}}\r\n\r\n'
+STREAM = (b'data: {"candidates": [{"finishReason": "STOP"}], '
+          b'"usageMetadata": {"totalTokenCount": 5}}\r\n\r\n')
 
 
 @pytest.mark.parametrize(

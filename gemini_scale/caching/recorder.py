@@ -288,7 +288,18 @@ class Recorder:
         observer = self._observer
         if observer is not None and (observer.error_seen or not observer.complete):
             return None
+        body = b"".join(chunks)
+        if self._stream and not _reached_its_last_chunk(body):
+            return None  # ended cleanly, but before its last chunk: cut short upstream
         return StoredResponse.build(
-            self._headers, b"".join(chunks), created=created, ttl=ttl, etag=self._etag,
+            self._headers, body, created=created, ttl=ttl, etag=self._etag,
             initial_age=self._age,
         )
+
+
+def _reached_its_last_chunk(body: bytes) -> bool:
+    """Whether a ``streamGenerateContent`` answer got to its last chunk, the one that says
+    why it stopped: a candidate's ``finishReason``, or the prompt's ``blockReason``. Read
+    from the bytes: as a member name each is written with bare quotes, which a string's
+    text cannot hold (its quotes are escaped). Searched from the end, where it is."""
+    return body.rfind(b'"finishReason"') >= 0 or body.rfind(b'"blockReason"') >= 0

@@ -181,6 +181,36 @@ async def test_a_json_array_stream_with_more_after_its_end_is_not_stored(
         assert len(upstream.calls) == 2
 
 
+BLOCKED = {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": {"totalTokenCount": 3}}
+
+
+@pytest.mark.parametrize(
+    ("chunks", "media_type", "stored"),
+    [
+        (sse(event("a"), event("b")), "text/event-stream", 0),  # no last chunk
+        (json_array(event("a"), event("b")), "application/json", 0),
+        (sse(event("a"), event("b", last=True)), "text/event-stream", 1),
+        (sse(BLOCKED), "text/event-stream", 1),  # a blocked prompt's one chunk is its last
+        (sse({"candidates": [{"content": {"parts": [{"text": '"finishReason"'}]}}]}),
+         "text/event-stream", 0),  # the words in the text are not the member
+    ],
+)
+async def test_a_stream_cut_short_cleanly_before_its_last_chunk_is_not_stored(
+    backend: Backend, chunks: list[bytes], media_type: str, stored: int
+) -> None:
+    """A stream that ends on a clean boundary but never sent Gemini's last chunk (the one
+    with ``finishReason``, or ``blockReason`` for a blocked prompt) was cut short upstream:
+    it goes on as it came, and is not stored."""
+    upstream = Upstream(stream=chunks, media_type=media_type)
+    async with cached(upstream=upstream, store=backend.store(), clock=backend.clock,
+                      streams=True) as stack:
+        query = b"alt=sse" if media_type == "text/event-stream" else b""
+        answer = await call(stack.app, "POST", STREAM, query=query, headers=who("alice"),
+                            json_body=BODY)
+        assert answer.body == b"".join(chunks)
+        assert stack.engine.stats.stored == stored
+
+
 async def test_a_stream_that_raises_midway_is_not_stored(backend: Backend) -> None:
     upstream = Upstream(stream_error=RuntimeError("upstream reset"))
     async with cached(upstream=upstream, store=backend.store(), clock=backend.clock,

@@ -177,9 +177,12 @@ async def test_a_cache_hit_is_migrated_on_the_way_out_too() -> None:
         assert len(calls) == 1
 
 
-def _answer(text: str) -> dict[str, Any]:
+def _answer(text: str, *, last: bool = True) -> dict[str, Any]:
+    candidate: dict[str, Any] = {"content": {"parts": [{"text": text}], "role": "model"}}
+    if last:  # Gemini's last chunk says why it stopped
+        candidate["finishReason"] = "STOP"
     return {
-        "candidates": [{"content": {"parts": [{"text": text}], "role": "model"}}],
+        "candidates": [candidate],
         "usageMetadata": {"promptTokenCount": 3, "totalTokenCount": 5,
                           "cachedContentTokenCount": 2},
     }
@@ -196,7 +199,7 @@ def _upstream() -> Starlette:
 
         async def events() -> AsyncIterator[bytes]:
             for i in range(3):
-                event = json.dumps(_answer(f"part {i}"))
+                event = json.dumps(_answer(f"part {i}", last=i == 2))
                 if sse:
                     yield f"data: {event}\r\n\r\n".encode()
                 else:
