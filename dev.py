@@ -253,20 +253,29 @@ import httpx
 from starlette.applications import Starlette
 from starlette.responses import JSONResponse
 from starlette.routing import Route
-from gemini_scale import CacheMiddleware, MemoryStore, RateLimitMiddleware, RateLimitPolicy
+from gemini_scale import (
+    CacheMiddleware, CachePolicy, MemoryStore, RateLimitMiddleware, RateLimitPolicy,
+)
+
+calls = []
 
 async def listing(request):
+    calls.append(1)
     return JSONResponse({"models": []})
 
 app = Starlette(routes=[Route("/v1beta/models", listing)])
-app.add_middleware(CacheMiddleware, store=MemoryStore())
+app.add_middleware(CacheMiddleware, store=MemoryStore(),
+                   rules={"GET /v1beta/models": CachePolicy(ttl=60, scope="shared")})
 app.add_middleware(RateLimitMiddleware, default=RateLimitPolicy.parse("2/minute", key="client_ip"))
 
 async def main():
     transport = httpx.ASGITransport(app)
     async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
-        codes = [(await client.get("/v1beta/models")).status_code for _ in range(3)]
+        answers = [await client.get("/v1beta/models") for _ in range(3)]
+    codes = [answer.status_code for answer in answers]
     assert codes == [200, 200, 429], codes
+    assert answers[1].headers.get("cache-status") == "gemini-scale; hit", answers[1].headers
+    assert len(calls) == 1, calls
 
 asyncio.run(main())
 print(f"smoke: {len(modules)} compiled modules, a limited and cached request: ok")

@@ -53,6 +53,7 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     OSError,  # includes the builtin TimeoutError
 )
 _REDIS_ERRORS = (redis_errors.RedisError, redis_errors.RedisClusterException, OSError)
+_TIMEOUTS = (redis_errors.TimeoutError, TimeoutError)  # (socket.timeout is TimeoutError)
 
 
 def _no_retry() -> Retry:
@@ -98,9 +99,10 @@ class RedisStore(ScriptedOperations):
         pools fail at once when all connections are busy; with this bound, operations wait
         for a turn instead, up to ``acquire_timeout`` seconds.
     :param acquire_timeout: how long an operation waits for its turn before raising
-        ``StoreUnavailableError``. An operation that waited while another found Redis
-        unavailable (a timeout, a refused connection) raises it too, without sending: once
-        Redis is known to be failing, a queue of callers costs no further timeouts.
+        ``StoreUnavailableError``. An operation that waited for its turn while another one
+        timed out raises it too, without sending: a Redis that hangs costs a queue of callers
+        one timeout, not one each in turn. (Other failures, a reset connection say, fail
+        only their own operation: they come at once, so nobody waits long behind them.)
     """
 
     def __init__(
@@ -125,7 +127,7 @@ class RedisStore(ScriptedOperations):
         self._scripts: dict[str, AsyncScript] = {}
         self._gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
         self._acquire_timeout = acquire_timeout
-        self._unavailable = 0  # operations that found Redis unavailable, so far
+        self._timeouts = 0  # operations that timed out waiting for Redis, so far
         self._owned: list[Callable[[], Awaitable[None]]] = []
         self._cluster = client if isinstance(client, RedisCluster) else None
         self._cluster_lock = asyncio.Lock()
@@ -202,7 +204,7 @@ class RedisStore(ScriptedOperations):
             if not gate.locked():
                 await gate.acquire()  # returns at once: no timer on the common path
             else:
-                failures = self._unavailable
+                timeouts = self._timeouts
                 try:
                     async with asyncio.timeout(self._acquire_timeout):
                         await gate.acquire()
@@ -210,10 +212,10 @@ class RedisStore(ScriptedOperations):
                     raise StoreUnavailableError(
                         f"Redis is saturated: no connection free within {self._acquire_timeout} s"
                     ) from None
-                if self._unavailable != failures:
+                if self._timeouts != timeouts:
                     gate.release()
                     raise StoreUnavailableError(
-                        "Redis became unavailable while this operation waited for its turn"
+                        "Redis timed out while this operation waited for its turn"
                     )
         try:
             if self._cluster is not None and _needs_initialize(self._cluster):
@@ -222,16 +224,14 @@ class RedisStore(ScriptedOperations):
                         await self._cluster.initialize()
             return await operation(*args, **kwargs)
         except _REDIS_ERRORS as exc:
-            error = _translate(exc)
-            if isinstance(error, StoreUnavailableError):
-                self._unavailable += 1
-            raise error from exc
+            if isinstance(exc, _TIMEOUTS):
+                self._timeouts += 1
+            raise _translate(exc) from exc
         except (OSError, RuntimeError, AttributeError) as exc:
             # redis-py's asyncio cluster client can fail outside its own exception tree when
             # a connection is closed under a concurrent command (a half-closed transport:
             # AttributeError on plain asyncio, RuntimeError on uvloop). The outcome is
             # unknown, exactly like a timeout: report the store unavailable.
-            self._unavailable += 1
             raise StoreUnavailableError(
                 f"Redis connection failed ({type(exc).__name__})"
             ) from exc

@@ -446,6 +446,47 @@ async def test_decisions_queued_behind_a_stalled_redis_do_not_wait_their_turn(
     assert stats.get("evalsha", 0) <= 3  # (a connection still opening sends none)
 
 
+async def test_one_reset_connection_fails_only_its_own_decision(
+    redis_servers: RedisProcesses,
+) -> None:
+    """Among 40 decisions queued for 3 connections, one meets a connection Redis reset
+    (``CLIENT KILL`` of that connection, on a healthy server): that one alone fails over
+    (``closed``: refused with StoreFailureError); the others wait their turn and are decided
+    by Redis, which receives each of them."""
+    import redis.asyncio
+
+    server = redis_servers.server()
+    client = redis.asyncio.Redis.from_url(server.url, socket_timeout=2.0)
+    store = RedisStore(client, prefix=_prefix(), max_concurrency=3)
+    engine = RateLimiter(store, on_store_error="closed", breaker_threshold=1000)
+    limit = Limit("requests", 1000, HOUR)
+    real_evalsha = client.evalsha
+    calls: list[int] = []
+
+    async def evalsha_once_reset(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 5:  # the server closes the client's connections, just once
+            with server.client() as admin:
+                admin.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        return await real_evalsha(*args, **kwargs)
+
+    client.evalsha = evalsha_once_reset  # type: ignore[method-assign]
+    try:
+        await engine.acquire("warm", [limit], [0])
+        with server.client() as admin:
+            admin.config_resetstat()
+            outcomes = await asyncio.gather(
+                *(engine.acquire("p", [limit], [1]) for _ in range(40)), return_exceptions=True
+            )
+            stats = commandstats(admin)
+    finally:
+        await client.aclose()
+    failed = [o for o in outcomes if isinstance(o, StoreFailureError)]
+    assert 1 <= len(failed) <= 3  # those on the connections the kill closed, nothing more
+    assert all(isinstance(o, Decision) and o.allowed for o in outcomes if o not in failed)
+    assert stats.get("evalsha", 0) >= 40 - len(failed)
+
+
 # -- B18: the script cache flushed ---------------------------------------------------------
 
 
