@@ -17,7 +17,9 @@ from gemini_scale import fastjson
 from gemini_scale.memo import remember
 
 __all__ = [
+    "EVENT_END",
     "INTEGER_MEMBERS",
+    "LINE_END",
     "OPAQUE_MEMBERS",
     "AmbiguousSpellingError",
     "NonFiniteNumberError",
@@ -26,6 +28,8 @@ __all__ = [
     "may_respell",
     "normalize",
     "respelled",
+    "sse_payload",
+    "stream_chunks",
 ]
 
 #: JSON members whose contents are user-named (JSON Schema ``properties``, function-call
@@ -164,6 +168,37 @@ def dump_json(value: Any, *, pretty: bool = False) -> bytes:
     # backslashreplace writes exactly JSON's escape for it (a backslash before it in the
     # string is already doubled by the encoder).
     return text.encode("utf-8", "backslashreplace")
+
+
+#: Where an SSE event ends, and where a line does (the three line ends SSE allows).
+EVENT_END: Final = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+LINE_END: Final = re.compile(rb"\r\n|\n|\r")
+
+
+def sse_payload(lines: list[bytes]) -> bytes | None:
+    """The data of one SSE event, given its lines: its ``data:`` lines joined by ``\\n``
+    (one leading space dropped from each), or ``None`` when it has none."""
+    data = [line for line in lines if line.startswith(b"data:")]
+    if not data:
+        return None
+    return b"\n".join(line[6:] if line[5:6] == b" " else line[5:] for line in data)
+
+
+def stream_chunks(body: bytes) -> list[Any] | None:
+    """The JSON chunks of a whole ``streamGenerateContent`` answer: the elements of its
+    JSON-array form, or each SSE event's data; ``None`` when one of them does not parse."""
+    try:
+        if body.lstrip()[:1] == b"[":
+            chunks = fastjson.loads(body)
+            return chunks if type(chunks) is list else None
+        found = []
+        for event in EVENT_END.split(body):
+            payload = sse_payload(LINE_END.split(event))
+            if payload is not None:
+                found.append(fastjson.loads(payload))
+        return found
+    except (ValueError, RecursionError):
+        return None
 
 
 def may_respell(raw: bytes) -> bool:

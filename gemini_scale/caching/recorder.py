@@ -29,6 +29,7 @@ from gemini_scale.caching.semantics import (
     response_facts,
 )
 from gemini_scale.caching.signature import Plan
+from gemini_scale.gemini_json import stream_chunks
 from gemini_scale.header_names import lowercased
 from gemini_scale.header_values import bounded_decimal
 from gemini_scale.ratelimit.usage import UsageObserver
@@ -298,8 +299,29 @@ class Recorder:
 
 
 def _reached_its_last_chunk(body: bytes) -> bool:
-    """Whether a ``streamGenerateContent`` answer got to its last chunk, the one that says
-    why it stopped: a candidate's ``finishReason``, or the prompt's ``blockReason``. Read
-    from the bytes: as a member name each is written with bare quotes, which a string's
-    text cannot hold (its quotes are escaped). Searched from the end, where it is."""
-    return body.rfind(b'"finishReason"') >= 0 or body.rfind(b'"blockReason"') >= 0
+    """Whether a ``streamGenerateContent`` answer got to its end: every candidate it streamed
+    said why it stopped (its ``finishReason``, in the chunk that ends it), or the prompt was
+    blocked (``promptFeedback.blockReason``). Parsed only when the words are there at all
+    (a stream cut short usually lacks them), and only to store the answer."""
+    if body.rfind(b'"finishReason"') < 0 and body.rfind(b'"blockReason"') < 0:
+        return False
+    chunks = stream_chunks(body)
+    if chunks is None:
+        return False
+    streamed: set[object] = set()
+    finished: set[object] = set()
+    for chunk in chunks:
+        if type(chunk) is not dict:
+            continue
+        feedback = chunk.get("promptFeedback")
+        if type(feedback) is dict and feedback.get("blockReason"):
+            return True
+        candidates = chunk.get("candidates")
+        for candidate in candidates if type(candidates) is list else ():
+            if type(candidate) is dict:
+                index = candidate.get("index", 0)
+                which = index if type(index) is int else repr(index)
+                streamed.add(which)
+                if candidate.get("finishReason"):
+                    finished.add(which)
+    return bool(streamed) and streamed <= finished

@@ -14,7 +14,13 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from gemini_scale import fastjson
-from gemini_scale.gemini_json import NonFiniteNumberError, dump_json
+from gemini_scale.gemini_json import (
+    EVENT_END,
+    LINE_END,
+    NonFiniteNumberError,
+    dump_json,
+    sse_payload,
+)
 
 __all__ = [
     "MAX_HELD_BYTES",
@@ -82,8 +88,6 @@ class DocumentMigrator:
         return _encoded(self._migrate(value), raw, pretty=raw[:2] in (b"{\n", b"[\n"))
 
 
-_EVENT_END: Final = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-_LINE_END: Final = re.compile(rb"\r\n|\n|\r")
 
 
 class EventStreamMigrator:
@@ -105,7 +109,7 @@ class EventStreamMigrator:
         out = bytearray()
         pos = 0
         while True:
-            end = _EVENT_END.search(buffer, self._scanned)
+            end = EVENT_END.search(buffer, self._scanned)
             if end is None:
                 break
             event = bytes(buffer[pos : end.start()])
@@ -130,11 +134,10 @@ class EventStreamMigrator:
         return rest
 
     def _event(self, event: bytes, terminator: bytes) -> bytes:
-        lines = _LINE_END.split(event)
-        data = [line for line in lines if line.startswith(b"data:")]
-        if not data:
+        lines = LINE_END.split(event)
+        payload = sse_payload(lines)
+        if payload is None:
             return event + terminator
-        payload = b"\n".join(line[6:] if line[5:6] == b" " else line[5:] for line in data)
         ok, value = _loads(payload)
         if not ok:
             return event + terminator

@@ -193,6 +193,18 @@ BLOCKED = {"promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": {"total
         (sse(BLOCKED), "text/event-stream", 1),  # a blocked prompt's one chunk is its last
         (sse({"candidates": [{"content": {"parts": [{"text": '"finishReason"'}]}}]}),
          "text/event-stream", 0),  # the words in the text are not the member
+        (sse({"candidates": [{"content": {"parts": [
+            {"functionCall": {"name": "f", "args": {"finishReason": "x"}}}]}}]}),
+         "text/event-stream", 0),  # nor a member of a function call's arguments
+        (json_array({"candidates": [{"content": {"parts": [
+            {"functionCall": {"name": "f", "args": {"finishReason": "x"}}}]}}]}),
+         "application/json", 0),
+        (sse({"candidates": [{"index": 0, "finishReason": "STOP"}, {"index": 1}]},
+             {"candidates": [{"index": 1, "content": {"parts": [{"text": "more"}]}}]}),
+         "text/event-stream", 0),  # one of two candidates finished
+        (sse({"candidates": [{"index": 0, "finishReason": "STOP"}, {"index": 1}]},
+             {"candidates": [{"index": 1, "finishReason": "MAX_TOKENS"}]}),
+         "text/event-stream", 1),  # both did
     ],
 )
 async def test_a_stream_cut_short_cleanly_before_its_last_chunk_is_not_stored(
