@@ -347,8 +347,13 @@ class VersionMiddleware(GeminiMiddleware):
         value = None
         for name, raw in scope["headers"]:
             if name == self.header:
-                # Several lines are one comma-joined value (RFC 9110 §5.3): not a version.
-                value = bytes(raw) if value is None else value + b", " + bytes(raw)
+                # Several lines are one comma-joined value (RFC 9110 §5.3), empty ones left
+                # out (§5.6.1): two versions are not one.
+                line = bytes(raw)
+                if value is None or not value.strip():
+                    value = line
+                elif line.strip():
+                    value += b", " + line
                 if len(value) > _HEADER_MAX:
                     break
         if value is not None and len(value) > _HEADER_MAX:

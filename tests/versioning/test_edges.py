@@ -537,8 +537,17 @@ async def test_two_version_header_lines_are_one_comma_joined_value(unknown: str)
         same_twice = await client.get(
             "/x", headers=[("x-api-version", HEAD), ("x-api-version", HEAD)]
         )
+        with_empty = [
+            await client.get("/x", headers=lines)
+            for lines in ([("x-api-version", OLD), ("x-api-version", "")],
+                          [("x-api-version", ""), ("x-api-version", OLD)],
+                          [("x-api-version", ""), ("x-api-version", " ")])
+        ]
     assert one_line.status_code == two_lines.status_code == same_twice.status_code == 400
     assert f"{HEAD}, {OLD}" in two_lines.json()["error"]["message"]
+    # Empty lines are no element of the list (RFC 9110 §5.6.1): one version, or none.
+    assert [a.status_code for a in with_empty] == [200, 200, 200]
+    assert [a.headers["x-api-version"] for a in with_empty] == [OLD, OLD, HEAD]
 
 
 @pytest.mark.parametrize("name", [b"Content-Type", b"CONTENT-TYPE"])
