@@ -138,6 +138,11 @@ def compiled_sources() -> list[Path]:
     return [ROOT / pattern.lstrip("/") for pattern in hook["include"]]
 
 
+def compiled_modules() -> list[str]:
+    """The dotted names of :func:`compiled_sources`."""
+    return [".".join(path.relative_to(ROOT).with_suffix("").parts) for path in compiled_sources()]
+
+
 def remove_compiled() -> None:
     """Delete in-place mypyc artefacts (the package has no other extension modules), so that
     imports load the sources as they are now, whatever module list built them."""
@@ -287,9 +292,7 @@ def smoke(args: list[str]) -> int:
     lists is compiled, and a request passes a limiter and a cache. Runs in the interpreter
     that runs this file, from a directory outside the checkout; the release check of
     ``wheel`` and cibuildwheel's ``test-command`` use it."""
-    modules = [
-        ".".join(path.relative_to(ROOT).with_suffix("").parts) for path in compiled_sources()
-    ]
+    modules = compiled_modules()
     with tempfile.TemporaryDirectory() as elsewhere:  # -P and a foreign cwd: not the sources
         return subprocess.run(
             [sys.executable, "-P", "-c", _SMOKE, json.dumps(modules)], cwd=elsewhere, check=False

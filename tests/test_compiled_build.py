@@ -14,17 +14,11 @@ import os
 import subprocess
 import sys
 
-from dev import ROOT, compiled_sources
-
-
-def _listed_modules() -> list[str]:
-    return [
-        ".".join(path.relative_to(ROOT).with_suffix("").parts) for path in compiled_sources()
-    ]
+from dev import ROOT, compiled_modules
 
 
 def test_the_hook_lists_existing_modules() -> None:
-    modules = _listed_modules()
+    modules = compiled_modules()
     assert modules
     for name in modules:
         assert (ROOT / (name.replace(".", "/") + ".py")).is_file(), name
@@ -33,7 +27,7 @@ def test_the_hook_lists_existing_modules() -> None:
 def test_all_listed_modules_are_compiled_or_none_is() -> None:
     compiled = {
         name: not (importlib.import_module(name).__file__ or "").endswith(".py")
-        for name in _listed_modules()
+        for name in compiled_modules()
     }
     expected = os.environ.get("GEMINI_SCALE_EXPECT_COMPILED")
     if expected == "1":
@@ -50,7 +44,7 @@ def test_no_listed_module_awaits_in_a_finally_clause() -> None:
     # again in the compiled caller. Such code is written as ``except BaseException: ...;
     # raise`` plus the same step after the ``try`` (RateLimitMiddleware._call_and_settle).
     found = []
-    for name in _listed_modules():
+    for name in compiled_modules():
         path = ROOT / (name.replace(".", "/") + ".py")
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Try | ast.TryStar):
