@@ -308,12 +308,7 @@ class RateLimitMiddleware(GeminiMiddleware):
             except BodyRefusedError as refused:
                 await send_error(send, refused.code, refused.message)
                 return
-            estimate = estimate_request_tokens(
-                context.extras.get(JSON_KEY),
-                default_output_tokens=self.default_output_tokens,
-                method=scope["path"].rpartition(":")[2],
-                count=self.count,
-            )
+            estimate = self._estimate(scope, context, self.count)
             costs = (
                 [1 if limit.kind == "requests" else estimate for limit in limits]
                 if estimate
@@ -420,15 +415,22 @@ class RateLimitMiddleware(GeminiMiddleware):
         except BaseException:
             if not settled:
                 unfinished = self._unfinished_charge(scope, answer, context)
-                await _completed(
-                    self._settle(decision, limits, costs, answer, context, unfinished=unfinished)
-                )
+                await _completed(self._settle(decision, limits, costs, answer, context,
+                                              unfinished=unfinished))
             raise
         if not settled:
             unfinished = self._unfinished_charge(scope, answer, context)
-            await _completed(
-                self._settle(decision, limits, costs, answer, context, unfinished=unfinished)
-            )
+            await _completed(self._settle(decision, limits, costs, answer, context,
+                                          unfinished=unfinished))
+
+    def _estimate(self, scope: Scope, context: RequestContext, count: Count) -> int:
+        """The request's token estimate, priced for ``count`` (its body as parsed)."""
+        return estimate_request_tokens(
+            context.extras.get(JSON_KEY),
+            default_output_tokens=self.default_output_tokens,
+            method=scope["path"].rpartition(":")[2],
+            count=count,
+        )
 
     def _unfinished_charge(
         self, scope: Scope, answer: AnswerUsage, context: RequestContext
@@ -438,14 +440,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         (``None``, the reservation standing, for a 304 the cache settles as a whole)."""
         if answer.status == 304 or answer.tokens is not None:
             return None
-        if self.count == "output":
-            return 0
-        return estimate_request_tokens(
-            context.extras.get(JSON_KEY),
-            default_output_tokens=self.default_output_tokens,
-            method=scope["path"].rpartition(":")[2],
-            count="input",
-        )
+        return 0 if self.count == "output" else self._estimate(scope, context, "input")
 
     def _settle(
         self,
