@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -39,6 +40,21 @@ def from_url(closing: list[RedisStore], url: str, **options: float) -> RedisStor
 async def debug_sleep(client: Redis, seconds: float) -> None:
     """Block the whole server (needs ``--enable-debug-command local``)."""
     await client.execute_command("DEBUG", "SLEEP", str(seconds))  # type: ignore[no-untyped-call]
+
+
+@contextlib.asynccontextmanager
+async def asleep(url: str, seconds: float) -> AsyncIterator[None]:
+    """The server at ``url`` blocked in ``DEBUG SLEEP`` for ``seconds`` from about 0.1 s after
+    entering; leaving waits for it to wake up."""
+    blocker = Redis.from_url(url, socket_timeout=5)
+    try:
+        await blocker.ping()  # connected, so DEBUG SLEEP goes out at once
+        sleeping = asyncio.create_task(debug_sleep(blocker, seconds))
+        await asyncio.sleep(0.1)
+        yield
+        await sleeping
+    finally:
+        await blocker.aclose()
 
 
 def dead_url() -> str:
@@ -288,26 +304,19 @@ async def test_timed_out_incr_is_not_retried(
     server = redis_servers.server("--enable-debug-command", "local")
     store = from_url(closing, server.url, socket_timeout=0.05)
     await store.run(INCR_WITH_TTL, ["warm-up"], [1, 30_000])  # connected, script loaded
-    blocker = Redis.from_url(server.url, socket_timeout=5)
-    try:
-        await blocker.ping()  # connected, so DEBUG SLEEP goes out at once
-        sleeping = asyncio.create_task(debug_sleep(blocker, 0.6))
-        await asyncio.sleep(0.1)
+    async with asleep(server.url, 0.6):
         started = time.monotonic()
         with pytest.raises(StoreUnavailableError):
             await store.incr("n", ttl=30)
         assert time.monotonic() - started < 0.4  # one 0.05 s timeout, not a retry loop
-        await sleeping
-        # The INCR was sent once: the server applied it after the sleep (a timeout means
-        # "outcome unknown"), and nothing sent it again.
-        counted = int(await blocker.get(f"{store.prefix}:n") or 0)
-        assert counted <= 1
-        # The store works again. The timed-out INCR may land just after the read above (its
-        # socket was closed, but Redis still runs what it had buffered), so the total is
-        # ours plus at most that one: never a retried copy.
-        assert await store.incr("n", ttl=30) in (counted + 1, 2)
-    finally:
-        await blocker.aclose()
+    # The INCR was sent once: the server applied it after the sleep (a timeout means
+    # "outcome unknown"), and nothing sent it again.
+    counted = int(await store.get("n") or 0)
+    assert counted <= 1
+    # The store works again. The timed-out INCR may land just after the read above (its
+    # socket was closed, but Redis still runs what it had buffered), so the total is ours
+    # plus at most that one: never a retried copy.
+    assert await store.incr("n", ttl=30) in (counted + 1, 2)
 
 
 @pytest.mark.redis
@@ -322,11 +331,7 @@ async def test_saturated_store_waits_then_gives_up(
     results = await gather_all(*(queued.incr("n", ttl=30) for _ in range(30)))
     assert sorted(results) == list(range(1, 31))
     store = from_url(closing, server.url, max_connections=1, pool_timeout=0.1, socket_timeout=2)
-    blocker = Redis.from_url(server.url, socket_timeout=5)
-    try:
-        await blocker.ping()  # connected, so DEBUG SLEEP goes out at once
-        sleeping = asyncio.create_task(debug_sleep(blocker, 0.6))
-        await asyncio.sleep(0.1)
+    async with asleep(server.url, 0.6):
         slow = asyncio.create_task(store.run(SERVER_TIME, [], []))  # holds the one turn
         await asyncio.sleep(0.05)
         started = time.monotonic()
@@ -334,9 +339,6 @@ async def test_saturated_store_waits_then_gives_up(
             await store.get("n")
         assert time.monotonic() - started < 0.4  # waited pool_timeout=0.1 s, then gave up
         assert isinstance(await slow, int)
-        await sleeping
-    finally:
-        await blocker.aclose()
 
 
 # -- scripts --------------------------------------------------------------------------------
@@ -539,26 +541,36 @@ async def test_a_cancelled_command_never_leaves_its_reply_for_the_next(
     store = from_url(closing, server.url, socket_timeout=2)
     await store.set("a", b"value-a", ttl=30)
     assert await store.get("a") == b"value-a"  # a connection is now kept idle
-    blocker = Redis.from_url(server.url, socket_timeout=5)
-    try:
-        await blocker.ping()
-        sleeping = asyncio.create_task(debug_sleep(blocker, 0.3))
-        await asyncio.sleep(0.05)
+    async with asleep(server.url, 0.5):
         for operation in (store.run(SERVER_TIME, [], []), store.get("a")):
             pending = asyncio.ensure_future(operation)
             await asyncio.sleep(0.05)  # sent; the reply comes after the server wakes up
             pending.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await pending
-        await sleeping
-    finally:
-        await blocker.aclose()
     # The replies of the cancelled commands arrive on connections that were dropped: every
     # later command reads its own reply.
     for _ in range(5):
         assert await store.get("a") == b"value-a"
         assert isinstance(await store.run(SERVER_TIME, [], []), int)
         assert await store.get("missing") is None
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+async def test_a_write_the_kernel_cannot_take_is_bounded_by_the_socket_timeout(
+    redis_servers: RedisProcesses, closing: list[RedisStore]
+) -> None:
+    server = redis_servers.server("--enable-debug-command", "local")
+    store = from_url(closing, server.url, socket_timeout=0.2)
+    assert isinstance(await store.run(SERVER_TIME, [], []), int)  # a connection is kept idle
+    async with asleep(server.url, 1.5):
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailableError):
+            # More than the socket buffers hold while the server reads nothing.
+            await store.run(SERVER_TIME, [], [b"x" * (64 << 20)])
+        assert time.monotonic() - started < 1.0  # the write timed out; it did not wait on
+    assert isinstance(await store.run(SERVER_TIME, [], []), int)  # and the store works again
 
 
 @pytest.mark.redis
