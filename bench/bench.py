@@ -1152,7 +1152,7 @@ def counting_commands() -> Iterator[dict[str, int]]:
     """Count the commands redis-py sends on the wire, by name, from any client or path in
     this process (asyncio and sync connections: every send is one round trip; a pipeline
     would count as one, under its first command's name), and those the store writes to
-    redis-py's connections itself (``redis_connections._send``)."""
+    redis-py's connections itself (``redis_connections._write``)."""
     import redis.asyncio.connection
     import redis.connection
 
@@ -1181,21 +1181,21 @@ def counting_commands() -> Iterator[dict[str, int]]:
         note(command)
         return sync_original(self, command, *args, **kwargs)
 
-    store_original = redis_connections._send
+    store_original = redis_connections._write
 
-    async def store_counted(connection: Any, packed: Any) -> None:
+    async def store_counted(connection: Any, writer: Any, packed: Any) -> None:
         note(packed)
-        await store_original(connection, packed)
+        await store_original(connection, writer, packed)
 
     async_class.send_packed_command = async_counted  # type: ignore[method-assign]
     sync_class.send_packed_command = sync_counted  # type: ignore[method-assign]
-    redis_connections._send = store_counted
+    redis_connections._write = store_counted
     try:
         yield counts
     finally:
         async_class.send_packed_command = async_original  # type: ignore[method-assign]
         sync_class.send_packed_command = sync_original  # type: ignore[method-assign]
-        redis_connections._send = store_original
+        redis_connections._write = store_original
 
 
 async def count_round_trips(

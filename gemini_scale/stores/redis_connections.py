@@ -24,7 +24,11 @@ that runs the write as a task of its own, a loop iteration later, and costs abou
 of a round trip's client CPU (measured here: 52 against 72 µs per ``EVALSHA``). A command
 this size goes to the kernel at once; the socket timeout still bounds a write that must wait
 (a full socket buffer), and a connection redis-py has not opened, or whose stream is closing,
-goes through ``send_packed_command`` as before.
+goes through ``send_packed_command`` as before. A write or a read that fails (a timeout, a
+reset, a cancellation) aborts the stream with what it still buffers, where redis-py would
+close it and so still send the rest of a big command, or a TLS stream's whole backlog (its
+drain does not wait for the socket beneath): a timed-out command never reaches the server
+whole later on.
 """
 
 from __future__ import annotations
@@ -135,16 +139,31 @@ def _closed_by_peer(connection: AbstractConnection) -> bool:
 
 
 async def _round_trip(connection: AbstractConnection, args: tuple[Any, ...]) -> Any:
-    await _send(connection, connection.pack_command(*args))
-    return await connection.read_response()
-
-
-async def _send(connection: AbstractConnection, packed: list[bytes]) -> None:
-    """Write a packed command (see the module's docstring for why not through redis-py)."""
+    packed = connection.pack_command(*args)
     writer = getattr(connection, "_writer", None)
-    if type(writer) is not asyncio.StreamWriter or writer.is_closing():
+    if type(writer) is asyncio.StreamWriter and not writer.is_closing():
+        await _write(connection, writer, packed)
+    else:  # not opened yet, or closing: redis-py connects it, or reports the failure
         await connection.send_packed_command(packed, check_health=False)
-        return
+        writer = getattr(connection, "_writer", None)
+    try:
+        return await connection.read_response()
+    except redis_errors.ResponseError:
+        raise  # an error reply, read in full: the connection is sound
+    except BaseException:
+        # redis-py closes the stream, which would still send what it buffers (the rest of a
+        # big command, a TLS stream's whole backlog): dropped instead, the timed-out command
+        # never reaches the server whole.
+        if isinstance(writer, asyncio.StreamWriter):
+            writer.transport.abort()
+        raise
+
+
+async def _write(
+    connection: AbstractConnection, writer: asyncio.StreamWriter, packed: list[bytes]
+) -> None:
+    """Write a packed command to the connection's open stream (see the module's docstring
+    for why not through redis-py), waiting at most its socket timeout for buffer room."""
     try:
         writer.writelines(packed)
         if writer.transport.get_write_buffer_size():  # the kernel did not take it all

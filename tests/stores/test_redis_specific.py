@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
+import subprocess
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis, SSLConnection
@@ -556,21 +559,42 @@ async def test_a_cancelled_command_never_leaves_its_reply_for_the_next(
         assert await store.get("missing") is None
 
 
+def tls_options(directory: Path) -> list[str]:
+    """Options that make a server also listen with TLS (a fresh self-signed certificate)
+    on ``--tls-port``, which the caller adds."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not on PATH (it makes the TLS test's certificate)")
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )
+    return ["--tls-cert-file", str(cert), "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"]
+
+
 @pytest.mark.redis
 @pytest.mark.slow
+@pytest.mark.parametrize("tls", [False, True], ids=["tcp", "tls"])
 async def test_a_write_the_kernel_cannot_take_is_bounded_by_the_socket_timeout(
-    redis_servers: RedisProcesses, closing: list[RedisStore]
+    redis_servers: RedisProcesses, closing: list[RedisStore], tmp_path: Path, tls: bool
 ) -> None:
-    server = redis_servers.server("--enable-debug-command", "local")
-    store = from_url(closing, server.url, socket_timeout=0.2)
-    assert isinstance(await store.run(SERVER_TIME, [], []), int)  # a connection is kept idle
-    async with asleep(server.url, 1.5):
+    tls_port = free_port()
+    options = [*tls_options(tmp_path), "--tls-port", str(tls_port)] if tls else []
+    server = redis_servers.server("--enable-debug-command", "local", *options)
+    url = f"rediss://127.0.0.1:{tls_port}/0?ssl_cert_reqs=none" if tls else server.url
+    store = from_url(closing, url, socket_timeout=0.2)
+    await store.run(INCR_WITH_TTL, ["n"], [1, 30_000])  # a connection is kept idle
+    async with asleep(server.url, 2.0):
         started = time.monotonic()
         with pytest.raises(StoreUnavailableError):
             # More than the socket buffers hold while the server reads nothing.
-            await store.run(SERVER_TIME, [], [b"x" * (64 << 20)])
-        assert time.monotonic() - started < 1.0  # the write timed out; it did not wait on
-    assert isinstance(await store.run(SERVER_TIME, [], []), int)  # and the store works again
+            await store.run(INCR_WITH_TTL, ["n"], [1, 30_000, b"x" * (32 << 20)])
+        assert time.monotonic() - started < 1.5  # the write timed out; it did not wait on
+    await asyncio.sleep(0.2)
+    # Dropped with what it still buffered, the command never reached the server whole.
+    assert await store.run(INCR_WITH_TTL, ["n"], [1, 30_000]) == 2
 
 
 @pytest.mark.redis
