@@ -35,7 +35,7 @@ from gemini_scale.stores.redis_connections import ReusedConnections
 from gemini_scale.stores.scripted import ScriptedOperations
 
 _T = TypeVar("_T")
-#: Idle connections a store made by ``from_url`` keeps for its scripts and GETs.
+#: Idle connections a store made by ``from_url`` keeps for its scripts, GET, SET and DEL.
 _KEEP_IDLE = 16
 
 RedisClient = Redis | RedisCluster
@@ -161,7 +161,7 @@ class RedisStore(ScriptedOperations):
         ``connect_timeout`` and no retries; ``max_connections`` bounds the operations in
         flight, which wait up to ``pool_timeout`` seconds for a turn, and each connection pool
         (per node on a cluster). Outside a cluster the pool also keeps up to
-        ``min(16, max_connections)`` idle connections for scripts and ``GET`` between uses,
+        ``min(16, max_connections)`` idle connections for scripts, ``GET``, ``SET`` and ``DEL``,
         which skips redis-py's per-checkout lock and socket check on the hot path.
 
         :raises ConfigurationError: for a malformed URL or option (the message never
@@ -183,7 +183,7 @@ class RedisStore(ScriptedOperations):
             "retry": _no_retry(),
         }
         # The pool holds the operations in flight (at most max_connections, the gate) plus
-        # the idle connections kept for scripts and GET (see redis_connections.py).
+        # the idle connections kept for scripts, GET, SET and DEL (see redis_connections.py).
         cluster = isinstance(url, str) and url.lower().startswith("redis+cluster://")
         keep = 0 if cluster else min(_KEEP_IDLE, max_connections)
         client, owned = _client_from_url(url, options, max_connections + keep)
@@ -239,31 +239,37 @@ class RedisStore(ScriptedOperations):
             if gate is not None:
                 gate.release()
 
+    async def _command(self, *args: Any) -> Any:
+        """One single-key command: on a kept connection when the store has them (the raw
+        reply: ``SET`` answers ``b"OK"``, not ``True``), else through the client."""
+        if self._reused is not None:
+            return await self._do(self._reused.execute, *args)
+        return await self._do(self.client.execute_command, *args)
+
     async def get(self, key: str) -> bytes | None:
         """The value of ``key``, or ``None`` when absent or expired."""
-        if self._reused is not None:
-            value = await self._do(self._reused.execute, "GET", self._head + key)
-        else:
-            value = await self._do(self.client.get, self._head + key)
+        value = await self._command("GET", self._head + key)
         return None if value is None else _bytes(value)
 
     async def set(self, key: str, value: bytes, *, ttl: float) -> None:
         """Store ``value`` under ``key`` for ``ttl`` seconds (``SET PX``)."""
         data, ms = value_bytes(value), ttl_ms(ttl)
-        await self._do(self.client.set, self._head + key, data, px=ms)
+        await self._command("SET", self._head + key, data, "PX", ms)
 
     async def set_if_absent(self, key: str, value: bytes, *, ttl: float) -> bool:
         """Store ``value`` only if ``key`` is absent (``SET NX PX``); whether it was stored."""
         data, ms = value_bytes(value), ttl_ms(ttl)
-        stored = await self._do(self.client.set, self._head + key, data, px=ms, nx=True)
+        stored = await self._command("SET", self._head + key, data, "PX", ms, "NX")
         return bool(stored)
 
     async def delete(self, *keys: str) -> int:
         """Remove ``keys``; how many existed. On a cluster, keys may span slots."""
         if not keys:
             return 0
-        removed = await self._do(self.client.delete, *[self._head + key for key in keys])
-        return int(removed)
+        names = [self._head + key for key in keys]
+        if self._reused is not None:  # never a cluster: one DEL for all
+            return int(await self._do(self._reused.execute, "DEL", *names))
+        return int(await self._do(self.client.delete, *names))
 
     async def set_members(self, key: str) -> frozenset[str]:
         """The members of a set (empty when absent)."""
