@@ -9,8 +9,8 @@ own, from the store's pool, and every command is packed and its reply read by re
 skip because of three rules:
 
 - a connection goes back to the idle list only after its reply was read in full;
-- any failure (including cancellation, and error replies other than ``NOSCRIPT``, such as
-  ``READONLY`` from a demoted master) disconnects it and returns it to the pool, which
+- any failure (including cancellation, and ``READONLY`` from a demoted master, but not
+  other error replies, which leave it sound) disconnects it and returns it to the pool, which
   reconnects it on its next checkout; a failure other than a cancellation drops every idle
   connection too (after a failover they all point at the old master, and the pool only
   re-points the connections it holds itself);
@@ -109,6 +109,13 @@ class ReusedConnections:
             await self._pool.release(connection)
 
     async def _failed(self, connection: AbstractConnection, exc: BaseException) -> None:
+        if isinstance(exc, redis_errors.ResponseError) and not isinstance(
+            exc, redis_errors.ReadOnlyError
+        ):
+            # An error reply (out of memory, a wrong type), read in full: the connection is
+            # sound. READONLY is not: the server it points at is no longer the master.
+            await self._checkin(connection)
+            return
         await self._discard(connection)
         if not isinstance(exc, asyncio.CancelledError):
             idle, self._idle = self._idle, []

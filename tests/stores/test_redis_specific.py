@@ -598,6 +598,30 @@ async def test_a_write_the_kernel_cannot_take_is_bounded_by_the_socket_timeout(
 
 
 @pytest.mark.redis
+async def test_error_replies_keep_their_connections(
+    redis_servers: RedisProcesses, closing: list[RedisStore]
+) -> None:
+    # Out of memory, every write is refused: the cache's writes then fail on each miss, and
+    # must not cost a new connection each (nor drop the kept ones).
+    server = redis_servers.server("--maxmemory", "1", "--maxmemory-policy", "noeviction")
+    store = from_url(closing, server.url)
+    assert await store.get("a") is None  # connected; one connection is kept
+
+    def connections_made() -> int:
+        with server.client() as admin:
+            return int(admin.info("stats")["total_connections_received"])
+
+    before = connections_made()
+    for _ in range(20):
+        with pytest.raises(StoreError, match="OutOfMemoryError"):
+            await store.set("a", b"value", ttl=30)
+        with pytest.raises(StoreError, match="OutOfMemoryError"):
+            await store.run(INCR_WITH_TTL, ["n"], [1, 30_000])
+        assert await store.get("a") is None
+    assert connections_made() - before <= 2  # the admin's own connections
+
+
+@pytest.mark.redis
 async def test_connections_closed_by_the_server_are_replaced_without_an_error(
     redis_servers: RedisProcesses, closing: list[RedisStore]
 ) -> None:
