@@ -89,10 +89,11 @@ class ReusedConnections:
         return reply
 
     async def _checkout(self) -> AbstractConnection:
-        idle = self._idle
         now = time.monotonic()
-        while idle:
-            connection, since = idle.pop()
+        # ``self._idle`` is read afresh each time: a failure elsewhere, while this awaits a
+        # discard, swaps it for an empty list and discards what the old one held itself.
+        while self._idle:
+            connection, since = self._idle.pop()
             if _closed_by_peer(connection):
                 await self._discard(connection)
             elif now - since > self._max_idle:

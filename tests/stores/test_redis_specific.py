@@ -11,7 +11,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
-from redis.asyncio import Redis, SSLConnection
+from redis import exceptions as redis_errors
+from redis.asyncio import ConnectionPool, Redis, SSLConnection
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.sentinel import SentinelConnectionPool
 from redis_harness import RedisClusterProcesses, RedisProcesses, free_port
@@ -619,6 +620,39 @@ async def test_error_replies_keep_their_connections(
             await store.run(INCR_WITH_TTL, ["n"], [1, 30_000])
         assert await store.get("a") is None
     assert connections_made() - before <= 2  # the admin's own connections
+
+
+@pytest.mark.redis
+async def test_a_failure_while_closed_connections_are_swept_releases_each_once(
+    redis_servers: RedisProcesses,
+) -> None:
+    from gemini_scale.stores.redis_connections import ReusedConnections
+
+    primary, server = redis_servers.server(), redis_servers.server()
+    pool = ConnectionPool.from_url(server.url, max_connections=64, socket_timeout=2)
+    kept = ReusedConnections(pool, keep=16)
+    try:
+        # Six connections kept idle: the one on top named "keeper", the rest killed.
+        await gather_all(*(kept.execute("CLIENT", "SETNAME", "victim") for _ in range(6)))
+        await kept.execute("CLIENT", "SETNAME", "keeper")
+        with server.client() as admin:
+            for client in admin.client_list():
+                if client["name"] == "victim":
+                    admin.client_kill_filter(_id=client["id"])
+            admin.execute_command("REPLICAOF", "127.0.0.1", str(primary.port))
+        await asyncio.sleep(0.1)  # the event loop sees the killed connections close
+        # A write on the keeper fails (READONLY: every kept connection is dropped) while a
+        # PING sweeps the killed ones aside: each is released once, and both get answers.
+        write = asyncio.ensure_future(kept.execute("SET", "k", "v"))
+        await asyncio.sleep(0)
+        assert await kept.execute("PING") in (b"PONG", "PONG", True)
+        with pytest.raises(redis_errors.ReadOnlyError):
+            await write
+        for _ in range(10):
+            assert await kept.execute("GET", "k") is None
+    finally:
+        await kept.aclose()
+        await pool.aclose()
 
 
 @pytest.mark.redis
