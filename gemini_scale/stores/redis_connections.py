@@ -13,7 +13,8 @@ skip because of three rules:
   other error replies, which leave it sound) disconnects it and returns it to the pool, which
   reconnects it on its next checkout; a failure other than a cancellation drops every idle
   connection too (after a failover they all point at the old master, and the pool only
-  re-points the connections it holds itself);
+  re-points the connections it holds itself); whatever goes back to the pool goes back whole
+  even when the caller is cancelled meanwhile;
 - an idle connection whose peer has closed it (the event loop has already seen the end of
   its stream, which costs no system call to ask) is dropped, not used; one idle for longer
   than ``max_idle`` seconds goes back to the pool, whose checkout verifies it.
@@ -34,6 +35,7 @@ whole later on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from typing import Any
@@ -95,9 +97,9 @@ class ReusedConnections:
         while self._idle:
             connection, since = self._idle.pop()
             if _closed_by_peer(connection):
-                await self._discard(connection)
-            elif now - since > self._max_idle:
-                await self._pool.release(connection)  # stale: the pool verifies it on checkout
+                await self._hand_back([connection], disconnect=True)
+            elif now - since > self._max_idle:  # stale: the pool verifies it on checkout
+                await self._hand_back([connection], disconnect=False)
             else:
                 return connection
         fresh: AbstractConnection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
@@ -107,7 +109,7 @@ class ReusedConnections:
         if len(self._idle) < self._keep:
             self._idle.append((connection, time.monotonic()))  # no await: the common path
         else:
-            await self._pool.release(connection)
+            await self._hand_back([connection], disconnect=False)
 
     async def _failed(self, connection: AbstractConnection, exc: BaseException) -> None:
         if isinstance(exc, redis_errors.ResponseError) and not isinstance(
@@ -117,16 +119,17 @@ class ReusedConnections:
             # sound. READONLY is not: the server it points at is no longer the master.
             await self._checkin(connection)
             return
-        await self._discard(connection)
+        dropped = [connection]
         if not isinstance(exc, asyncio.CancelledError):
             idle, self._idle = self._idle, []
-            for kept, _ in idle:
-                await self._discard(kept)
+            dropped += [kept for kept, _ in idle]
+        await self._hand_back(dropped, disconnect=True)
 
-    async def _discard(self, connection: AbstractConnection) -> None:
-        # Shielded: a cancelled caller must still hand the connection back, or the pool
-        # would count it as in use forever.
-        await asyncio.shield(_disconnect_and_release(self._pool, connection))
+    async def _hand_back(self, connections: list[AbstractConnection], *, disconnect: bool) -> None:
+        """Return ``connections`` to the pool (disconnected first, if asked), all of them
+        even if the caller is cancelled meanwhile (a timeout around a store operation):
+        one left out would count as in use forever, and the pool would run dry."""
+        await asyncio.shield(_release_all(self._pool, connections, disconnect=disconnect))
 
     async def aclose(self) -> None:
         """Hand every idle connection back to the pool (which the client then closes)."""
@@ -188,8 +191,11 @@ async def _write(
         raise
 
 
-async def _disconnect_and_release(pool: ConnectionPool, connection: AbstractConnection) -> None:
-    try:
-        await connection.disconnect(nowait=True)
-    finally:
+async def _release_all(
+    pool: ConnectionPool, connections: list[AbstractConnection], *, disconnect: bool
+) -> None:
+    for connection in connections:
+        if disconnect:
+            with contextlib.suppress(Exception):  # it is dropped either way
+                await connection.disconnect(nowait=True)
         await pool.release(connection)

@@ -656,6 +656,26 @@ async def test_a_failure_while_closed_connections_are_swept_releases_each_once(
 
 
 @pytest.mark.redis
+@pytest.mark.slow
+async def test_a_caller_cancelled_while_a_failure_drops_the_kept_connections_leaks_none(
+    redis_servers: RedisProcesses, closing: list[RedisStore]
+) -> None:
+    server = redis_servers.server("--enable-debug-command", "local")
+    store = from_url(closing, server.url, socket_timeout=0.1, max_connections=16)
+    for extra in (0.0005, 0.001, 0.0015, 0.002, 0.0025, 0.003, 0.004, 0.005):
+        await gather_all(*(store.get("a") for _ in range(16)))  # 16 connections kept
+        async with asleep(server.url, 0.25):
+            # The read times out and the failure drops the kept connections; the caller's
+            # own deadline, just after, cancels it somewhere in that (as a cache's
+            # store_timeout would).
+            with contextlib.suppress(TimeoutError, StoreUnavailableError):
+                async with asyncio.timeout(0.1 + extra):
+                    await store.get("a")
+    # Every connection went back to the pool: a full burst still finds one each.
+    assert await gather_all(*(store.get("a") for _ in range(16))) == [None] * 16
+
+
+@pytest.mark.redis
 async def test_connections_closed_by_the_server_are_replaced_without_an_error(
     redis_servers: RedisProcesses, closing: list[RedisStore]
 ) -> None:
