@@ -676,6 +676,19 @@ async def test_a_caller_cancelled_while_a_failure_drops_the_kept_connections_lea
 
 
 @pytest.mark.redis
+@pytest.mark.slow
+async def test_connections_the_server_closed_in_the_pool_are_reopened(
+    redis_servers: RedisProcesses, closing: list[RedisStore]
+) -> None:
+    server = redis_servers.server("--timeout", "1")  # the server closes idle clients
+    store = from_url(closing, server.url)
+    # More at once than the store keeps: the rest wait in redis-py's own pool.
+    assert await gather_all(*(store.get("a") for _ in range(40))) == [None] * 40
+    await asyncio.sleep(2.5)  # the server closes them all
+    assert await gather_all(*(store.get("a") for _ in range(40))) == [None] * 40
+
+
+@pytest.mark.redis
 async def test_connections_closed_by_the_server_are_replaced_without_an_error(
     redis_servers: RedisProcesses, closing: list[RedisStore]
 ) -> None:
