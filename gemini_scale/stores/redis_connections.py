@@ -18,7 +18,7 @@ skip because of three rules:
 - an idle connection whose peer has closed it (the event loop has already seen the end of
   its stream, which costs no system call to ask) is dropped, not used; one idle for longer
   than ``max_idle`` seconds goes back to the pool; one the pool hands out is checked the
-  same way and reopened if its peer closed it (redis-py 8.1's pool does not check it).
+  same way and reopened if its peer closed it (redis-py 8.1's pool hands it out anyway).
 
 The command is written to the connection's stream here rather than by redis-py's
 ``send_packed_command``, which bounds every write with ``asyncio.wait_for``: on Python 3.11
@@ -105,9 +105,9 @@ class ReusedConnections:
                 return connection
         fresh: AbstractConnection = await self._pool.get_connection()  # type: ignore[no-untyped-call]
         if _closed_by_peer(fresh):
-            # redis-py 8.1's pool hands out its idle connections unchecked (while its
-            # maintenance notifications are "auto", the default): one the server closed
-            # meanwhile is closed here, and opened again by its first command.
+            # redis-py 8.1's pool looks at the socket but, while its maintenance
+            # notifications are "auto" (the default), hands it out anyway: one the server
+            # closed meanwhile is closed here, and opened again by its first command.
             await fresh.disconnect(nowait=True)
         return fresh
 
