@@ -99,7 +99,7 @@ class ReusedConnections:
             connection, since = self._idle.pop()
             if _closed_by_peer(connection):
                 await self._hand_back([connection], disconnect=True)
-            elif now - since > self._max_idle:  # stale: the pool verifies it on checkout
+            elif now - since > self._max_idle:  # stale: back to the pool, checked on its way out
                 await self._hand_back([connection], disconnect=False)
             else:
                 return connection
@@ -147,7 +147,7 @@ class ReusedConnections:
 def _closed_by_peer(connection: AbstractConnection) -> bool:
     """Whether the server (or a proxy) closed the connection while it was idle, from what the
     event loop already knows. redis-py keeps its stream in private attributes: if they are
-    ever missing, the connection is treated as closed and the pool's own checkout takes over."""
+    ever missing, the connection is treated as closed: dropped, or reopened by its next command."""
     reader = getattr(connection, "_reader", None)
     writer = getattr(connection, "_writer", None)
     if not isinstance(reader, asyncio.StreamReader) or not isinstance(writer, asyncio.StreamWriter):
