@@ -35,7 +35,7 @@ from gemini_scale.stores.redis_connections import ReusedConnections
 from gemini_scale.stores.scripted import ScriptedOperations
 
 _T = TypeVar("_T")
-#: Idle connections a store made by ``from_url`` keeps for its scripts, GET, SET and DEL.
+#: Idle connections a store made by ``from_url`` keeps for its scripts and plain commands.
 _KEEP_IDLE = 16
 
 RedisClient = Redis | RedisCluster
@@ -161,7 +161,7 @@ class RedisStore(ScriptedOperations):
         ``connect_timeout`` and no retries; ``max_connections`` bounds the operations in
         flight, which wait up to ``pool_timeout`` seconds for a turn, and each connection pool
         (per node on a cluster). Outside a cluster the pool also keeps up to
-        ``min(16, max_connections)`` idle connections for scripts, ``GET``, ``SET`` and ``DEL``,
+        ``min(16, max_connections)`` idle connections for scripts and single commands,
         which skips redis-py's per-checkout lock and socket check on the hot path.
 
         :raises ConfigurationError: for a malformed URL or option (the message never
@@ -183,7 +183,7 @@ class RedisStore(ScriptedOperations):
             "retry": _no_retry(),
         }
         # The pool holds the operations in flight (at most max_connections, the gate) plus
-        # the idle connections kept for scripts, GET, SET and DEL (see redis_connections.py).
+        # the idle connections kept for scripts and plain commands (see redis_connections.py).
         cluster = isinstance(url, str) and url.lower().startswith("redis+cluster://")
         keep = 0 if cluster else min(_KEEP_IDLE, max_connections)
         client, owned = _client_from_url(url, options, max_connections + keep)
@@ -241,7 +241,8 @@ class RedisStore(ScriptedOperations):
 
     async def _command(self, *args: Any) -> Any:
         """One single-key command: on a kept connection when the store has them (the raw
-        reply: ``SET`` answers ``b"OK"``, not ``True``), else through the client."""
+        reply: ``SET`` answers ``b"OK"``, not ``True``; ``SMEMBERS`` a list), else through
+        the client."""
         if self._reused is not None:
             return await self._do(self._reused.execute, *args)
         return await self._do(self.client.execute_command, *args)
@@ -273,7 +274,7 @@ class RedisStore(ScriptedOperations):
 
     async def set_members(self, key: str) -> frozenset[str]:
         """The members of a set (empty when absent)."""
-        members = await self._do(self.client.smembers, self._head + key)
+        members = await self._command("SMEMBERS", self._head + key)
         return frozenset(_bytes(member).decode() for member in members)
 
     async def run(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:

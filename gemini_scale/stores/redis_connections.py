@@ -1,4 +1,4 @@
-"""Reuse of a few redis-py connections for the hot commands (scripts, ``GET``, ``SET``, ``DEL``).
+"""Reuse of a few redis-py connections for the store's commands (scripts, ``GET``, ``SET``...).
 
 Why not the pool alone: redis-py's asyncio pool takes a lock, records observability counters
 and checks the socket for unread data on *every* checkout and release. Measured here, that is

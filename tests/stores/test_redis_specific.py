@@ -685,6 +685,7 @@ async def test_connections_the_server_closed_in_the_pool_are_reopened(
     # More at once than the store keeps: the rest wait in redis-py's own pool.
     assert await gather_all(*(store.get("a") for _ in range(40))) == [None] * 40
     await asyncio.sleep(2.5)  # the server closes them all
+    assert await store.set_members("s") == frozenset()
     assert await gather_all(*(store.get("a") for _ in range(40))) == [None] * 40
 
 
