@@ -42,7 +42,7 @@ def test_no_listed_module_awaits_in_a_finally_clause() -> None:
     # mypyc miscompiles an ``await`` in a ``finally`` clause: an exception thrown into the
     # awaited coroutine and handled there (anyio's cancellation of a task group) is raised
     # again in the compiled caller. Such code is written as ``except BaseException: ...;
-    # raise`` plus the same step after the ``try`` (RateLimitMiddleware._call_and_settle).
+    # raise`` plus the same step after the ``try`` (RateLimitMiddleware.handle).
     found = []
     for name in compiled_modules():
         path = ROOT / (name.replace(".", "/") + ".py")
@@ -73,3 +73,4 @@ def test_the_release_smoke_check_tells_a_compiled_install_from_the_sources(
     else:
         assert result.returncode != 0
         assert "not compiled: ['gemini_scale.ratelimit.scripts'" in result.stderr
+

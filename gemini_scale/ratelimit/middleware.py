@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Collection, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Collection, Coroutine, Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import anyio
 from mypy_extensions import mypyc_attr
 
-from gemini_scale.auth.middleware import principal_of
 from gemini_scale.body import JSON_KEY, BodyRefusedError, load_json_body
 from gemini_scale.errors import ConfigurationError, send_error
 from gemini_scale.keys import Identity, TrustedProxies, identity
@@ -208,7 +207,11 @@ class RateLimitMiddleware(GeminiMiddleware):
             return self._address_identity(scope)
         principal = context.principal
         if not isinstance(principal, Principal):
-            principal = principal_of(scope)  # what identity() falls back to
+            # principal_of(scope), what identity() falls back to, inlined: compiled here
+            state = scope.get("state")
+            principal = state.get("principal") if isinstance(state, dict) else None
+            if not isinstance(principal, Principal):
+                principal = None
         if principal is None or "client_ip" in dimensions:
             return identity(scope, dimensions, trusted=self.trusted)
         route = context.route
@@ -263,31 +266,21 @@ class RateLimitMiddleware(GeminiMiddleware):
         remember(self._budgets, memo, (policy, budget), _IDENTITY_CACHE_SIZE)
         return budget
 
-    async def handle(
-        self, scope: Scope, receive: Receive, send: Send, context: RequestContext
-    ) -> None:
-        policy = (
-            None if self.exempt is not None and route_path(scope) in self.exempt
-            else (
-                policy_for(context, self._rules, RateLimitPolicy, scope)
-                if self.route_policies
-                else None
-            ) or self.default
+    def _policy_of(self, scope: Scope, context: RequestContext) -> RateLimitPolicy | None:
+        """The policy this request meets (``None``: exempt, or no limit applies)."""
+        if self.exempt is not None and route_path(scope) in self.exempt:
+            return None
+        found = (
+            policy_for(context, self._rules, RateLimitPolicy, scope)
+            if self.route_policies
+            else None
         )
-        if policy is None:  # exempt, or no limit applies
-            await self.app(scope, receive, send)
-            return
-        plan = self._plan(policy)
-        charges_tokens = (
-            plan.has_tokens
-            and scope["method"] == "POST"
-            and scope["path"].endswith(self.token_methods)
-        )
-        limits = plan.limits if charges_tokens else plan.request_limits
-        if not limits:
-            await self.app(scope, receive, send)
-            return
-        dimensions: tuple[LimitKey, ...] = policy.key
+        return found or self.default
+
+    def _bucket(
+        self, scope: Scope, context: RequestContext, dimensions: tuple[LimitKey, ...]
+    ) -> tuple[tuple[LimitKey, ...], Identity]:
+        """The request's bucket, and the dimensions it was keyed on."""
         bucket = self._identity(scope, context, dimensions)
         if bucket is None:
             # A dimension this request lacks: a route without {model} keys on the rest (a
@@ -301,6 +294,38 @@ class RateLimitMiddleware(GeminiMiddleware):
                 dimensions = ("client_ip",)
                 bucket = identity(scope, dimensions, trusted=self.trusted)
         assert bucket is not None
+        return dimensions, bucket
+
+    def _headed(
+        self, context: RequestContext, plan: _Plan, decision: Decision
+    ) -> list[tuple[str, Sequence[Limit], Decision]] | None:
+        """Note ``decision`` for the ``RateLimit`` headers; the decisions whose headers this
+        layer adds (the outermost limiter writes them for every limiter the request met)."""
+        decisions = context.extras.get(DECISIONS_KEY)
+        owner = decisions is None
+        if decisions is None:
+            decisions = context.extras[DECISIONS_KEY] = []
+        decisions.append((self.name_prefix, plan.limits, decision))
+        return decisions if owner and self.headers else None
+
+    async def handle(
+        self, scope: Scope, receive: Receive, send: Send, context: RequestContext
+    ) -> None:
+        policy = self._policy_of(scope, context)
+        if policy is None:
+            await self.app(scope, receive, send)
+            return
+        plan = self._plan(policy)
+        charges_tokens = (
+            plan.has_tokens
+            and scope["method"] == "POST"
+            and scope["path"].endswith(self.token_methods)
+        )
+        limits = plan.limits if charges_tokens else plan.request_limits
+        if not limits:
+            await self.app(scope, receive, send)
+            return
+        dimensions, bucket = self._bucket(scope, context, policy.key)
         costs: Sequence[int] = plan.request_costs
         if charges_tokens:
             try:
@@ -331,97 +356,56 @@ class RateLimitMiddleware(GeminiMiddleware):
                 headers={"retry-after": "1"},
             )
             return
-        # The outermost limiter writes the headers for every limiter the request met.
-        decisions = context.extras.get(DECISIONS_KEY)
-        owner = decisions is None
-        if decisions is None:
-            decisions = context.extras[DECISIONS_KEY] = []
-        decisions.append((self.name_prefix, plan.limits, decision))
-        headed = decisions if owner and self.headers else None  # the headers this layer adds
-        if headed is not None and not (charges_tokens and decision.reservation is not None):
-            send = _with_rate_limit_headers(send, headed)
-            headed = None
+        headed = self._headed(context, plan, decision)
+        reservation = decision.reservation if charges_tokens else None
+        if headed is not None and reservation is None:
+            send = _RateLimitHeaders(send, headed)
         if not decision.allowed:
-            labels = (
-                {"model": context.route.params["model"]}
-                if "model" in dimensions
-                and context.route is not None
-                and "model" in context.route.params
-                else {}
-            )
-            message, details = quota_details(decision, dimensions, labels)
-            logger.info("rate limited %s: %s", bucket.describe(), message)
-            headers = {"retry-after": str(decision.retry_after)}
-            await send_error(send, 429, message, details=details, headers=headers)
+            await self._refuse(send, decision, dimensions, bucket, context)
             return
-        if not charges_tokens or decision.reservation is None:
+        if reservation is None:
             await self.app(scope, receive, send)
             return
-        await self._call_and_settle(
-            scope=scope,
-            receive=receive,
-            send=send,
-            context=context,
-            decision=decision,
-            limits=limits,
-            costs=costs,
-            headed=headed,
-        )
-
-    async def _call_and_settle(
-        self,
-        *,
-        scope: Scope,
-        receive: Receive,
-        send: Send,
-        context: RequestContext,
-        decision: Decision,
-        limits: Sequence[Limit],
-        costs: Sequence[int],
-        headed: list[tuple[str, Sequence[Limit], Decision]] | None,
-    ) -> None:
-        """Call the app, reading the answer's usage (and adding the ``RateLimit`` headers of
-        ``headed``, in the same ``send`` wrapper), then settle the reservation: before the
-        answer's last body message goes on, so a client that waits for each answer finds
-        its refund in place for its next call (layers inside may still be working, a cache
-        storing the answer, when the client already has it); else when the app returns."""
+        # Call the app, reading the answer's usage (and adding the ``RateLimit`` headers of
+        # ``headed``) as it passes, then settle the reservation: before the answer's last
+        # body message goes on (see _AnswerSettler), else when the app returns.
         answer = AnswerUsage(self.count)
         context.extras[USAGE_KEY] = answer  # the metrics layer reads the usage too
-        settled = False
-
-        async def observing_send(message: Message) -> None:
-            nonlocal settled
-            kind = message["type"]
-            if kind == "http.response.body":
-                more = message.get("more_body", False)
-                answer.feed(message.get("body", b""), more)
-                # (a 304 from a cache is settled later: its body reaches the reading then)
-                if not more and not settled and answer.status != 304:
-                    settled = True
-                    later = self._settle(decision, limits, costs, answer, context)
-                    if later is not None:
-                        await later
-            elif kind == "http.response.start":
-                answer.start(message["status"], message.get("headers", ()))
-                if headed is not None:
-                    _add_rate_limit_headers(message, headed)
-            await send(message)
-
+        settler = _AnswerSettler(
+            self, send, decision=decision, limits=limits, costs=costs, answer=answer,
+            context=context, headed=headed,
+        )
         # Not ``try``/``finally``: mypyc miscompiles an ``await`` in a ``finally`` clause (an
         # exception thrown into the app and handled there, as anyio handles a cancellation,
         # is raised again by the coroutine that awaits this one).
         try:
-            await self.app(scope, receive, observing_send)
+            await self.app(scope, receive, settler)
         except BaseException:
-            if not settled:
-                unfinished = self._unfinished_charge(scope, answer, context)
-                await _completed(self._settle(decision, limits, costs, answer, context,
-                                              unfinished=unfinished))
+            if not settler.settled:
+                await _completed(settler.settle_unfinished(scope))
             raise
-        if not settled:
-            unfinished = self._unfinished_charge(scope, answer, context)
-            await _completed(self._settle(decision, limits, costs, answer, context,
-                                          unfinished=unfinished))
+        if not settler.settled:
+            await _completed(settler.settle_unfinished(scope))
+
+    async def _refuse(
+        self,
+        send: Send,
+        decision: Decision,
+        dimensions: tuple[LimitKey, ...],
+        bucket: Identity,
+        context: RequestContext,
+    ) -> None:
+        """Answer a refused request: 429 with ``QuotaFailure`` and ``RetryInfo``."""
+        route = context.route
+        labels = (
+            {"model": route.params["model"]}
+            if "model" in dimensions and route is not None and "model" in route.params
+            else {}
+        )
+        message, details = quota_details(decision, dimensions, labels)
+        logger.info("rate limited %s: %s", bucket.describe(), message)
+        headers = {"retry-after": str(decision.retry_after)}
+        await send_error(send, 429, message, details=details, headers=headers)
 
     def _estimate(self, scope: Scope, context: RequestContext, count: Count) -> int:
         """The request's token estimate, priced for ``count`` (its body as parsed)."""
@@ -503,6 +487,93 @@ class IPRateLimitMiddleware(RateLimitMiddleware):
         )
 
 
+class _AnswerSettler:
+    """The ``send`` a token-charging request's app gets: it reads the answer's usage as the
+    messages pass (never holding one back), adds the ``RateLimit`` headers, and settles the
+    reservation before the answer's last body message goes on, so a client that waits for
+    each answer finds its refund in place for its next call (layers inside may still be
+    working, a cache storing the answer, when the client already has it).
+
+    A plain callable returning the awaitable of the ``send`` it wraps (a settlement that
+    needs a round trip first is awaited in a coroutine of its own): no coroutine of its own
+    per message, which is most of what a wrapper costs."""
+
+    def __init__(
+        self,
+        middleware: RateLimitMiddleware,
+        send: Send,
+        *,
+        decision: Decision,
+        limits: Sequence[Limit],
+        costs: Sequence[int],
+        answer: AnswerUsage,
+        context: RequestContext,
+        headed: list[tuple[str, Sequence[Limit], Decision]] | None,
+    ) -> None:
+        self.middleware = middleware
+        self.send = send
+        self.decision = decision
+        self.limits = limits
+        self.costs = costs
+        self.answer = answer
+        self.context = context
+        self.headed = headed
+        self.settled = False
+
+    def __call__(self, message: Message) -> Awaitable[None]:
+        kind = message["type"]
+        if kind == "http.response.body":
+            more = message.get("more_body", False)
+            answer = self.answer
+            answer.feed(message.get("body", b""), more)
+            # (a 304 from a cache is settled later: its body reaches the reading then)
+            if not more and not self.settled and answer.status != 304:
+                self.settled = True
+                later = self.middleware._settle(
+                    self.decision, self.limits, self.costs, answer, self.context
+                )
+                if later is not None:
+                    return _settled_then_sent(later, self.send, message)
+        elif kind == "http.response.start":
+            self.answer.start(message["status"], message.get("headers", ()))
+            headed = self.headed
+            if headed is not None:
+                _add_rate_limit_headers(message, headed)
+        return self.send(message)
+
+    def settle_unfinished(self, scope: Scope) -> Coroutine[Any, Any, None] | None:
+        """Settle an answer that did not finish (the app returned or raised first)."""
+        self.settled = True
+        middleware, answer = self.middleware, self.answer
+        unfinished = middleware._unfinished_charge(scope, answer, self.context)
+        return middleware._settle(
+            self.decision, self.limits, self.costs, answer, self.context, unfinished=unfinished
+        )
+
+
+async def _settled_then_sent(
+    later: Coroutine[Any, Any, None], send: Send, message: Message
+) -> None:
+    await later
+    await send(message)
+
+
+class _RateLimitHeaders:
+    """The ``send`` of a request that charges no tokens: adds the ``RateLimit`` headers to
+    the answer's start (a plain callable, like :class:`_AnswerSettler`)."""
+
+    def __init__(
+        self, send: Send, decisions: list[tuple[str, Sequence[Limit], Decision]]
+    ) -> None:
+        self.send = send
+        self.decisions = decisions
+
+    def __call__(self, message: Message) -> Awaitable[None]:
+        if message["type"] == "http.response.start":
+            _add_rate_limit_headers(message, self.decisions)
+        return self.send(message)
+
+
 async def _completed(later: Coroutine[Any, Any, None] | None) -> None:
     """Await a settlement's round trip, if :meth:`RateLimitMiddleware._settle` returned one."""
     if later is not None:
@@ -514,17 +585,6 @@ async def _settle_shielded(
 ) -> None:
     with anyio.CancelScope(shield=True):  # a settlement begun is never cut short
         await limiter.settle(reservation, deltas)
-
-
-def _with_rate_limit_headers(
-    send: Send, decisions: list[tuple[str, Sequence[Limit], Decision]]
-) -> Send:
-    async def send_with_headers(message: Message) -> None:
-        if message["type"] == "http.response.start":
-            _add_rate_limit_headers(message, decisions)
-        await send(message)
-
-    return send_with_headers
 
 
 def _add_rate_limit_headers(
