@@ -21,7 +21,7 @@ import re
 import sys
 import weakref
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Any, ClassVar, TypeVar
 
@@ -69,16 +69,53 @@ _MEMO_SIZE = 4096
 _MEMO_PATH_MAX = 512
 
 
-@dataclass(frozen=True, slots=True)
 class RouteMatch:
-    """The route a request resolved to, before the framework routes it."""
+    """The route a request resolved to, before the framework routes it (immutable).
 
-    template: str
-    """The full path template (``/v1beta/models/{model}:generateContent``): a safe label."""
-    params: Mapping[str, str]
-    """Raw path parameters."""
-    policies: Mapping[type[Policy], Policy]
-    """Policies marked on the endpoint."""
+    A plain class with read-only properties, not a frozen dataclass: compiled with mypyc,
+    its fields are then read directly (every layer reads them on every request)."""
+
+    __slots__ = ("_params", "_policies", "_template")
+
+    def __init__(
+        self, template: str, params: Mapping[str, str], policies: Mapping[type[Policy], Policy]
+    ) -> None:
+        self._template = template
+        self._params = params
+        self._policies = policies
+
+    @property
+    def template(self) -> str:
+        """The full path template (``/v1beta/models/{model}:generateContent``): a safe label."""
+        return self._template
+
+    @property
+    def params(self) -> Mapping[str, str]:
+        """Raw path parameters."""
+        return self._params
+
+    @property
+    def policies(self) -> Mapping[type[Policy], Policy]:
+        """Policies marked on the endpoint."""
+        return self._policies
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RouteMatch):
+            return NotImplemented
+        return (
+            self._template == other._template
+            and self._params == other._params
+            and self._policies == other._policies
+        )
+
+    def __hash__(self) -> int:
+        return hash((self._template, tuple(self._params.items())))
+
+    def __repr__(self) -> str:
+        return (
+            f"RouteMatch(template={self._template!r}, params={self._params!r}, "
+            f"policies={self._policies!r})"
+        )
 
 
 @dataclass(slots=True)
@@ -386,16 +423,37 @@ def route_path(scope: Scope) -> str:
     return path
 
 
-@dataclass(slots=True)
 class RequestContext:
-    """State our middlewares share about one request, kept in ``scope["gemini_scale"]``."""
+    """State our middlewares share about one request, kept in ``scope["gemini_scale"]``.
 
-    route: RouteMatch | None = None
+    A plain class, not a dataclass: compiled with mypyc, a dataclass keeps an interpreted
+    ``__init__`` and generic attribute reads, and every layer reads this on every request.
+    """
+
+    __slots__ = ("extras", "principal", "route")
+
+    route: RouteMatch | None
     """The route resolved from the app's route table (``None``: no route matched)."""
-    principal: Any = None
+    principal: Any
     """The verified :class:`~gemini_scale.principal.Principal`, once authentication ran."""
-    extras: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, Any]
     """Other per-request facts middlewares pass to each other."""
+
+    def __init__(
+        self,
+        route: RouteMatch | None = None,
+        principal: Any = None,
+        extras: dict[str, Any] | None = None,
+    ) -> None:
+        self.route = route
+        self.principal = principal
+        self.extras = {} if extras is None else extras
+
+    def __repr__(self) -> str:
+        return (
+            f"RequestContext(route={self.route!r}, principal={self.principal!r}, "
+            f"extras={self.extras!r})"
+        )
 
 
 async def misconfigured_app(scope: Scope, receive: Any, send: Any) -> None:

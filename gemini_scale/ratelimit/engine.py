@@ -20,7 +20,6 @@ import logging
 import math
 import time
 from collections.abc import Iterable, Iterator, Sequence, Sized
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Literal, NamedTuple
 
 import anyio
@@ -47,13 +46,48 @@ LimitKind = Literal["requests", "tokens"]
 StoreErrorMode = Literal["local", "open", "closed"]
 
 
-@dataclass(frozen=True, slots=True)
 class Limit:
-    """One budget: ``amount`` units of ``kind`` per ``window`` seconds."""
+    """One budget: ``amount`` units of ``kind`` per ``window`` seconds (immutable).
 
-    kind: LimitKind
-    amount: int
-    window: int
+    A plain class with read-only properties, not a frozen dataclass: compiled with mypyc,
+    its fields are then read directly (every limit of every request reads them)."""
+
+    __slots__ = ("_amount", "_kind", "_window")
+
+    def __init__(self, kind: LimitKind, amount: int, window: int) -> None:
+        self._kind: LimitKind = kind
+        self._amount = amount
+        self._window = window
+
+    @property
+    def kind(self) -> LimitKind:
+        """``requests`` or ``tokens``."""
+        return self._kind
+
+    @property
+    def amount(self) -> int:
+        """Units per window."""
+        return self._amount
+
+    @property
+    def window(self) -> int:
+        """The window, in seconds."""
+        return self._window
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Limit):
+            return NotImplemented
+        return (
+            self._kind == other._kind
+            and self._amount == other._amount
+            and self._window == other._window
+        )
+
+    def __hash__(self) -> int:
+        return hash((self._kind, self._amount, self._window))
+
+    def __repr__(self) -> str:
+        return f"Limit(kind={self._kind!r}, amount={self._amount!r}, window={self._window!r})"
 
     @classmethod
     def from_item(cls, kind: LimitKind, item: RateLimitItem) -> Limit:
@@ -83,8 +117,13 @@ class LimitState(NamedTuple):
         return max(0, math.floor(self.limit.amount - self.used + 1e-9))
 
 
-class Reservation(NamedTuple):
-    """What a decision charged, so it can be settled or refunded later."""
+class Reservation:
+    """What a decision charged, so it can be settled or refunded later (read-only).
+
+    A plain class, not a named tuple or a dataclass: compiled with mypyc, its fields are
+    then read directly, on every settlement."""
+
+    __slots__ = ("costs", "indexes", "keys", "local")
 
     keys: tuple[str, ...]
     indexes: tuple[int, ...]
@@ -92,8 +131,24 @@ class Reservation(NamedTuple):
     local: bool
     """Charged on the replica's local fallback store, not the shared one."""
 
+    def __init__(
+        self, keys: tuple[str, ...], indexes: tuple[int, ...], costs: tuple[int, ...],
+        local: bool,
+    ) -> None:
+        self.keys = keys
+        self.indexes = indexes
+        self.costs = costs
+        self.local = local
+
+    def __repr__(self) -> str:
+        return (
+            f"Reservation(keys={self.keys!r}, indexes={self.indexes!r}, "
+            f"costs={self.costs!r}, local={self.local!r})"
+        )
+
 
 _UNSET: Final[Any] = object()
+_NO_REPLY: Final[list[int]] = []  # (never changed)
 
 
 class Decision:
@@ -122,8 +177,9 @@ class Decision:
         self.degraded = degraded
         self._states: tuple[LimitState, ...] | None = tuple(states)
         self._reservation = reservation
-        self._raw: Sequence[int] = ()
-        self._limits: Sequence[Limit] = ()
+        # Concrete types (a list, a tuple): compiled, reading them by index is direct.
+        self._raw: list[int] = _NO_REPLY
+        self._limits: tuple[Limit, ...] = ()
         self._keys: tuple[str, ...] = ()
         self._costs: Sequence[int] = ()
         self._local = False
@@ -142,9 +198,9 @@ class Decision:
     ) -> Decision:
         """From the acquire script's reply: ``[allowed, now_ms, (index, current, previous)
         per limit]``."""
-        decision = cls(raw[0] == 1, degraded=degraded)
-        decision._raw = raw
-        decision._limits = limits
+        decision = Decision(raw[0] == 1, (), None, degraded)  # by name: a direct call
+        decision._raw = raw if isinstance(raw, list) else list(raw)
+        decision._limits = limits if isinstance(limits, tuple) else tuple(limits)
         decision._keys = keys
         decision._costs = costs
         decision._local = local
@@ -357,9 +413,10 @@ class RateLimiter:
             if isinstance(store, MemoryStore)
             else MemoryStore(prefix=store.prefix, clock=clock, max_keys=local_max_keys)
         )
-        # A plain MemoryStore (not a subclass that may override ``run``) is run synchronously.
-        self._run_now = self._local.run_now if type(self._local) is MemoryStore else None
-        self.synchronous = self._shared_is_local and self._run_now is not None
+        # A plain MemoryStore (not a subclass that may override ``run``) is run synchronously
+        # (a call of ``self._local.run_now`` by name: compiled, a direct call).
+        self._local_is_plain = type(self._local) is MemoryStore
+        self.synchronous = self._shared_is_local and self._local_is_plain
         """Whether decisions never wait (the store is a plain in-process ``MemoryStore``):
         then :meth:`acquire_now` gives them without a coroutine."""
         self._keys: dict[tuple[str, int, str], tuple[Sequence[Limit], tuple[str, ...]]] = {}
@@ -424,12 +481,11 @@ class RateLimiter:
     ) -> Decision:
         """:meth:`acquire` without a coroutine, for a limiter whose store is a plain
         in-process :class:`MemoryStore` (:attr:`synchronous`)."""
-        run_now = self._run_now
-        if not self.synchronous or run_now is None:
+        if not self.synchronous:
             raise RuntimeError("acquire_now needs a limiter on a plain MemoryStore")
         costs = _sequence(costs)
         keys = self._cached_keys(tag, limits, scope)
-        raw = run_now(ACQUIRE, keys, self._args(limits, costs))
+        raw = self._local.run_now(ACQUIRE, keys, self._args(limits, costs))
         return Decision.from_reply(raw, limits, keys, costs, False)
 
     async def acquire(
@@ -472,10 +528,9 @@ class RateLimiter:
             raise StoreFailureError("the rate-limit store is unavailable")
         if self.on_store_error == "open":
             return Decision(True, (), None, degraded=True)
-        run_now = self._run_now
         raw = (
-            run_now(ACQUIRE, keys, args)
-            if run_now is not None
+            self._local.run_now(ACQUIRE, keys, args)
+            if self._local_is_plain
             else await self._local.run(ACQUIRE, keys, args)
         )
         return Decision.from_reply(raw, limits, keys, costs, True, degraded=True)
@@ -494,10 +549,9 @@ class RateLimiter:
     ) -> bool:
         """Apply these moves without suspending, if that can be done (see :meth:`settle_now`)."""
         if reservation.local or self._shared_is_local:
-            run_now = self._run_now
-            if run_now is not None:
-                run_now(SETTLE, keys, args)
-            return run_now is not None
+            if self._local_is_plain:
+                self._local.run_now(SETTLE, keys, args)
+            return self._local_is_plain
         if self._breaker.is_open():
             # The store is known to be down: not sent (a timeout per answer otherwise). A
             # refund is dropped (the reservation stands); a charge above it is lost.

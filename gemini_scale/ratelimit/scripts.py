@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
-from gemini_scale.stores.base import LocalState, Script
+from gemini_scale.stores.base import Script
+from gemini_scale.stores.memory import MemoryState
 
 # A window's state in memory: [window index, count in that window, count in the one before].
 # A list, changed in place while its window lasts: a steady caller's charge writes nothing
@@ -23,22 +23,21 @@ def _load(name: str) -> str:
     )
 
 
-# The arguments are typed ``Sequence[int]`` (they are ints, from RateLimiter): compiled with
-# mypyc, the arithmetic below runs on machine integers instead of Python objects.
-def _acquire(state: LocalState, keys: list[str], args: Sequence[int], now: float) -> list[int]:
+# Concrete types (a memory store's state, lists of ints: what RateLimiter and MemoryStore
+# pass): compiled with mypyc, the calls, the indexing and the arithmetic below are direct.
+def _acquire(state: MemoryState, keys: list[str], args: list[int], now: float) -> list[int]:
     n = len(args) - 2 * len(keys)  # limit keys; the rest are settlements (rl_refunds.lua)
     if n < len(keys):
         _apply_settlements(state, keys, args, n)
     now_ms = math.floor(now * 1000)
     out = [1, now_ms]
-    get = state.get
     found: list[_Window | None] = []
     j = 0
     for i in range(n):
         limit, window, cost = args[j], args[j + 1], args[j + 2]
         j += 3
         index = now_ms // window
-        stored = get(keys[i])
+        stored = state.get(keys[i])
         cur = prev = 0
         if type(stored) is list:
             if stored[0] == index:
@@ -60,7 +59,7 @@ def _acquire(state: LocalState, keys: list[str], args: Sequence[int], now: float
 
 
 def _charge(
-    state: LocalState, keys: list[str], args: Sequence[int], out: list[int],
+    state: MemoryState, keys: list[str], args: list[int], out: list[int],
     found: list[_Window | None],
 ) -> None:
     """Add each limit's cost to its window (and to ``out``, the reply)."""
@@ -78,13 +77,12 @@ def _charge(
 
 
 def _apply_settlements(
-    state: LocalState, keys: list[str], args: Sequence[int], n: int
+    state: MemoryState, keys: list[str], args: list[int], n: int
 ) -> None:
     """Move the reservations named after the first ``n`` keys (see rl_refunds.lua)."""
-    get = state.get
     for j in range(n, len(keys)):
         at = 3 * n + 2 * (j - n)
-        stored = get(keys[j])
+        stored = state.get(keys[j])
         if type(stored) is not list:
             continue
         index = args[at]
@@ -94,7 +92,7 @@ def _apply_settlements(
             stored[2] = max(0, stored[2] + args[at + 1])
 
 
-def _settle(state: LocalState, keys: list[str], args: Sequence[int], now: float) -> int:
+def _settle(state: MemoryState, keys: list[str], args: list[int], now: float) -> int:
     n = len(args) - 2 * len(keys)
     _apply_settlements(state, keys, args, n)
     return len(keys) - n

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -29,7 +30,7 @@ _FULL_KEYS_CACHE_SIZE = 10_000
 _WRONGTYPE = "WRONGTYPE Operation against a key holding the wrong kind of value"
 
 
-class _State:
+class MemoryState:
     """The :class:`~gemini_scale.stores.base.LocalState` view scripts run against."""
 
     __slots__ = ("bytes", "data", "earliest", "now", "writes")
@@ -157,8 +158,11 @@ class MemoryStore(ScriptedOperations):
         self.max_keys = max_keys
         self.max_bytes = max_bytes
         self._clock = clock
+        # The system clock read directly: a call through the Clock object costs more than
+        # reading the time (every rate-limited request reads it twice).
+        self._system_time = clock is SYSTEM_CLOCK
         self._head = prefix + ":"
-        self._state = _State()
+        self._state = MemoryState()
         self._sweep_every = max(1024, max_keys // 8)
         self._min_sweep_gap = max(1, max_keys // 16)
         self._writes_at_sweep = 0
@@ -183,12 +187,12 @@ class MemoryStore(ScriptedOperations):
             f"max_bytes={self.max_bytes})"
         )
 
-    def _begin(self) -> _State:
+    def _begin(self) -> MemoryState:
         state = self._state
-        state.now = self._clock.time()
+        state.now = time.time() if self._system_time else self._clock.time()
         return state
 
-    def _end(self, state: _State) -> None:
+    def _end(self, state: MemoryState) -> None:
         since_sweep = state.writes - self._writes_at_sweep
         max_bytes = self.max_bytes
         over = len(state.data) > self.max_keys or (
@@ -205,7 +209,7 @@ class MemoryStore(ScriptedOperations):
             while state.bytes > max_bytes and data:
                 state.bytes -= data.popitem(last=False)[1][2]
 
-    def _sweep(self, state: _State) -> None:
+    def _sweep(self, state: MemoryState) -> None:
         now = state.now
         self._writes_at_sweep = state.writes
         if now < state.earliest:
@@ -245,9 +249,7 @@ class MemoryStore(ScriptedOperations):
     def get_object(self, key: str) -> object | None:
         """The value of ``key`` whatever its type (an object :meth:`set_object` put there,
         or bytes), or ``None`` when absent or expired. Counts as a use for LRU eviction."""
-        state = self._state
-        state.now = self._clock.time()
-        return state.get(self._head + key)
+        return self._begin().get(self._head + key)
 
     def set_object(self, key: str, value: object, *, ttl: float, size: int) -> None:
         """Hold an in-process object under ``key`` for ``ttl`` seconds (> 0), counted as
@@ -292,17 +294,19 @@ class MemoryStore(ScriptedOperations):
 
     def run_now(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
         """:meth:`run`, synchronously (nothing here ever awaits)."""
-        state = self._state
-        state.now = now = self._clock.time()
+        state = self._begin()
+        now = state.now
         full = self._full_keys.get(keys) if type(keys) is tuple else None
         if full is None:
             head = self._head
             full = [head + key for key in keys]
             if type(keys) is tuple:  # a caller's constant tuple: remember its prefixed form
                 remember(self._full_keys, keys, full, _FULL_KEYS_CACHE_SIZE)
+        if type(args) is not list:  # the twins read lists (compiled, a tuple is refused)
+            args = list(args)
         try:
             # Twins only read their keys and args (no copies: this is every limited request).
-            result = script.local(state, full, args, now)  # type: ignore[arg-type]
+            result = script.local(state, full, args, now)
         finally:
             self._end(state)
         return result if script.exact else normalize_result(result)
