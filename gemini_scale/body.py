@@ -101,7 +101,13 @@ async def load_json_body(
     """
     if BODY_KEY in context.extras:
         return receive  # an outer layer read it and already replays it
-    body = await read_json_body(scope, receive, max_body_bytes)
+    body = b""
+    if not _declares_empty_json(scope, max_body_bytes):
+        message = await receive()
+        whole = _whole_body(scope, message, max_body_bytes)  # the usual case: no coroutine
+        body = whole if whole is not None else await _rest_of_body(
+            message, receive, max_body_bytes
+        )
     if body and JSON_KEY in context.extras and context.extras.get(BODY_KEY) == body:
         # An outer layer (the version layer, migrating the body as it was read just now)
         # parsed these very bytes on their way here and left the result: no second parse.
@@ -122,19 +128,20 @@ async def load_json_body(
     return replay_receive(body, receive)
 
 
-async def read_json_body(scope: Scope, receive: Receive, max_body_bytes: int) -> bytes:
-    """The whole request body, refused (:class:`BodyRefusedError`) when it is not JSON or is
-    over ``max_body_bytes`` (checked against ``Content-Length`` first, then while reading)."""
-    if _declares_empty_json(scope, max_body_bytes):
-        return b""
-    message = await receive()
-    if message["type"] == "http.request" and not message.get("more_body", False):
-        body = message.get("body", b"")  # the whole body in one message: the usual case
-        if len(body) > max_body_bytes and not _migrated_within(scope, body, max_body_bytes):
-            raise BodyRefusedError(
-                413, f"Request payload size exceeds the limit: {max_body_bytes} bytes."
-            )
-        return bytes(body)
+def _whole_body(scope: Scope, message: Message, max_body_bytes: int) -> bytes | None:
+    """The body when ``message``, the first, holds all of it (the usual case), else ``None``."""
+    if message["type"] != "http.request" or message.get("more_body", False):
+        return None
+    body = message.get("body", b"")
+    if len(body) > max_body_bytes and not _migrated_within(scope, body, max_body_bytes):
+        raise BodyRefusedError(
+            413, f"Request payload size exceeds the limit: {max_body_bytes} bytes."
+        )
+    return bytes(body)
+
+
+async def _rest_of_body(message: Message, receive: Receive, max_body_bytes: int) -> bytes:
+    """A body that comes in several messages, ``message`` the first."""
     chunks: list[bytes] = []
     size = 0
     while True:
@@ -174,12 +181,14 @@ def _declares_empty_json(scope: Scope, max_body_bytes: int) -> bool:
     """Check the ``Content-Length`` and ``Content-Type`` headers (one pass over the headers):
     whether the body is declared empty; :class:`BodyRefusedError` when it cannot be accepted."""
     declared = content_type = None
-    for name, value in scope["headers"]:
+    for pair in scope["headers"]:
+        # Indexed, not unpacked: compiled, unpacking an untyped pair iterates over it.
+        name = pair[0]
         if name == b"content-length":
             if declared is None:
-                declared = value
+                declared = pair[1]
         elif name == b"content-type" and content_type is None:
-            content_type = value
+            content_type = pair[1]
     if declared is not None:
         try:
             length = int(declared)
