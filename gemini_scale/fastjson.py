@@ -30,7 +30,9 @@ _LONG_RUN: Final = b"0" * 19
 
 def loads(raw: bytes | bytearray) -> Any:
     """:func:`json.loads` of ``raw``: the same value, or the same exception."""
-    if _LONG_RUN not in raw.translate(_DIGITS_ONLY):
+    # .find, not ``in``: ``needle in bytes`` first tries the needle as an integer, raising
+    # and clearing a TypeError on every call (a fifth of a microsecond; so throughout).
+    if raw.translate(_DIGITS_ONLY).find(_LONG_RUN) < 0:
         try:
             return orjson.loads(raw)
         except orjson.JSONDecodeError:

@@ -204,10 +204,11 @@ def stream_chunks(body: bytes) -> list[Any] | None:
 def may_respell(raw: bytes) -> bool:
     """Whether :func:`normalize` might change the JSON body ``raw`` (a cheap, conservative
     test on the bytes: ``False`` means certainly not)."""
-    if b"_" in raw and _SNAKE_MEMBER.search(raw) is not None:
+    if raw.find(b"_") >= 0 and _SNAKE_MEMBER.search(raw) is not None:
         return True
     return any(
-        name in raw and pattern.search(raw) is not None for name, pattern in _FRACTIONAL_INTEGERS
+        raw.find(name) >= 0 and pattern.search(raw) is not None
+        for name, pattern in _FRACTIONAL_INTEGERS
     )
 
 

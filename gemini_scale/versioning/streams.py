@@ -248,4 +248,4 @@ class ArrayMigrator:
         ok, value = _loads(raw)
         if not ok:
             return raw
-        return _encoded(self._migrate(value), raw, pretty=b"\n" in raw)
+        return _encoded(self._migrate(value), raw, pretty=raw.find(b"\n") >= 0)
