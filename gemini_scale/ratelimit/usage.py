@@ -556,6 +556,10 @@ def whole_answer_usage(body: bytes | bytearray | memoryview) -> Any:
     without the object, for a reader that needs the usage and not its token count."""
     if type(body) is bytes and body[:1] == b"{":
         if len(body) <= _PARSE_WHOLE:  # the usual answer: _whole_json's small case, inlined
+            # Its usage alone when that can be read (the candidates are most of the parse).
+            usage = _usage_tail(body, len(body))
+            if usage is not None:
+                return usage
             try:
                 value = orjson.loads(body)
             except orjson.JSONDecodeError:
@@ -563,11 +567,17 @@ def whole_answer_usage(body: bytes | bytearray | memoryview) -> Any:
             else:
                 if type(value) is not dict:
                     return IN_PIECES
-                return value.get("usageMetadata", value.get("usage_metadata"))
+                return _usage_member(value)
         read = _whole_json(body, _DEFAULT_BUFFER)
         if read is not None:
             return read[0]
     return IN_PIECES
+
+
+def _usage_member(value: dict[str, Any]) -> Any:
+    """An answer object's ``usageMetadata`` (or ``usage_metadata``), ``None`` without one."""
+    usage = value.get("usageMetadata")
+    return usage if usage is not None else value.get("usage_metadata")
 
 
 _USAGE_MEMBER: Final = b'"usageMetadata"'
@@ -581,22 +591,15 @@ def _whole_json(body: bytes, max_buffer: int) -> tuple[Any, bool] | None:
     be read incrementally (too big, too deep, or not JSON).
 
     A small body is parsed whole. In a bigger one, Gemini writes ``usageMetadata`` after
-    the candidates, so the body's last ``"usageMetadata"`` is read on its own: ``{`` plus
-    the text from there to the end is valid JSON exactly when that text closes one object,
-    that is, when the member is the document's own and not one nested in the candidates (a
-    function call's arguments, say) or in a string. Only that tail is parsed, however long
-    the answer. A body that names an ``"error"`` anywhere is parsed whole.
+    the candidates, so only the tail from there is parsed (:func:`_usage_tail`), however
+    long the answer. A body that names an ``"error"`` anywhere is parsed whole.
     """
     size = len(body)
     if size > _PARSE_WHOLE or size > max_buffer:  # else parsing it all costs less
-        at = body.rfind(_USAGE_MEMBER)
-        if at > 0 and size - at < max_buffer and b'"error"' not in body:
-            try:
-                tail = _loads(b"{" + body[at:])
-            except (ValueError, RecursionError):
-                tail = None
-            if type(tail) is dict:
-                return tail["usageMetadata"], False
+        if body.find(b'"error"') < 0:
+            usage = _usage_tail(body, max_buffer)
+            if usage is not None:
+                return usage, False
         if size > min(max_buffer, _COPY_LIMIT):
             return None
     try:
@@ -605,7 +608,30 @@ def _whole_json(body: bytes, max_buffer: int) -> tuple[Any, bool] | None:
         return None
     if type(value) is not dict:
         return None
-    return value.get("usageMetadata", value.get("usage_metadata")), value.get("error") is not None
+    return _usage_member(value), value.get("error") is not None
+
+
+def _usage_tail(body: bytes, max_buffer: int) -> Any:
+    """The value of a JSON object body's own ``usageMetadata`` member, read from the body's
+    last ``"usageMetadata"`` on: ``{`` plus the text from there to the end is valid JSON
+    exactly when that text closes one object, that is, when the member is the document's
+    own and not one nested in the candidates (a function call's arguments, say) or in a
+    string (a quote after an odd run of backslashes is inside one). ``None`` when that
+    cannot be told this way (no such member, a null one, or more than ``max_buffer``
+    bytes from it to the end): the caller parses the body whole."""
+    at = body.rfind(_USAGE_MEMBER)
+    if at <= 0 or len(body) - at >= max_buffer:
+        return None
+    before = at - 1
+    while before >= 0 and body[before] == _BACKSLASH:
+        before -= 1
+    if (at - 1 - before) % 2:
+        return None  # an escaped quote: this "usageMetadata" is text in a string
+    try:
+        tail = _loads(b"{" + body[at:])
+    except (ValueError, RecursionError):
+        return None
+    return tail["usageMetadata"] if type(tail) is dict else None
 
 
 _QUOTE: Final = 0x22
@@ -1036,7 +1062,7 @@ class UsageObserver:
 
     def _parse_event(self, raw: bytearray) -> bool:
         """Read a whole SSE event; ``False`` if it is too deeply nested for json.loads."""
-        if b"usage" in raw or b'"error"' in raw:  # else it holds neither
+        if raw.find(b"usage") >= 0 or raw.find(b'"error"') >= 0:  # else it holds neither
             try:
                 self._apply_value(_loads(raw))
             except ValueError:
@@ -1062,7 +1088,7 @@ class UsageObserver:
 
     def _apply_value(self, value: Any) -> None:
         if isinstance(value, dict):
-            usage = value.get("usageMetadata", value.get("usage_metadata"))
+            usage = _usage_member(value)
             self._apply(value.get("error") is not None, usage)
 
     def _apply_captures(self, captures: dict[bytes, bytes]) -> None:

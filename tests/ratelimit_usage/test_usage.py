@@ -1042,6 +1042,14 @@ _ANSWER_BODIES = [
     b'[{"usageMetadata": {"totalTokenCount": 8}}]',
     b"",
     b'{"text": "' + b"x" * 40000 + b'", "usageMetadata": {"totalTokenCount": 11}}',
+    # The last "usageMetadata" is not the answer's own: a key with an escaped quote, a
+    # member nested in the candidates after it, text in a string.
+    b'{"usageMetadata": {"totalTokenCount": 5}, "x\\"usageMetadata": {"totalTokenCount": 9}}',
+    b'{"usageMetadata": {"totalTokenCount": 5}, "x\\\\\\"usageMetadata": {"totalTokenCount": 9}}',
+    b'{"usageMetadata": {"totalTokenCount": 5}, "candidates": [{"args": {"usageMetadata": '
+    b'{"totalTokenCount": 9}}}]}',
+    b'{"usageMetadata": {"totalTokenCount": 5}, "text": "\\"usageMetadata"}',
+    b'{"usageMetadata": {"totalTokenCount": 5}, "modelVersion": "m", "responseId": "r"}',
 ]
 
 
