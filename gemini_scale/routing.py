@@ -76,6 +76,7 @@ class RouteMatch:
     its fields are then read directly (every layer reads them on every request)."""
 
     __slots__ = ("_params", "_policies", "_template")
+    __match_args__ = ("template", "params", "policies")
 
     def __init__(
         self, template: str, params: Mapping[str, str], policies: Mapping[type[Policy], Policy]
@@ -109,7 +110,7 @@ class RouteMatch:
         )
 
     def __hash__(self) -> int:
-        return hash((self._template, tuple(self._params.items())))
+        return hash((self._template, frozenset(self._params.items())))
 
     def __repr__(self) -> str:
         return (

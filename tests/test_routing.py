@@ -21,6 +21,7 @@ from gemini_scale import (
     GeminiMiddleware,
     RateLimitPolicy,
     RequestContext,
+    RouteMatch,
     Rules,
     cache,
     mark,
@@ -388,3 +389,13 @@ def test_ambiguous_or_empty_limits_are_configuration_errors(limits: str) -> None
 )
 def test_route_path_takes_off_the_root_path_only(root: str, path: str, routed: str) -> None:
     assert route_path({"type": "http", "path": path, "root_path": root}) == routed
+
+
+def test_a_route_match_is_a_read_only_value() -> None:
+    first = RouteMatch("/m/{model}", {"model": "a", "x": "1"}, {})
+    second = RouteMatch("/m/{model}", {"x": "1", "model": "a"}, {})
+    assert first == second
+    assert hash(first) == hash(second)
+    assert first != RouteMatch("/m/{model}", {"model": "b", "x": "1"}, {})
+    with pytest.raises(AttributeError):
+        first.template = "/other"  # type: ignore[misc]

@@ -333,7 +333,7 @@ class CacheMiddleware(GeminiMiddleware):
             label, keep = MISS, True
         stored = None
         # Not ``try``/``finally``: mypyc miscompiles an ``await`` in a ``finally`` clause (see
-        # RateLimitMiddleware._call_and_settle).
+        # RateLimitMiddleware.handle).
         try:
             plan = x.plan
             scope = x.scope

@@ -53,6 +53,7 @@ class Limit:
     its fields are then read directly (every limit of every request reads them)."""
 
     __slots__ = ("_amount", "_kind", "_window")
+    __match_args__ = ("kind", "amount", "window")
 
     def __init__(self, kind: LimitKind, amount: int, window: int) -> None:
         self._kind: LimitKind = kind
@@ -140,6 +141,16 @@ class Reservation:
         self.costs = costs
         self.local = local
 
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Reservation):
+            return NotImplemented
+        return (self.keys, self.indexes, self.costs, self.local) == (
+            other.keys, other.indexes, other.costs, other.local
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.keys, self.indexes, self.costs, self.local))
+
     def __repr__(self) -> str:
         return (
             f"Reservation(keys={self.keys!r}, indexes={self.indexes!r}, "
@@ -198,7 +209,7 @@ class Decision:
     ) -> Decision:
         """From the acquire script's reply: ``[allowed, now_ms, (index, current, previous)
         per limit]``."""
-        decision = Decision(raw[0] == 1, (), None, degraded)  # by name: a direct call
+        decision = cls(raw[0] == 1, (), None, degraded)  # (positional: no keyword parsing)
         decision._raw = raw if isinstance(raw, list) else list(raw)
         decision._limits = limits if isinstance(limits, tuple) else tuple(limits)
         decision._keys = keys

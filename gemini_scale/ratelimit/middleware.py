@@ -426,7 +426,7 @@ class RateLimitMiddleware(GeminiMiddleware):
             return None
         return 0 if self.count == "output" else self._estimate(scope, context, "input")
 
-    def _settle(
+    def _settlement(
         self,
         decision: Decision,
         limits: Sequence[Limit],
@@ -435,15 +435,14 @@ class RateLimitMiddleware(GeminiMiddleware):
         context: RequestContext,
         *,
         unfinished: int | None = None,
-    ) -> Coroutine[Any, Any, None] | None:
+    ) -> list[int] | None:
         """Settle ``decision``'s reservation to what ``answer`` reported (or, reporting
-        nothing, to ``unfinished`` when given): at once, the usual case, or by the round
-        trip returned to await."""
-        reservation = decision.reservation
+        nothing, to ``unfinished`` when given) at once, the usual case (``None``); else the
+        deltas that a round trip (:func:`_settle_shielded`) must send."""
         deltas = _deltas(limits, costs, answer, context, unfinished)
-        if self.limiter.settle_now(reservation, deltas):
+        if self.limiter.settle_now(decision.reservation, deltas):
             return None
-        return _settle_shielded(self.limiter, reservation, deltas)
+        return deltas
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -528,12 +527,12 @@ class _AnswerSettler:
             answer.feed(message.get("body", b""), more)
             # (a 304 from a cache is settled later: its body reaches the reading then)
             if not more and not self.settled and answer.status != 304:
-                self.settled = True
-                later = self.middleware._settle(
+                deltas = self.middleware._settlement(
                     self.decision, self.limits, self.costs, answer, self.context
                 )
-                if later is not None:
-                    return _settled_then_sent(later, self.send, message)
+                if deltas is not None:  # a round trip first, when the message is sent
+                    return self._settled_then_sent(deltas, message)
+                self.settled = True
         elif kind == "http.response.start":
             self.answer.start(message["status"], message.get("headers", ()))
             headed = self.headed
@@ -541,21 +540,24 @@ class _AnswerSettler:
                 _add_rate_limit_headers(message, headed)
         return self.send(message)
 
+    async def _settled_then_sent(self, deltas: Sequence[int], message: Message) -> None:
+        # Settled only once this runs: a send never awaited leaves it to settle_unfinished.
+        self.settled = True
+        await _settle_shielded(self.middleware.limiter, self.decision.reservation, deltas)
+        await self.send(message)
+
     def settle_unfinished(self, scope: Scope) -> Coroutine[Any, Any, None] | None:
-        """Settle an answer that did not finish (the app returned or raised first)."""
+        """Settle an answer that did not finish (the app returned or raised first): at once,
+        or by the round trip returned to await."""
         self.settled = True
         middleware, answer = self.middleware, self.answer
         unfinished = middleware._unfinished_charge(scope, answer, self.context)
-        return middleware._settle(
+        deltas = middleware._settlement(
             self.decision, self.limits, self.costs, answer, self.context, unfinished=unfinished
         )
-
-
-async def _settled_then_sent(
-    later: Coroutine[Any, Any, None], send: Send, message: Message
-) -> None:
-    await later
-    await send(message)
+        if deltas is None:
+            return None
+        return _settle_shielded(middleware.limiter, self.decision.reservation, deltas)
 
 
 class _RateLimitHeaders:
@@ -575,7 +577,7 @@ class _RateLimitHeaders:
 
 
 async def _completed(later: Coroutine[Any, Any, None] | None) -> None:
-    """Await a settlement's round trip, if :meth:`RateLimitMiddleware._settle` returned one."""
+    """Await a settlement's round trip, if :meth:`_AnswerSettler.settle_unfinished` returned one."""
     if later is not None:
         await later
 

@@ -575,9 +575,13 @@ def whole_answer_usage(body: bytes | bytearray | memoryview) -> Any:
 
 
 def _usage_member(value: dict[str, Any]) -> Any:
-    """An answer object's ``usageMetadata`` (or ``usage_metadata``), ``None`` without one."""
-    usage = value.get("usageMetadata")
-    return usage if usage is not None else value.get("usage_metadata")
+    """An answer object's ``usageMetadata`` (or, without that member, ``usage_metadata``),
+    ``None`` without either."""
+    usage = value.get("usageMetadata", _ABSENT)
+    return usage if usage is not _ABSENT else value.get("usage_metadata")
+
+
+_ABSENT: Final[Any] = object()
 
 
 _USAGE_MEMBER: Final = b'"usageMetadata"'
@@ -631,7 +635,7 @@ def _usage_tail(body: bytes, max_buffer: int) -> Any:
         tail = _loads(b"{" + body[at:])
     except (ValueError, RecursionError):
         return None
-    return tail["usageMetadata"] if type(tail) is dict else None
+    return tail["usageMetadata"] if type(tail) is dict else None  # (null: parsed whole)
 
 
 _QUOTE: Final = 0x22

@@ -6,6 +6,7 @@ the RateLimit headers of stacked limiters, and the store-failure modes.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -28,6 +29,7 @@ from gemini_scale import (
 )
 from gemini_scale.errors import ConfigurationError
 from gemini_scale.stores import MemoryStore, RedisStore
+from tests.cache.support import http_scope
 from tests.clock import FakeClock
 from tests.gateway import lifespan
 from tests.ratelimit.conftest import Backend
@@ -145,6 +147,50 @@ async def test_an_answer_cut_short_before_any_usage_charges_the_prompt(
         with pytest.raises(RuntimeError, match="went away"):
             await client.post(STREAM, json=body(max_output=500), headers=who("alice"))
     assert await bucket_usage(limiter, principal("alice")) == {"requests": 1, "tokens": charged}
+
+
+async def test_a_last_message_whose_send_never_runs_is_settled_once() -> None:
+    """The app makes the send of its answer's last message and drops it: with a store that
+    settles by a round trip, the settlement is not lost with it; it is made when the app
+    returns, to the usage the answer reported (35 tokens), once."""
+
+    class RoundTripStore(MemoryStore):  # not a plain MemoryStore: settling is awaited
+        pass
+
+    answer = b'{"candidates": [], "usageMetadata": {"totalTokenCount": 35}}'
+
+    async def drops_its_last_send(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"application/json")]})
+        send({"type": "http.response.body", "body": answer}).close()  # never run
+
+    clock = FakeClock(WINDOW_START)
+    limiter = RateLimitMiddleware(
+        drops_its_last_send, store=RoundTripStore(clock=clock), clock=clock,
+        default=RateLimitPolicy.parse("100/minute", tokens="10000/minute"),
+    )
+    settlements: list[list[int]] = []
+    real_settle = limiter.limiter.settle
+
+    async def counted_settle(reservation: Any, deltas: Any) -> None:
+        settlements.append(list(deltas))
+        await real_settle(reservation, deltas)
+
+    limiter.limiter.settle = counted_settle  # type: ignore[method-assign]
+    request = json.dumps(body(max_output=500)).encode()
+    scope = http_scope("POST", GENERATE, headers=who("alice"), body=request)
+    messages = [{"type": "http.request", "body": request, "more_body": False}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        pass
+
+    await FakeAuth(limiter)(scope, receive, send)
+    assert len(settlements) == 1
+    assert await bucket_usage(limiter, principal("alice")) == {"requests": 1, "tokens": 35}
 
 
 async def test_an_answer_without_usage_keeps_the_reservation() -> None:

@@ -1050,6 +1050,7 @@ _ANSWER_BODIES = [
     b'{"totalTokenCount": 9}}}]}',
     b'{"usageMetadata": {"totalTokenCount": 5}, "text": "\\"usageMetadata"}',
     b'{"usageMetadata": {"totalTokenCount": 5}, "modelVersion": "m", "responseId": "r"}',
+    b'{"usage_metadata": {"totalTokenCount": 9}, "usageMetadata": null}',
 ]
 
 
@@ -1075,6 +1076,22 @@ def test_a_whole_answer_is_read_as_the_observer_reads_it_or_left_to_it(body: byt
         return
     usage = found if type(found) is dict and usage_tokens(found) is not None else None
     assert usage == observer.usage
+
+
+@pytest.mark.parametrize("padding", [0, 40_000])
+def test_a_null_usage_metadata_is_read_as_none_whatever_the_answers_size(padding: int) -> None:
+    """``usageMetadata`` present wins over ``usage_metadata``, null or not: the same reading
+    for a small answer (parsed) and a big one (scanned)."""
+    body = (b'{"text": "' + b"x" * padding + b'", "usage_metadata": {"totalTokenCount": 9}, '
+            b'"usageMetadata": null}')
+    observer = UsageObserver()
+    observer.start(200, "application/json")
+    observer.feed_last(body)
+    answer = AnswerUsage()
+    answer.start(200, [(b"content-type", b"application/json")])
+    answer.feed(body, False)
+    assert (observer.usage, answer.tokens) == (None, None)
+    assert whole_answer_usage(body) in (None, IN_PIECES)  # (a big one: the observer's)
 
 
 def test_a_sum_of_counts_is_capped_as_each_count_is() -> None:
