@@ -541,9 +541,11 @@ class _AnswerSettler:
         return self.send(message)
 
     async def _settled_then_sent(self, deltas: Sequence[int], message: Message) -> None:
-        # Settled only once this runs: a send never awaited leaves it to settle_unfinished.
-        self.settled = True
-        await _settle_shielded(self.middleware.limiter, self.decision.reservation, deltas)
+        # Settled only once this runs: a send never awaited leaves it to settle_unfinished,
+        # and one run after the app returned finds it settled by that.
+        if not self.settled:
+            self.settled = True
+            await _settle_shielded(self.middleware.limiter, self.decision.reservation, deltas)
         await self.send(message)
 
     def settle_unfinished(self, scope: Scope) -> Coroutine[Any, Any, None] | None:
