@@ -119,7 +119,8 @@ class LimitState(NamedTuple):
 
 
 class Reservation:
-    """What a decision charged, so it can be settled or refunded later (read-only).
+    """What a decision charged, so it can be settled or refunded later. Treat it as a
+    value: compared and hashed by its fields, which are never changed after it is made.
 
     A plain class, not a named tuple or a dataclass: compiled with mypyc, its fields are
     then read directly, on every settlement."""
