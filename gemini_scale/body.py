@@ -130,14 +130,16 @@ async def load_json_body(
 
 def _whole_body(scope: Scope, message: Message, max_body_bytes: int) -> bytes | None:
     """The body when ``message``, the first, holds all of it (the usual case), else ``None``."""
-    if message["type"] != "http.request" or message.get("more_body", False):
+    got = message if type(message) is dict else dict(message)  # compiled, read directly
+    kind: str = got["type"]
+    if kind != "http.request" or got.get("more_body", False):
         return None
-    body = message.get("body", b"")
+    body = got.get("body", b"")
     if len(body) > max_body_bytes and not _migrated_within(scope, body, max_body_bytes):
         raise BodyRefusedError(
             413, f"Request payload size exceeds the limit: {max_body_bytes} bytes."
         )
-    return bytes(body)
+    return body if type(body) is bytes else bytes(body)  # (calling bytes() costs more)
 
 
 async def _rest_of_body(message: Message, receive: Receive, max_body_bytes: int) -> bytes:
@@ -183,7 +185,7 @@ def _declares_empty_json(scope: Scope, max_body_bytes: int) -> bool:
     declared = content_type = None
     for pair in scope["headers"]:
         # Indexed, not unpacked: compiled, unpacking an untyped pair iterates over it.
-        name = pair[0]
+        name: bytes = pair[0]  # (typed: compared directly)
         if name == b"content-length":
             if declared is None:
                 declared = pair[1]
@@ -191,7 +193,7 @@ def _declares_empty_json(scope: Scope, max_body_bytes: int) -> bool:
             content_type = pair[1]
     if declared is not None:
         try:
-            length = int(declared)
+            length = _content_length(declared)
         except ValueError:
             raise BodyRefusedError(400, "Invalid Content-Length header.") from None
         if length > max_body_bytes:
@@ -207,6 +209,19 @@ def _declares_empty_json(scope: Scope, max_body_bytes: int) -> bool:
             415, "Unsupported Content-Type: the request body must be application/json."
         )
     return False
+
+
+def _content_length(value: bytes) -> int:
+    """``int(value)``: a short run of ASCII digits, the usual value, is read directly
+    (compiled, a loop over a few bytes costs a tenth of calling ``int``)."""
+    if 0 < len(value) <= 18:
+        length = 0
+        for byte in value:
+            if byte < 0x30 or byte > 0x39:
+                return int(value)
+            length = length * 10 + (byte - 0x30)
+        return length
+    return int(value)
 
 
 def replay_receive(body: bytes, receive: Receive) -> Receive:

@@ -6,6 +6,7 @@ from typing import Any
 
 import httpx
 import pytest
+from orjson import loads as orjson_loads
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -167,3 +168,49 @@ async def test_a_bad_content_length_is_400() -> None:
         )
         request.headers["content-length"] = "abc"
         assert_google_error(await client.send(request), 400, "INVALID_ARGUMENT")
+
+
+async def _raw_post(content_length: bytes, body: bytes) -> tuple[int, bytes]:
+    """POST ``body`` straight through ASGI with this ``Content-Length`` (no client fixes it)."""
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/echo", "raw_path": b"/v1/echo", "root_path": "",
+        "query_string": b"", "server": ("t", 80), "client": ("127.0.0.1", 1),
+        "headers": [(b"content-type", b"application/json"), (b"content-length", content_length)],
+    }
+    sent: list[Message] = []
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    await app()(scope, receive, send)
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+@pytest.mark.parametrize(
+    ("content_length", "body", "status"),
+    [
+        (b"7", b'{"a":1}', 200),
+        (b"007", b'{"a":1}', 200),  # leading zeros, as int() reads them
+        (b"0" * 21 + b"7", b'{"a":1}', 200),  # longer than the digits read directly
+        (b"0", b"", 200),
+        (b"00", b"", 200),
+        (b"1024", b'{"a":1}', 200),  # at the cap: read, then held to the body's real size
+        (b"1025", b'{"a":1}', 413),
+        (b"9" * 18, b'{"a":1}', 413),
+        (b"9" * 30, b'{"a":1}', 413),
+        (b"12a", b'{"a":1}', 400),
+        (b"", b'{"a":1}', 400),
+        (b"\xd9\xa1", b'{"a":1}', 400),  # a non-ASCII digit is not a length
+    ],
+)
+async def test_content_length_is_read_as_a_decimal_number(
+    content_length: bytes, body: bytes, status: int
+) -> None:
+    got, answer = await _raw_post(content_length, body)
+    assert got == status, answer
+    if status == 200:
+        assert orjson_loads(answer)["parsed"] == ({"a": 1} if body else None)

@@ -20,24 +20,26 @@ def limit_names(limits: Sequence[Limit], prefix: str = "") -> dict[Limit, str]:
     }
 
 
-#: (prefix, id(limits)) -> (limits, {id(limit): b'"name";r='}, RateLimit-Policy items);
-#: limits are per-policy constants, held in the entry so their ids cannot be reused meanwhile.
-_POLICY_CACHE: dict[tuple[str, int], tuple[Sequence[Limit], dict[int, bytes], bytes]] = {}
+#: id(limits) -> (limits, prefix, {id(limit): b'"name";r='}, RateLimit-Policy items); limits
+#: are per-policy constants, held in the entry so their ids cannot be reused meanwhile.
+#: (Keyed by the id alone, an int: hashing a tuple key costs more than the rest. A limiter
+#: with another prefix and the same limits object replaces the entry.)
+_POLICY_CACHE: dict[int, tuple[Sequence[Limit], str, dict[int, bytes], bytes]] = {}
 _POLICY_CACHE_SIZE = 1024
 
 
 def _policy_items(prefix: str, limits: Sequence[Limit]) -> tuple[dict[int, bytes], bytes]:
-    key = (prefix, id(limits))
+    key = id(limits)
     found = _POLICY_CACHE.get(key)
-    if found is not None and found[0] is limits:
-        return found[1], found[2]
+    if found is not None and found[0] is limits and found[1] == prefix:
+        return found[2], found[3]
     by_limit = limit_names(limits, prefix)
     heads = {id(limit): _head(by_limit[limit]) for limit in limits}
     items = ", ".join(
         f'"{by_limit[limit]}";q={limit.amount};w={limit.window}' for limit in limits
     ).encode()
     if type(limits) is tuple:
-        remember(_POLICY_CACHE, key, (limits, heads, items), _POLICY_CACHE_SIZE)
+        remember(_POLICY_CACHE, key, (limits, prefix, heads, items), _POLICY_CACHE_SIZE)
     return heads, items
 
 

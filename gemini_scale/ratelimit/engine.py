@@ -187,7 +187,9 @@ class Decision:
     ) -> None:
         self.allowed = allowed
         self.degraded = degraded
-        self._states: tuple[LimitState, ...] | None = tuple(states)
+        self._states: tuple[LimitState, ...] | None = (
+            states if type(states) is tuple else tuple(states)
+        )
         self._reservation = reservation
         # Concrete types (a list, a tuple): compiled, reading them by index is direct.
         self._raw: list[int] = _NO_REPLY
@@ -210,7 +212,13 @@ class Decision:
     ) -> Decision:
         """From the acquire script's reply: ``[allowed, now_ms, (index, current, previous)
         per limit]``."""
-        decision = cls(raw[0] == 1, (), None, degraded)  # (positional: no keyword parsing)
+        # Positional, and by name when not a subclass: compiled, a direct call (calling
+        # ``cls`` parses the arguments).
+        decision = (
+            Decision(raw[0] == 1, (), None, degraded)
+            if cls is Decision
+            else cls(raw[0] == 1, (), None, degraded)
+        )
         decision._raw = raw if isinstance(raw, list) else list(raw)
         decision._limits = limits if isinstance(limits, tuple) else tuple(limits)
         decision._keys = keys
@@ -258,7 +266,7 @@ class Decision:
             costs = self._costs
             reservation = self._reservation = Reservation(
                 self._keys,
-                tuple(raw[2::3]),
+                tuple([raw[i] for i in range(2, len(raw), 3)]),  # (compiled: direct reads)
                 costs if type(costs) is tuple else tuple(costs),
                 self._local,
             )
@@ -299,15 +307,18 @@ class Decision:
         now_ms = raw[1]
         best_share = best_reset = math.inf
         i = 2
-        floor = math.floor
         for limit in self._limits:
             window_ms = limit.window * 1000
             left_ms = window_ms - (now_ms - raw[i] * window_ms)  # _weighted, inlined
             prev = raw[i + 2]
-            used = prev * (left_ms / window_ms) + raw[i + 1] if prev else raw[i + 1]
+            # Floats throughout (typed: compiled, the arithmetic is direct).
+            used: float = float(raw[i + 1])
+            if prev:
+                used += prev * (left_ms / window_ms)
             i += 3
             amount = limit.amount
-            remaining = max(floor(amount - used + 1e-9), 0)
+            remaining = math.floor(amount - used + 1e-9)
+            remaining = max(remaining, 0)
             share = remaining / amount
             reset_after = left_ms / 1000
             if share < best_share or (share == best_share and reset_after < best_reset):
@@ -484,8 +495,11 @@ class RateLimiter:
         if base is None or base[0] is not limits:
             base = (limits, _new_args(limits, [0] * len(limits)))
             remember(self._arg_bases, id(limits), base, _KEYS_CACHE_SIZE)
+        same_length(limits, costs)
         args = base[1].copy()
-        args[2::3] = [c if type(c) is int and c >= 0 else max(0, int(c)) for c in costs]
+        for i in range(len(costs)):  # indexed, typed: compiled, direct
+            cost = costs[i]
+            args[3 * i + 2] = cost if type(cost) is int and cost >= 0 else max(0, int(cost))
         return args
 
     def acquire_now(
@@ -708,7 +722,8 @@ def _moves(reservation: Reservation, deltas: Sequence[int]) -> tuple[tuple[str, 
         delta = deltas[i]
         if delta:
             keys.append(names[i])
-            args += (indexes[i], int(delta))
+            args.append(indexes[i])
+            args.append(int(delta))
     return tuple(keys), args
 
 

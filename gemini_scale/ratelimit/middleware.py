@@ -67,6 +67,15 @@ class _Plan(NamedTuple):
     """The limits a request that charges no tokens meets: its token budgets are not its
     business (listing models or counting tokens is not refused for spent tokens)."""
     request_costs: tuple[int, ...]
+    dimensions: tuple[LimitKey, ...]
+    """The policy's key: what its buckets are keyed on."""
+    by_address: bool
+    """The policy keys on the client address alone (the per-address limiter)."""
+    by_route: bool
+    """The policy's buckets depend on the route (``model`` or ``route`` among its keys)."""
+    buckets: dict[Any, tuple[Principal, Identity | None]]
+    """Memoised buckets of verified principals: by the principal's id, with the route's
+    template and model when ``by_route`` (see :meth:`RateLimitMiddleware._identity`)."""
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -154,10 +163,11 @@ class RateLimitMiddleware(GeminiMiddleware):
         self.default_output_tokens = default_output_tokens
         self.max_body_bytes = max_body_bytes
         self.token_methods = tuple(token_methods)
+        self._token_suffixes = _token_suffixes(self.token_methods)
+        self._suffixes_of = self.token_methods
         self.headers = headers
         self.exempt = PathSet(exempt) if exempt else None
         self._limits: dict[RateLimitPolicy, tuple[Limit, ...]] = {}
-        self._identities: dict[tuple[Any, ...], tuple[Principal, Identity | None]] = {}
         self._plans: dict[int, tuple[RateLimitPolicy, _Plan]] = {}
         self._budgets: dict[tuple[int, str], tuple[RateLimitPolicy, str]] = {}
         self._addresses: dict[tuple[Any, tuple[bytes, ...]], Identity | None] = {}
@@ -191,19 +201,23 @@ class RateLimitMiddleware(GeminiMiddleware):
             tuple(1 if limit.kind == "requests" else 0 for limit in limits),
             request_limits,
             (1,) * len(request_limits),
+            policy.key,
+            policy.key == _CLIENT_IP,
+            "model" in policy.key or "route" in policy.key,
+            {},
         )
         self._plans[id(policy)] = (policy, plan)
         return plan
 
-    def _identity(
-        self, scope: Scope, context: RequestContext, dimensions: tuple[LimitKey, ...]
-    ) -> Identity | None:
-        """:func:`~gemini_scale.keys.identity`, memoised for verified principals: hashing the
-        canonical encoding is most of a memory limiter's cost, and a principal's bucket does
-        not change between its requests (bounded; the client address is never memoised).
-        Keyed by the principal object's identity, held in the entry so the id cannot be
-        reused meanwhile (a verified token's principal is one cached object)."""
-        if dimensions == _CLIENT_IP:
+    def _identity(self, scope: Scope, context: RequestContext, plan: _Plan) -> Identity | None:
+        """:func:`~gemini_scale.keys.identity` for the plan's policy key, memoised for
+        verified principals: hashing the canonical encoding is most of a memory limiter's
+        cost, and a principal's bucket does not change between its requests (bounded; the
+        client address is never memoised). Keyed by the principal object's identity, held
+        in the entry so the id cannot be reused meanwhile (a verified token's principal is
+        one cached object)."""
+        dimensions = plan.dimensions
+        if plan.by_address:
             return self._address_identity(scope)
         principal = context.principal
         if not isinstance(principal, Principal):
@@ -214,18 +228,20 @@ class RateLimitMiddleware(GeminiMiddleware):
                 principal = None
         if principal is None or "client_ip" in dimensions:
             return identity(scope, dimensions, trusted=self.trusted)
-        route = context.route
-        key = (
-            id(principal),
-            dimensions,
-            route.template if route is not None else None,
-            route.params.get("model") if route is not None else None,
-        )
-        found = self._identities.get(key)
+        key: Any = id(principal)
+        if plan.by_route:
+            route = context.route
+            key = (
+                key,
+                route.template if route is not None else None,
+                route.params.get("model") if route is not None else None,
+            )
+        buckets = plan.buckets
+        found = buckets.get(key)
         if found is not None and found[0] is principal:
             return found[1]
         bucket = identity(scope, dimensions, trusted=self.trusted)
-        remember(self._identities, key, (principal, bucket), _IDENTITY_CACHE_SIZE)
+        remember(buckets, key, (principal, bucket), _IDENTITY_CACHE_SIZE)
         return bucket
 
     def _address_identity(self, scope: Scope) -> Identity | None:
@@ -278,10 +294,11 @@ class RateLimitMiddleware(GeminiMiddleware):
         return found or self.default
 
     def _bucket(
-        self, scope: Scope, context: RequestContext, dimensions: tuple[LimitKey, ...]
+        self, scope: Scope, context: RequestContext, plan: _Plan
     ) -> tuple[tuple[LimitKey, ...], Identity]:
         """The request's bucket, and the dimensions it was keyed on."""
-        bucket = self._identity(scope, context, dimensions)
+        dimensions = plan.dimensions
+        bucket = self._identity(scope, context, plan)
         if bucket is None:
             # A dimension this request lacks: a route without {model} keys on the rest (a
             # listing is per principal, not per model); without a principal (a public
@@ -316,16 +333,13 @@ class RateLimitMiddleware(GeminiMiddleware):
             await self.app(scope, receive, send)
             return
         plan = self._plan(policy)
-        charges_tokens = (
-            plan.has_tokens
-            and scope["method"] == "POST"
-            and scope["path"].endswith(self.token_methods)
-        )
+        method = self._token_method(scope) if plan.has_tokens else None
+        charges_tokens = method is not None
         limits = plan.limits if charges_tokens else plan.request_limits
         if not limits:
             await self.app(scope, receive, send)
             return
-        dimensions, bucket = self._bucket(scope, context, policy.key)
+        dimensions, bucket = self._bucket(scope, context, plan)
         costs: Sequence[int] = plan.request_costs
         if charges_tokens:
             try:
@@ -333,7 +347,8 @@ class RateLimitMiddleware(GeminiMiddleware):
             except BodyRefusedError as refused:
                 await send_error(send, refused.code, refused.message)
                 return
-            estimate = self._estimate(scope, context, self.count)
+            assert method is not None
+            estimate = self._estimate(method, context, self.count)
             costs = (
                 [1 if limit.kind == "requests" else estimate for limit in limits]
                 if estimate
@@ -407,12 +422,26 @@ class RateLimitMiddleware(GeminiMiddleware):
         headers = {"retry-after": str(decision.retry_after)}
         await send_error(send, 429, message, details=details, headers=headers)
 
-    def _estimate(self, scope: Scope, context: RequestContext, count: Count) -> int:
+    def _token_method(self, scope: Scope) -> str | None:
+        """The Gemini method (``generateContent``) of a request whose answer costs tokens
+        (a POST to a path ending in one of ``token_methods``), else ``None``."""
+        if scope["method"] != "POST":
+            return None
+        path: str = scope["path"]
+        if self._suffixes_of is not self.token_methods:  # (changed since: read it again)
+            self._token_suffixes = _token_suffixes(self.token_methods)
+            self._suffixes_of = self.token_methods
+        for suffix, method in self._token_suffixes:
+            if path.endswith(suffix):
+                return method or _path_method(path)
+        return None
+
+    def _estimate(self, method: str, context: RequestContext, count: Count) -> int:
         """The request's token estimate, priced for ``count`` (its body as parsed)."""
         return estimate_request_tokens(
             context.extras.get(JSON_KEY),
             default_output_tokens=self.default_output_tokens,
-            method=scope["path"].rpartition(":")[2],
+            method=method,
             count=count,
         )
 
@@ -424,7 +453,9 @@ class RateLimitMiddleware(GeminiMiddleware):
         (``None``, the reservation standing, for a 304 the cache settles as a whole)."""
         if answer.status == 304 or answer.tokens is not None:
             return None
-        return 0 if self.count == "output" else self._estimate(scope, context, "input")
+        if self.count == "output":
+            return 0
+        return self._estimate(_path_method(scope["path"]), context, "input")
 
     def _settlement(
         self,
@@ -520,25 +551,28 @@ class _AnswerSettler:
         self.settled = False
 
     def __call__(self, message: Message) -> Awaitable[None]:
-        kind = message["type"]
+        # A dict, as ASGI sends them (any other mapping is copied into one): compiled,
+        # its reads are direct.
+        sent = message if type(message) is dict else dict(message)
+        kind: str = sent["type"]
         if kind == "http.response.body":
-            more = message.get("more_body", False)
+            more = bool(sent.get("more_body", False))
             answer = self.answer
-            answer.feed(message.get("body", b""), more)
+            answer.feed(sent.get("body", b""), more)
             # (a 304 from a cache is settled later: its body reaches the reading then)
             if not more and not self.settled and answer.status != 304:
                 deltas = self.middleware._settlement(
                     self.decision, self.limits, self.costs, answer, self.context
                 )
                 if deltas is not None:  # a round trip first, when the message is sent
-                    return self._settled_then_sent(deltas, message)
+                    return self._settled_then_sent(deltas, sent)
                 self.settled = True
         elif kind == "http.response.start":
-            self.answer.start(message["status"], message.get("headers", ()))
+            self.answer.start(sent["status"], sent.get("headers", ()))
             headed = self.headed
             if headed is not None:
-                _add_rate_limit_headers(message, headed)
-        return self.send(message)
+                _add_rate_limit_headers(sent, headed)
+        return self.send(sent)
 
     async def _settled_then_sent(self, deltas: Sequence[int], message: Message) -> None:
         # Settled only once this runs: a send never awaited leaves it to settle_unfinished,
@@ -573,9 +607,23 @@ class _RateLimitHeaders:
         self.decisions = decisions
 
     def __call__(self, message: Message) -> Awaitable[None]:
-        if message["type"] == "http.response.start":
-            _add_rate_limit_headers(message, self.decisions)
-        return self.send(message)
+        sent = message if type(message) is dict else dict(message)  # (as _AnswerSettler)
+        kind: str = sent["type"]
+        if kind == "http.response.start":
+            _add_rate_limit_headers(sent, self.decisions)
+        return self.send(sent)
+
+
+def _token_suffixes(token_methods: Sequence[str]) -> tuple[tuple[str, str], ...]:
+    """(suffix, the Gemini method it names when it is ``:method``, else ``""``) each."""
+    return tuple(
+        (suffix, suffix[1:] if suffix.rfind(":") == 0 else "") for suffix in token_methods
+    )
+
+
+def _path_method(path: str) -> str:
+    """The Gemini method a request path names (``generateContent``)."""
+    return path.rpartition(":")[2]
 
 
 async def _completed(later: Coroutine[Any, Any, None] | None) -> None:
@@ -592,7 +640,7 @@ async def _settle_shielded(
 
 
 def _add_rate_limit_headers(
-    start: Message, decisions: list[tuple[str, Sequence[Limit], Decision]]
+    start: dict[str, Any], decisions: list[tuple[str, Sequence[Limit], Decision]]
 ) -> None:
     extra = rate_limit_headers(decisions)
     if extra:

@@ -9,7 +9,7 @@ import asyncio
 import json
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +28,8 @@ from gemini_scale import (
     rate_limit,
 )
 from gemini_scale.errors import ConfigurationError
+from gemini_scale.ratelimit.answers import rate_limit_headers
+from gemini_scale.ratelimit.engine import Limit, RateLimiter
 from gemini_scale.stores import MemoryStore, RedisStore
 from tests.cache.support import http_scope
 from tests.clock import FakeClock
@@ -196,6 +198,70 @@ async def test_a_last_message_whose_send_the_app_drops_is_settled_once(dropped: 
     await asyncio.gather(*tasks)
     assert len(settlements) == 1
     assert await bucket_usage(limiter, principal("alice")) == {"requests": 1, "tokens": 35}
+
+
+class _NotADict(MutableMapping[str, Any]):
+    """An ASGI message that is a mapping but not a dict (ASGI sends dicts; we cope)."""
+
+    def __init__(self, **items: Any) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._items[key]
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        self._items[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@pytest.mark.parametrize("path", [GENERATE, "/other"])
+async def test_messages_that_are_mappings_but_not_dicts_are_read_and_headed(path: str) -> None:
+    """An app whose messages are some other mapping: its answer is settled to its usage
+    (35 tokens) and carries the RateLimit headers, on a token route and on another."""
+    answer = b'{"candidates": [], "usageMetadata": {"totalTokenCount": 35}}'
+
+    async def mapping_app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send(_NotADict(type="http.response.start", status=200,
+                             headers=[(b"content-type", b"application/json")]))
+        await send(_NotADict(type="http.response.body", body=answer))
+
+    clock = FakeClock(WINDOW_START)
+    limiter = RateLimitMiddleware(
+        mapping_app, store=MemoryStore(clock=clock), clock=clock,
+        default=RateLimitPolicy.parse("100/minute", tokens="10000/minute"),
+    )
+    transport = httpx.ASGITransport(app=FakeAuth(limiter))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.post(path, json=body(max_output=500), headers=who("alice"))
+    assert response.status_code == 200
+    assert response.content == answer
+    assert rate_limit_header(response)["name"] in {"requests", "tokens"}
+    assert "ratelimit-policy" in response.headers
+    tokens = 35 if path == GENERATE else 0
+    assert await bucket_usage(limiter, principal("alice")) == {"requests": 1, "tokens": tokens}
+
+
+async def test_token_methods_changed_after_construction_apply() -> None:
+    """``token_methods`` is read per request: set to none, a generation reserves nothing."""
+    default = RateLimitPolicy.parse("100/minute", tokens="10000/minute")
+    async with limited(default=default, **clocked()) as stack:
+        await stack.client.post(GENERATE, json=body(max_output=500), headers=who("alice"))
+        assert await stack.used("alice") == {"requests": 1, "tokens": 45}
+        stack.limiter.token_methods = ()
+        await stack.client.post(GENERATE, json=body(max_output=500), headers=who("alice"))
+        assert await stack.used("alice") == {"requests": 2, "tokens": 45}
+        stack.limiter.token_methods = (":generateContent",)
+        await stack.client.post(GENERATE, json=body(max_output=500), headers=who("alice"))
+        assert await stack.used("alice") == {"requests": 3, "tokens": 90}
 
 
 async def test_an_answer_without_usage_keeps_the_reservation() -> None:
@@ -481,6 +547,18 @@ async def test_ip_limiter_believes_x_forwarded_for_only_from_a_trusted_proxy() -
         [quota] = details_of(error_of(refused), "QuotaFailure")
         assert quota["violations"][0]["quotaDimensions"] == {"key": "client_ip"}
         assert quota["violations"][0]["quotaId"] == "RequestsPerMinutePerClientIp"
+
+
+async def test_header_names_follow_the_prefix_for_the_same_limits() -> None:
+    """The header parts memoised per policy are told apart by the limiter's name prefix
+    too: one set of limits named by two prefixes, alternately, keeps each its own names."""
+    limiter = RateLimiter(MemoryStore())
+    limits = (Limit("requests", 5, 60),)
+    decision = await limiter.acquire("t", limits, (1,))
+    for prefix in ("", "ip-", "", "ip-"):
+        policy, field = dict(rate_limit_headers([(prefix, limits, decision)])).values()
+        assert policy == f'"{prefix}requests";q=5;w=60'.encode()
+        assert field.startswith(f'"{prefix}requests";r=4;t='.encode())
 
 
 async def test_ip_limiter_ignores_route_marks_and_one_set_of_headers_covers_both() -> None:
