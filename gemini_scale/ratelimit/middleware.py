@@ -37,6 +37,7 @@ from gemini_scale.routing import (
     Rules,
     policy_for,
     route_path,
+    scope_get,
 )
 from gemini_scale.stores.base import Store
 from gemini_scale.types import SYSTEM_CLOCK, ASGIApp, Clock, Message, Receive, Scope, Send
@@ -166,6 +167,10 @@ class RateLimitMiddleware(GeminiMiddleware):
         self._token_suffixes = _token_suffixes(self.token_methods)
         self._suffixes_of = self.token_methods
         self.headers = headers
+        # The class's settings, read per request: compiled, an instance's attribute is read
+        # directly, a ClassVar through the type.
+        self._route_policies = self.route_policies
+        self._name_prefix = self.name_prefix
         self.exempt = PathSet(exempt) if exempt else None
         self._limits: dict[RateLimitPolicy, tuple[Limit, ...]] = {}
         self._plans: dict[int, tuple[RateLimitPolicy, _Plan]] = {}
@@ -222,7 +227,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         principal = context.principal
         if not isinstance(principal, Principal):
             # principal_of(scope), what identity() falls back to, inlined: compiled here
-            state = scope.get("state")
+            state = scope_get(scope, "state")
             principal = state.get("principal") if isinstance(state, dict) else None
             if not isinstance(principal, Principal):
                 principal = None
@@ -288,7 +293,7 @@ class RateLimitMiddleware(GeminiMiddleware):
             return None
         found = (
             policy_for(context, self._rules, RateLimitPolicy, scope)
-            if self.route_policies
+            if self._route_policies
             else None
         )
         return found or self.default
@@ -318,11 +323,12 @@ class RateLimitMiddleware(GeminiMiddleware):
     ) -> list[tuple[str, Sequence[Limit], Decision]] | None:
         """Note ``decision`` for the ``RateLimit`` headers; the decisions whose headers this
         layer adds (the outermost limiter writes them for every limiter the request met)."""
-        decisions = context.extras.get(DECISIONS_KEY)
+        extras = context.extras
+        decisions: list[tuple[str, Sequence[Limit], Decision]] | None = extras.get(DECISIONS_KEY)
         owner = decisions is None
         if decisions is None:
-            decisions = context.extras[DECISIONS_KEY] = []
-        decisions.append((self.name_prefix, plan.limits, decision))
+            decisions = extras[DECISIONS_KEY] = []
+        decisions.append((self._name_prefix, plan.limits, decision))
         return decisions if owner and self.headers else None
 
     async def handle(

@@ -392,14 +392,19 @@ def estimate_request_tokens(
 # -- usage from responses -----------------------------------------------------------------
 
 
+#: Bound once (compiled, reading a module's attribute per call is a cost of its own).
+_orjson: Final = orjson.loads
+_OrjsonError: Final = orjson.JSONDecodeError
+
+
 def _orjson_loads(raw: bytes | bytearray) -> Any:
     """:func:`json.loads` of an answer, through orjson unless it refuses (``NaN``, lone
     surrogates, deep nesting). Unlike :func:`gemini_scale.fastjson.loads`, integers past 64
     bits may come back as floats: every count read here is clamped to ``2**53 - 1`` either
     way, so the result is the same and the digit scan is saved on every answer."""
     try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
+        return _orjson(raw)
+    except _OrjsonError:
         return json.loads(raw)
 
 
@@ -561,8 +566,8 @@ def whole_answer_usage(body: bytes | bytearray | memoryview) -> Any:
             if usage is not None:
                 return usage
             try:
-                value = orjson.loads(body)
-            except orjson.JSONDecodeError:
+                value = _orjson(body)
+            except _OrjsonError:
                 pass  # what only json.loads reads, or not JSON: _whole_json decides
             else:
                 if type(value) is not dict:
