@@ -684,4 +684,5 @@ __all__ = [
     "policy_for",
     "route_path",
     "route_table",
+    "scope_get",
 ]
