@@ -310,15 +310,12 @@ class Decision:
         for limit in self._limits:
             window_ms = limit.window * 1000
             left_ms = window_ms - (now_ms - raw[i] * window_ms)  # _weighted, inlined
-            prev = raw[i + 2]
-            # Floats throughout (typed: compiled, the arithmetic is direct).
-            used: float = float(raw[i + 1])
-            if prev:
-                used += prev * (left_ms / window_ms)
+            cur, prev = raw[i + 1], raw[i + 2]
             i += 3
             amount = limit.amount
-            remaining = math.floor(amount - used + 1e-9)
-            remaining = max(remaining, 0)
+            # In floats, typed (compiled, the arithmetic is direct), as the states count.
+            used: float = prev * (left_ms / window_ms) + cur if prev else float(cur)
+            remaining = max(math.floor(amount - used + 1e-9), 0)
             share = remaining / amount
             reset_after = left_ms / 1000
             if share < best_share or (share == best_share and reset_after < best_reset):
@@ -742,7 +739,8 @@ def same_length(first: Sized, second: Sized) -> None:
 def _weighted(window_ms: int, now_ms: int, index: int, cur: int, prev: int) -> tuple[float, int]:
     """(units in the sliding window, milliseconds left in the current fixed window)."""
     left_ms = window_ms - (now_ms - index * window_ms)
-    return (prev * (left_ms / window_ms) + cur if prev else cur), left_ms
+    # A float either way: compiled, the tuple's slot is one, and both builds count alike.
+    return (prev * (left_ms / window_ms) + cur if prev else float(cur)), left_ms
 
 
 def _retry_after(limit: Limit, cur: int, prev: int, cost: int, elapsed: float) -> float:

@@ -76,7 +76,8 @@ class _Plan(NamedTuple):
     """The policy's buckets depend on the route (``model`` or ``route`` among its keys)."""
     buckets: dict[Any, tuple[Principal, Identity | None]]
     """Memoised buckets of verified principals: by the principal's id, with the route's
-    template and model when ``by_route`` (see :meth:`RateLimitMiddleware._identity`)."""
+    template and model when ``by_route`` (see :meth:`RateLimitMiddleware._identity`); bounded
+    with the other plans' memos, together."""
 
 
 @mypyc_attr(allow_interpreted_subclasses=True)
@@ -174,6 +175,7 @@ class RateLimitMiddleware(GeminiMiddleware):
         self.exempt = PathSet(exempt) if exempt else None
         self._limits: dict[RateLimitPolicy, tuple[Limit, ...]] = {}
         self._plans: dict[int, tuple[RateLimitPolicy, _Plan]] = {}
+        self._memoised = 0  # buckets memoised across the plans (bounded together)
         self._budgets: dict[tuple[int, str], tuple[RateLimitPolicy, str]] = {}
         self._addresses: dict[tuple[Any, tuple[bytes, ...]], Identity | None] = {}
 
@@ -246,7 +248,12 @@ class RateLimitMiddleware(GeminiMiddleware):
         if found is not None and found[0] is principal:
             return found[1]
         bucket = identity(scope, dimensions, trusted=self.trusted)
-        remember(buckets, key, (principal, bucket), _IDENTITY_CACHE_SIZE)
+        if self._memoised >= _IDENTITY_CACHE_SIZE:  # one bound for all the plans' memos
+            for _, each in self._plans.values():
+                each.buckets.clear()
+            self._memoised = 0
+        buckets[key] = (principal, bucket)
+        self._memoised += 1
         return bucket
 
     def _address_identity(self, scope: Scope) -> Identity | None:

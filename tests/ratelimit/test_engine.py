@@ -679,3 +679,19 @@ def test_the_memory_twin_rounds_the_sliding_window_as_the_lua_does() -> None:
     weight = (window_ms - (now_ms - index * window_ms)) / window_ms
     expected = 0 if 1_216_125 * weight + 116_904 + 1000 > 1_000_000 else 1
     assert raw[0] == expected == 0
+
+
+@pytest.mark.parametrize("amount", [2**53 + 1, 2**53 + 3])
+async def test_the_tightest_limit_counts_what_is_left_exactly_as_its_state_does(
+    amount: int,
+) -> None:
+    """``tightest()`` (the RateLimit header's ``r``) and ``states`` agree, for any amount a
+    policy parses (``9007199254740993/minute`` is accepted), in either build: both count in
+    floats (as Redis's Lua does), so past 2**53 what is left is rounded alike."""
+    clock = FakeClock(WINDOW_START)
+    limiter = RateLimiter(MemoryStore(clock=clock), clock=clock)
+    limits = (Limit("tokens", amount, 60),)
+    decision = await limiter.acquire("exact", limits, (1,))
+    tightest = decision.tightest()
+    assert tightest is not None
+    assert tightest[1] == decision.states[0].remaining == math.floor(float(amount) - 1.0 + 1e-9)

@@ -690,3 +690,31 @@ async def test_once_the_breaker_is_open_a_dead_store_costs_almost_nothing(mode: 
         elapsed = time.perf_counter() - started
     assert elapsed < 2.5  # 50 requests: milliseconds each, generous for a loaded machine
     assert not any(r.status_code == 500 for r in responses)
+
+
+async def test_the_identity_memo_is_bounded_per_limiter_not_per_policy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The memoised buckets (each holding its principal alive) stay within
+    ``_IDENTITY_CACHE_SIZE`` for the whole limiter, however many policies its routes have,
+    as when the memo was one dict: not that many per policy."""
+    from gemini_scale.ratelimit import middleware as rl_middleware
+    from gemini_scale.routing import CONTEXT_KEY, RequestContext
+
+    monkeypatch.setattr(rl_middleware, "_IDENTITY_CACHE_SIZE", 4)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        pass
+
+    policies = [RateLimitPolicy.parse(f"{n}/minute") for n in (10, 11, 12)]
+    limiter = RateLimitMiddleware(app, default=policies[0])
+    callers = [principal(f"user-{i}") for i in range(4)]  # verified once, each one object
+    for policy in policies:
+        plan = limiter._plan(policy)
+        for caller in callers:
+            context = RequestContext(principal=caller)
+            scope = http_scope("GET", "/v1beta/models")
+            scope[CONTEXT_KEY] = context
+            assert limiter._identity(scope, context, plan) is not None
+    memoised = sum(len(plan.buckets) for _, plan in limiter._plans.values())
+    assert memoised <= 4
