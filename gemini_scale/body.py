@@ -9,7 +9,13 @@ from mypy_extensions import mypyc_attr
 
 from gemini_scale import fastjson
 from gemini_scale.errors import send_error
-from gemini_scale.routing import CONTEXT_KEY, GeminiMiddleware, RequestContext, route_path
+from gemini_scale.routing import (
+    CONTEXT_KEY,
+    GeminiMiddleware,
+    RequestContext,
+    message_dict,
+    route_path,
+)
 from gemini_scale.types import ASGIApp, Message, Receive, Scope, Send
 
 #: ``RequestContext.extras`` key of the raw request body (bytes).
@@ -130,7 +136,7 @@ async def load_json_body(
 
 def _whole_body(scope: Scope, message: Message, max_body_bytes: int) -> bytes | None:
     """The body when ``message``, the first, holds all of it (the usual case), else ``None``."""
-    got = message if type(message) is dict else dict(message)  # compiled, read directly
+    got = message_dict(message)
     kind: str = got["type"]
     if kind != "http.request" or got.get("more_body", False):
         return None

@@ -32,7 +32,7 @@ from gemini_scale.errors import ConfigurationError, PolicyNotEnforcedError, send
 from gemini_scale.memo import remember
 from gemini_scale.observability.tracing import _state as _tracing
 from gemini_scale.policies import Policy, policies_of
-from gemini_scale.types import ASGIApp, Scope
+from gemini_scale.types import ASGIApp, Message, Scope
 
 P = TypeVar("P", bound=Policy)
 
@@ -411,6 +411,12 @@ def scope_get(scope: Scope, key: str) -> Any:
     return scope.get(key)
 
 
+def message_dict(message: Message) -> dict[str, Any]:
+    """An ASGI message as a dict, as servers send them (another mapping is copied into
+    one, and the copy is what a layer sends on): compiled, a dict's reads are direct."""
+    return message if type(message) is dict else dict(message)
+
+
 #: ``scope`` key of the path as the client sent it, when a layer rewrote ``scope["path"]``
 #: (the version layer serving ``/v1`` from the ``/v1beta`` head).
 CLIENT_PATH_KEY = "gemini_scale.client_path"
@@ -680,6 +686,7 @@ __all__ = [
     "RouteTable",
     "Rules",
     "client_path",
+    "message_dict",
     "misconfigured_app",
     "policy_for",
     "route_path",

@@ -35,6 +35,7 @@ from gemini_scale.routing import (
     PathSet,
     RequestContext,
     Rules,
+    message_dict,
     policy_for,
     route_path,
     scope_get,
@@ -354,13 +355,12 @@ class RateLimitMiddleware(GeminiMiddleware):
             return
         dimensions, bucket = self._bucket(scope, context, plan)
         costs: Sequence[int] = plan.request_costs
-        if charges_tokens:
+        if method is not None:  # (charges_tokens)
             try:
                 receive = await load_json_body(scope, receive, context, self.max_body_bytes)
             except BodyRefusedError as refused:
                 await send_error(send, refused.code, refused.message)
                 return
-            assert method is not None
             estimate = self._estimate(method, context, self.count)
             costs = (
                 [1 if limit.kind == "requests" else estimate for limit in limits]
@@ -564,9 +564,7 @@ class _AnswerSettler:
         self.settled = False
 
     def __call__(self, message: Message) -> Awaitable[None]:
-        # A dict, as ASGI sends them (any other mapping is copied into one): compiled,
-        # its reads are direct.
-        sent = message if type(message) is dict else dict(message)
+        sent = message_dict(message)
         kind: str = sent["type"]
         if kind == "http.response.body":
             more = bool(sent.get("more_body", False))
@@ -620,7 +618,7 @@ class _RateLimitHeaders:
         self.decisions = decisions
 
     def __call__(self, message: Message) -> Awaitable[None]:
-        sent = message if type(message) is dict else dict(message)  # (as _AnswerSettler)
+        sent = message_dict(message)
         kind: str = sent["type"]
         if kind == "http.response.start":
             _add_rate_limit_headers(sent, self.decisions)
