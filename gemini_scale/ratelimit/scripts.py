@@ -37,22 +37,22 @@ def _acquire(state: MemoryState, keys: list[str], args: list[int], now: float) -
         limit, window, cost = args[j], args[j + 1], args[j + 2]
         j += 3
         index = now_ms // window
-        stored = state.get(keys[i])
+        stored = _window(state, keys[i])
         cur = prev = 0
-        if type(stored) is list:
+        if stored is not None:
             if stored[0] == index:
                 cur, prev = stored[1], stored[2]
             elif stored[0] == index - 1:
                 prev = stored[1]
             else:
                 stored = None
-        else:
-            stored = None
         found.append(stored)
         weight = (window - (now_ms - index * window)) / window  # as the Lua rounds it
         if prev * weight + cur + cost > limit:
             out[0] = 0
-        out += (index, cur, prev)
+        out.append(index)  # (appended one by one: compiled, no tuple per limit)
+        out.append(cur)
+        out.append(prev)
     if out[0]:
         _charge(state, keys, args, out, found)
     return out
@@ -82,14 +82,21 @@ def _apply_settlements(
     """Move the reservations named after the first ``n`` keys (see rl_refunds.lua)."""
     for j in range(n, len(keys)):
         at = 3 * n + 2 * (j - n)
-        stored = state.get(keys[j])
-        if type(stored) is not list:
+        stored = _window(state, keys[j])
+        if stored is None:
             continue
         index = args[at]
         if stored[0] == index:
             stored[1] = max(0, stored[1] + args[at + 1])
         elif stored[0] == index + 1:
             stored[2] = max(0, stored[2] + args[at + 1])
+
+
+def _window(state: MemoryState, key: str) -> _Window | None:
+    """The window state held at ``key``, if any (typed: compiled, its counts are read and
+    compared directly; only this module's twins write the limiter's keys)."""
+    stored = state.get(key)
+    return stored if type(stored) is list else None
 
 
 def _settle(state: MemoryState, keys: list[str], args: list[int], now: float) -> int:
