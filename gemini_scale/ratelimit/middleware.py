@@ -655,7 +655,9 @@ def _add_rate_limit_headers(
 ) -> None:
     extra = rate_limit_headers(decisions)
     if extra:
-        start["headers"] = [*start.get("headers", []), *extra]
+        headers = start.get("headers")
+        # A new list (the app's may be reused): one concatenation when it is a list.
+        start["headers"] = headers + extra if type(headers) is list else [*(headers or ()), *extra]
 
 
 def _deltas(

@@ -267,6 +267,20 @@ async def test_a_reservation_settled_after_its_window_rolled_moves_the_previous_
     assert (await probe(limiter, "p", tokens))["tokens"] == pytest.approx(100 * 0.75)
 
 
+async def test_a_settlement_after_its_windows_expired_counts_nowhere() -> None:
+    """Settling does not read the clock in memory (the time of the last acquire is used):
+    a window that expired since, unread, may be written, but nothing ever counts it."""
+    clock = FakeClock(WINDOW_START + 30)
+    store = MemoryStore(clock=clock)
+    limiter = RateLimiter(store, clock=clock)
+    tokens = [Limit("tokens", 1000, 60)]
+    call = limiter.acquire_now("p", tokens, [800])
+    clock.advance(150)  # past the end of the window after it: the count has expired
+    assert limiter.settle_now(call.reservation, [150])  # a late, larger real usage
+    assert (await probe(limiter, "p", tokens))["tokens"] == 0
+    assert limiter.acquire_now("p", tokens, [1000]).allowed
+
+
 # -- store failures ---------------------------------------------------------------------------
 
 

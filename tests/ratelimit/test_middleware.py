@@ -250,6 +250,36 @@ async def test_messages_that_are_mappings_but_not_dicts_are_read_and_headed(path
     assert await bucket_usage(limiter, principal("alice")) == {"requests": 1, "tokens": tokens}
 
 
+@pytest.mark.parametrize("form", ["list", "tuple", "absent"])
+@pytest.mark.parametrize("path", [GENERATE, "/v1beta/models"])
+async def test_rate_limit_headers_join_the_apps_headers_in_any_form(form: str, path: str) -> None:
+    """The start message's headers as a list (kept by the app, sent again: never changed
+    in place), as a tuple, or missing: the app's headers and the RateLimit ones go out."""
+    own = [(b"content-type", b"application/json"), (b"x-own", b"1")]
+    kept = list(own)
+    start: dict[str, Any] = {"type": "http.response.start", "status": 200}
+    if form != "absent":
+        start["headers"] = kept if form == "list" else tuple(kept)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await receive()
+        await send(dict(start))
+        await send({"type": "http.response.body", "body": b'{"usageMetadata": {}}'})
+
+    limiter = RateLimitMiddleware(
+        app, default=RateLimitPolicy.parse("100/minute", tokens="10000/minute"), **clocked()
+    )
+    transport = httpx.ASGITransport(app=FakeAuth(limiter))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        for _ in range(2):
+            response = await client.post(path, json=body(max_output=5), headers=who("alice"))
+            assert response.status_code == 200
+            assert "ratelimit-policy" in response.headers
+            assert "ratelimit" in response.headers
+            assert (response.headers.get("x-own") == "1") is (form != "absent")
+    assert kept == own
+
+
 async def test_token_methods_changed_after_construction_apply() -> None:
     """``token_methods`` is read per request: set to none, a generation reserves nothing."""
     default = RateLimitPolicy.parse("100/minute", tokens="10000/minute")
