@@ -91,3 +91,33 @@ def test_a_middleware_served_directly_by_uvicorn_answers() -> None:
     assert [answer.status_code for answer in answers] == [200, 200, 429]
     assert answers[0].json() == {"models": []}
     assert answers[2].json()["error"]["status"] == "RESOURCE_EXHAUSTED"
+
+
+def test_a_subclass_keeps_a_call_of_its_own() -> None:
+    """A plain ``__call__`` (returning the awaitable), the class's own or a mixin's met
+    first, is what runs: never replaced by the coroutine function further up."""
+
+    class Counting(RateLimitMiddleware):
+        calls = 0
+
+        def __call__(self, scope: Any, receive: Any, send: Any) -> Any:
+            type(self).calls += 1
+            return super().__call__(scope, receive, send)
+
+    class Wrapping:
+        def __call__(self, scope: Any, receive: Any, send: Any) -> Any:
+            return GeminiMiddleware.__call__(self, scope, receive, send)  # type: ignore[arg-type]
+
+    class Mixed(Wrapping, RateLimitMiddleware):
+        pass
+
+    assert vars(Counting)["__call__"].__qualname__.endswith("Counting.__call__")
+    assert Mixed.__call__ is Wrapping.__call__
+
+    async def one_request() -> int:
+        transport = httpx.ASGITransport(app=Counting(_app()))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return (await client.get("/v1beta/models")).status_code
+
+    assert asyncio.run(one_request()) == 200
+    assert Counting.calls == 1

@@ -439,7 +439,9 @@ class RateLimiter:
         self.synchronous = self._shared_is_local and self._local_is_plain
         """Whether decisions never wait (the store is a plain in-process ``MemoryStore``):
         then :meth:`acquire_now` gives them without a coroutine."""
-        self._keys: dict[tuple[str, int, str], tuple[Sequence[Limit], tuple[str, ...]]] = {}
+        # id(limits) -> (limits, {tag, or (tag, scope): keys}); one bound over all of them.
+        self._keys: dict[int, tuple[Sequence[Limit], dict[Any, tuple[str, ...]]]] = {}
+        self._keys_held = 0
         self._arg_cache: dict[int, tuple[Sequence[int], Sequence[Limit], list[int]]] = {}
         self._arg_bases: dict[int, tuple[Sequence[Limit], list[int]]] = {}
         self._breaker = _Breaker(breaker_threshold, breaker_cooldown, clock)
@@ -467,12 +469,23 @@ class RateLimiter:
         hashing the limits themselves would cost more than building the keys."""
         if type(limits) is not tuple:
             return self.keys(tag, limits, scope)
-        cache_key = (tag, id(limits), scope)
-        found = self._keys.get(cache_key)
-        if found is not None and found[0] is limits:
-            return found[1]
+        # Two lookups by an int and a str (their hashes cached or trivial): a tuple key
+        # would be built and hashed on every request.
+        per_limits = self._keys.get(id(limits))
+        if per_limits is None or per_limits[0] is not limits:
+            per_limits = self._keys[id(limits)] = (limits, {})
+        by_tag = per_limits[1]
+        name: Any = (tag, scope) if scope else tag
+        found = by_tag.get(name)
+        if found is not None:
+            return found
         keys = self.keys(tag, limits, scope)
-        remember(self._keys, cache_key, (limits, keys), _KEYS_CACHE_SIZE)
+        if self._keys_held >= _KEYS_CACHE_SIZE or len(self._keys) > _KEYS_CACHE_SIZE:
+            self._keys.clear()  # a flood of buckets (or of policies) costs recomputation
+            self._keys_held = 0
+            by_tag = self._keys.setdefault(id(limits), (limits, {}))[1]
+        by_tag[name] = keys
+        self._keys_held += 1
         return keys
 
     def _args(self, limits: Sequence[Limit], costs: Sequence[int]) -> list[int]:

@@ -105,15 +105,14 @@ def _settle(state: MemoryState, keys: list[str], args: list[int], now: float) ->
     return len(keys) - n
 
 
-def _script(name: str, body: str, local: Any, *, timeless: bool = False) -> Script:
+def _script(name: str, body: str, local: Any) -> Script:
     """A limiter script: the shared settlement prelude, then ``body``."""
-    lua = _load("rl_refunds") + "\n" + _load(body)
-    return Script(name=name, lua=lua, local=local, exact=True, timeless=timeless)
+    return Script(name=name, lua=_load("rl_refunds") + "\n" + _load(body), local=local, exact=True)
 
 
 ACQUIRE = _script("rl_acquire", "rl_acquire", _acquire)
 """Apply settlements carried along, then check every limit of a request and, only if all fit,
 charge them all (one round trip)."""
 
-SETTLE = _script("rl_settle", "rl_settle", _settle, timeless=True)
+SETTLE = _script("rl_settle", "rl_settle", _settle)
 """Move earlier reservations by a delta: settle to real usage, or refund."""

@@ -82,9 +82,6 @@ class Script:
     exact: bool = False
     """The twin already returns what Redis would (an ``int`` or a list of ``int``): memory
     stores skip :func:`normalize_result` (it shows on a rate limiter's hot path)."""
-    timeless: bool = False
-    """The twin ignores ``now``: a memory store does not read the clock for it (it passes the
-    time of its last read instead)."""
 
     @classmethod
     def from_package(cls, name: str, local: LocalScript) -> Script:

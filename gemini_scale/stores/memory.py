@@ -298,7 +298,7 @@ class MemoryStore(ScriptedOperations):
 
     def run_now(self, script: Script, keys: Sequence[str], args: Sequence[ScriptArg]) -> Any:
         """:meth:`run`, synchronously (nothing here ever awaits)."""
-        state = self._state if script.timeless else self._begin()
+        state = self._begin()
         now = state.now
         full = self._full_keys.get(keys) if type(keys) is tuple else None
         if full is None:

@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY
 
 from gemini_scale import Limit, RateLimiter
 from gemini_scale.errors import StoreUnavailableError
+from gemini_scale.ratelimit import engine as engine_module
 from gemini_scale.ratelimit.engine import StoreFailureError
 from gemini_scale.stores import MemoryStore, RedisStore, Script
 from gemini_scale.stores.base import ScriptArg
@@ -268,8 +269,8 @@ async def test_a_reservation_settled_after_its_window_rolled_moves_the_previous_
 
 
 async def test_a_settlement_after_its_windows_expired_counts_nowhere() -> None:
-    """Settling does not read the clock in memory (the time of the last acquire is used):
-    a window that expired since, unread, may be written, but nothing ever counts it."""
+    """A settlement that comes after its windows expired finds nothing to move: the late
+    usage counts nowhere, and the bucket's budget is whole again."""
     clock = FakeClock(WINDOW_START + 30)
     store = MemoryStore(clock=clock)
     limiter = RateLimiter(store, clock=clock)
@@ -279,6 +280,41 @@ async def test_a_settlement_after_its_windows_expired_counts_nowhere() -> None:
     assert limiter.settle_now(call.reservation, [150])  # a late, larger real usage
     assert (await probe(limiter, "p", tokens))["tokens"] == 0
     assert limiter.acquire_now("p", tokens, [1000]).allowed
+
+
+def test_the_store_key_memo_stays_bounded_and_right(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many buckets in two budgets (limits, scope): the memo of their store keys is emptied
+    at its bound, and every bucket still counts in its own keys."""
+    monkeypatch.setattr(engine_module, "_KEYS_CACHE_SIZE", 8)
+    clock = FakeClock(WINDOW_START)
+    limiter = RateLimiter(MemoryStore(clock=clock), clock=clock)
+    limits = (Limit("requests", 5, 60),)
+    routed = (Limit("requests", 4, 60),)
+    for _ in range(3):
+        for i in range(20):
+            assert limiter.acquire_now(f"t{i}", limits, [1]).allowed
+            assert limiter.acquire_now(f"t{i}", routed, [1], scope="r").allowed
+    held = sum(len(by_tag) for _, by_tag in limiter._keys.values())
+    assert 0 < held <= 8
+    for i in range(20):  # 3 counted in each: 2 more fit the first, 1 the second
+        assert limiter.acquire_now(f"t{i}", limits, [2]).allowed
+        assert not limiter.acquire_now(f"t{i}", limits, [1]).allowed
+        assert limiter.acquire_now(f"t{i}", routed, [1], scope="r").allowed
+        assert not limiter.acquire_now(f"t{i}", routed, [1], scope="r").allowed
+
+
+async def test_a_settlement_after_the_clock_stepped_back_moves_a_live_window() -> None:
+    """The clock is read for every settlement: after the wall clock stepped back (NTP), a
+    window that is live at the time now read is settled, never taken for expired."""
+    clock = FakeClock(WINDOW_START + 30)
+    limiter = RateLimiter(MemoryStore(clock=clock), clock=clock)
+    tokens = [Limit("tokens", 1000, 60)]
+    call = limiter.acquire_now("a", tokens, [800])  # kept until WINDOW_START + 120
+    clock.now = WINDOW_START + 130
+    limiter.acquire_now("b", tokens, [1])  # the store last read the clock at +130
+    clock.now = WINDOW_START + 50  # stepped back
+    assert limiter.settle_now(call.reservation, [-300])
+    assert (await probe(limiter, "a", tokens))["tokens"] == 500
 
 
 # -- store failures ---------------------------------------------------------------------------
