@@ -409,7 +409,8 @@ def _orjson_loads(raw: bytes | bytearray) -> Any:
 
 
 #: What reads an answer's JSON: a module global looked up on each call, so that a test can
-#: count the parses (a call to a function by its name is bound when compiled).
+#: count the parses (a call to a function by its name is bound when compiled). The usage
+#: tail of a whole answer tries orjson directly first (:func:`_usage_tail`).
 _loads: Callable[[bytes | bytearray], Any] = _orjson_loads
 
 
