@@ -637,13 +637,14 @@ def _usage_tail(body: bytes, max_buffer: int) -> Any:
         before -= 1
     if (at - 1 - before) % 2:
         return None  # an escaped quote: this "usageMetadata" is text in a string
+    text = b"{" + body[at:]
     try:
         # orjson directly (what _loads calls first): compiled, a call through the module
         # global costs a tenth of this parse; what orjson refuses goes to _loads.
-        tail = _orjson(b"{" + body[at:])
+        tail = _orjson(text)
     except _OrjsonError:
         try:
-            tail = _loads(b"{" + body[at:])
+            tail = _loads(text)
         except (ValueError, RecursionError):
             return None
     return tail["usageMetadata"] if type(tail) is dict else None  # (null: parsed whole)
